@@ -1,0 +1,3 @@
+from frameloom.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""3D rotary position embedding (RoPE) for video tokens: pure functions, no state.
+
+RoPE (Su et al., "RoFormer: Enhanced Transformer with Rotary Position Embedding", 2021) rotates each pair of
+query/key channels by an angle proportional to the token's position, so that the attention logit
+``q_m . k_n`` depends on the positions only through ``m - n``. Video DiTs (e.g. Open-Sora 2.0 / Flux-style
+MMDiT, HunyuanVideo, CogVideoX 1.5, Wan) use a 3D variant: the head dimension is split into three parts, one
+per axis (time, height, width), and each part is rotated by the coordinate along its own axis. Here the split
+is about 1/4 of the channels for time and 3/8 each for height and width, every part an even number.
+
+Positions are float so that callers may pass fractional coordinates (e.g. Pyramid Flow interpolates the
+spatial positions of low-resolution history onto the current grid); by default they are the integer grid
+coordinates ``(t, h, w)`` of each patch, in row-major (t, h, w) token order.
+
+Channel pairing is "rotate-half": channel ``i`` is paired with channel ``i + head_dim / 2``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["apply_rope", "grid_positions", "rope_angles", "rope_axes_dims"]
+
+
+def rope_axes_dims(head_dim: int) -> tuple[int, int, int]:
+    """Split ``head_dim`` into (time, height, width) rotary dims: about 1/4, 3/8, 3/8, each even.
+
+    >>> rope_axes_dims(64)
+    (16, 24, 24)
+    >>> rope_axes_dims(72)
+    (18, 26, 28)
+    """
+    if head_dim % 2 != 0 or head_dim < 6:
+        raise ValueError(f"3D RoPE needs an even head_dim >= 6, got {head_dim}")
+    d_t = 2 * max(1, head_dim // 8)
+    d_h = 2 * max(1, (3 * head_dim) // 16)
+    d_w = head_dim - d_t - d_h
+    if d_w < 2:  # only for very small head dims
+        d_h -= 2
+        d_w += 2
+    return d_t, d_h, d_w
+
+
+def grid_positions(
+    t: int, h: int, w: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Integer grid coordinates of a ``t x h x w`` token grid in row-major order: ``(t*h*w, 3)``."""
+    tt = torch.arange(t, device=device, dtype=dtype)
+    hh = torch.arange(h, device=device, dtype=dtype)
+    ww = torch.arange(w, device=device, dtype=dtype)
+    grid = torch.stack(torch.meshgrid(tt, hh, ww, indexing="ij"), dim=-1)  # (t, h, w, 3)
+    return grid.reshape(-1, 3)  # (t*h*w, 3)
+
+
+def _inv_freq(dim: int, theta: float, device: torch.device | None) -> torch.Tensor:
+    """Per-pair inverse frequencies ``theta ** (-2i / dim)`` for ``i < dim / 2`` (RoFormer eq. 15)."""
+    return theta ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float64) / dim)
+
+
+def rope_angles(
+    positions: torch.Tensor, head_dim: int, theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosines and sines of the rotation angles for 3D positions.
+
+    Args:
+        positions: ``(..., N, 3)`` float (t, h, w) coordinates; integer grid positions or fractional ones.
+        head_dim: attention head dimension (split across the three axes by :func:`rope_axes_dims`).
+        theta: RoPE base.
+
+    Returns:
+        ``(cos, sin)``, each ``(..., N, head_dim)`` float32, laid out for rotate-half pairing
+        (the ``head_dim / 2`` angles repeated twice).
+    """
+    if positions.shape[-1] != 3:
+        raise ValueError(f"positions must end in 3 coordinates (t, h, w), got shape {tuple(positions.shape)}")
+    pos = positions.to(torch.float64)
+    parts = []
+    for axis, dim in enumerate(rope_axes_dims(head_dim)):
+        inv = _inv_freq(dim, theta, pos.device)  # (dim/2,)
+        parts.append(pos[..., axis : axis + 1] * inv)  # (..., N, dim/2)
+    angles = torch.cat(parts, dim=-1)  # (..., N, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., N, head_dim)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (``(B, heads, N, head_dim)``) by the angles from :func:`rope_angles`.
+
+    ``cos``/``sin`` are ``(N, head_dim)`` or ``(B, N, head_dim)``; computed in float32, returned in ``x.dtype``.
+    """
+    if cos.dim() == 3:  # (B, N, D) -> (B, 1, N, D), broadcast over heads
+        cos, sin = cos[:, None], sin[:, None]
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)  # rotate_half
+    return (xf * cos + rotated * sin).to(x.dtype)
