@@ -1,12 +1,26 @@
 """Frame-index selection and seek-based decoding of one clip from a manifest row.
 
-(Interface fixed here; the implementation is filled in by the foundation issue's decoding work.)
+``frame_indices`` is the pure choice of source frames (start, stride or target fps); ``read_frames`` decodes
+those frames by seeking to the keyframe before the first one; ``decode_clip`` turns a manifest row and a
+``ClipSpec`` into a (C, T, H, W) tensor as displayed (rotation, crop, aspect-preserving resize).
+``DecodeError`` and ``ClipSpec`` are a fixed interface the cache keys and the trainer rely on.
 """
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from frameloom.data.probe import IMAGE_SUFFIXES, rotation_of
 from frameloom.errors import FrameloomError
 
 
@@ -42,3 +56,313 @@ class ClipSpec:
             f"f{self.num_frames}-s{self.frame_stride}-fps{self.target_fps}-st{self.start_frame}"
             f"-c{self.crop}-{self.height}x{self.width}"
         )
+
+
+# ---------------------------------------------------------------------------------------- frame choice
+
+
+class ClipError(FrameloomError, ValueError):
+    """A clip spec that cannot be met: an invalid spec, or a video with fewer frames than it needs."""
+
+
+def clip_stride(source_fps: float, spec: ClipSpec) -> float:
+    """Source frames per clip frame: ``spec.frame_stride``, or ``source_fps / spec.target_fps``, or 1."""
+    if spec.frame_stride is not None and spec.target_fps is not None:
+        raise ClipError("set at most one of frame_stride and target_fps")
+    if spec.frame_stride is not None:
+        if spec.frame_stride <= 0:
+            raise ClipError(f"frame_stride must be positive, got {spec.frame_stride}")
+        return float(spec.frame_stride)
+    if spec.target_fps is not None:
+        if spec.target_fps <= 0:
+            raise ClipError(f"target_fps must be positive, got {spec.target_fps}")
+        if not source_fps or source_fps <= 0:
+            raise ClipError("target_fps needs the source frame rate, but the row has fps 0 or none")
+        return float(source_fps) / float(spec.target_fps)
+    return 1.0
+
+
+def frame_indices(num_source_frames: int, source_fps: float, spec: ClipSpec) -> list[int]:
+    """The source frame indices of a clip (pure function).
+
+    Index ``i`` (0 <= i < spec.num_frames) is ``floor(spec.start_frame + i * stride + 1e-6)`` with the stride
+    of ``clip_stride``. Rounding down keeps every index inside the span the stride promises; the 1e-6 absorbs
+    float error, so that e.g. a stride of 0.1 * 10 lands on 1, not 0. A stride below 1 (target fps above
+    the source's) repeats frames.
+
+    Example: 30 fps to 12 fps (stride 2.5) from frame 5 gives 5, 7, 10, 12, 15, 17, ...
+
+    Raises ``ClipError`` for an invalid spec or when the video has fewer frames than the clip needs.
+    """
+    if spec.num_frames < 1:
+        raise ClipError(f"num_frames must be at least 1, got {spec.num_frames}")
+    if spec.start_frame < 0:
+        raise ClipError(f"start_frame must be >= 0, got {spec.start_frame}")
+    stride = clip_stride(source_fps, spec)
+    indices = [math.floor(spec.start_frame + i * stride + 1e-6) for i in range(spec.num_frames)]
+    if indices[-1] >= num_source_frames:
+        raise ClipError(
+            f"the clip needs source frames {indices[0]}..{indices[-1]} (num_frames={spec.num_frames}, "
+            f"stride={stride:g}, start={spec.start_frame}) but the video has {num_source_frames}"
+        )
+    return indices
+
+
+# --------------------------------------------------------------------------------------------- decoding
+
+
+class _Overshoot(Exception):
+    """The seek landed after the first wanted frame (possible when a demuxer seeks by decode time)."""
+
+
+class _NoTimestamps(Exception):
+    """A frame without a timestamp: frames must be matched by position, decoding from the start."""
+
+
+class DecodedFrames:
+    """What ``read_frames`` returns: RGB frames as stored (not yet rotated) and how they were obtained.
+
+    ``frames`` is (T, H, W, 3) uint8, one per requested index in request order; ``rotation`` the clockwise
+    display rotation of the file; ``decoded`` how many frames the decoder produced (seeking makes this
+    smaller than the last index; tests and benchmarks use it to see that seeking works).
+    """
+
+    def __init__(self, frames: np.ndarray, rotation: int, decoded: int):
+        self.frames = frames
+        self.rotation = rotation
+        self.decoded = decoded
+
+
+def _video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
+    for stream in container.streams.video:
+        if not stream.disposition & av.stream.Disposition.attached_pic:
+            return stream
+    raise av.error.InvalidDataError(0, "no video stream")
+
+
+def _attempt(path: str, wanted: list[int], fps: float, seek_seconds: float | None) -> DecodedFrames:
+    """Decode the wanted (sorted, unique) indices, seeking first to ``seek_seconds`` if given.
+
+    A decoded frame's index is ``round((pts - stream start) * time_base * fps)``: for constant frame rate
+    this is its position. For variable frame rate it is the frame's time on the nominal (average) frame
+    grid, and index ``i`` gets the frame on screen at time ``i / fps``: the last frame whose index is <= i.
+    Matching by time rather than position is what lets a seek land anywhere and still know where it is.
+    """
+    with av.open(path, metadata_errors="ignore") as container:
+        stream = _video_stream(container)
+        tb = stream.time_base
+        origin = stream.start_time or 0
+        if seek_seconds is not None:
+            # Backward: land on the keyframe at or before the target, then decode forward to it.
+            container.seek(origin + int(seek_seconds / tb), stream=stream, backward=True, any_frame=False)
+        out: dict[int, np.ndarray] = {}
+        rotation: int | None = None
+        prev: av.VideoFrame | None = None
+        prev_rgb: np.ndarray | None = None
+        j = 0  # next wanted index to fill
+        decoded = 0
+        end_index = 0
+        for frame in container.decode(stream):
+            decoded += 1
+            if rotation is None:
+                rotation = rotation_of(frame, stream)
+            if frame.pts is None:
+                raise _NoTimestamps
+            index = round(float((frame.pts - origin) * tb) * fps)
+            if prev is None and index > wanted[0]:
+                if seek_seconds is not None:
+                    raise _Overshoot
+                index = wanted[0]  # the stream starts a little late: its first frame stands for frame 0
+            # Every wanted index before this frame's is shown by the previous frame.
+            while j < len(wanted) and wanted[j] < index:
+                if prev_rgb is None:
+                    prev_rgb = prev.to_ndarray(format="rgb24")
+                out[wanted[j]] = prev_rgb
+                j += 1
+            if j == len(wanted):
+                break
+            prev, prev_rgb = frame, None
+            span = round(float(frame.duration * tb) * fps) if frame.duration else 1
+            end_index = index + max(1, span)
+        else:
+            # End of stream: the last frame stays on screen until its duration ends.
+            while j < len(wanted) and prev is not None and wanted[j] < end_index:
+                if prev_rgb is None:
+                    prev_rgb = prev.to_ndarray(format="rgb24")
+                out[wanted[j]] = prev_rgb
+                j += 1
+            if j < len(wanted):
+                raise av.error.InvalidDataError(
+                    0, f"the video ends before frame {wanted[j]} (decoded up to index {end_index - 1})"
+                )
+    return DecodedFrames(np.stack([out[i] for i in wanted]), rotation or 0, decoded)
+
+
+def _by_position(path: str, wanted: list[int]) -> DecodedFrames:
+    """Fallback for streams without timestamps: the i-th decoded frame is frame i."""
+    out: dict[int, np.ndarray] = {}
+    rotation = 0
+    last = wanted[-1]
+    wanted_set = set(wanted)
+    decoded = 0
+    with av.open(path, metadata_errors="ignore") as container:
+        stream = _video_stream(container)
+        for position, frame in enumerate(container.decode(stream)):
+            decoded += 1
+            if position == 0:
+                rotation = rotation_of(frame, stream)
+            if position in wanted_set:
+                out[position] = frame.to_ndarray(format="rgb24")
+            if position >= last:
+                break
+    missing = [i for i in wanted if i not in out]
+    if missing:
+        raise av.error.InvalidDataError(0, f"the video ends before frame {missing[0]} ({decoded} decoded)")
+    return DecodedFrames(np.stack([out[i] for i in wanted]), rotation, decoded)
+
+
+def read_frames(path: str | os.PathLike, indices: Sequence[int], fps: float) -> DecodedFrames:
+    """Decode the given frame indices of a video as RGB, seeking instead of decoding from the start.
+
+    Seeks to the keyframe at or before the first needed frame, decodes forward, and stops after the last
+    one; only the needed frames are converted to RGB. If a seek lands after the first needed frame, it
+    retries from further back (1 s, 2 s, 4 s ... earlier), and at worst from the start. ``fps`` is the
+    manifest's frame rate (the stream's average rate), which defines the index grid (see ``_attempt``).
+    Raises ``av.error.FFmpegError``/``OSError`` on failure (``decode_clip`` turns them into ``DecodeError``).
+    """
+    path = str(path)
+    wanted = sorted(set(int(i) for i in indices))
+    if not wanted:
+        raise ValueError("no frame indices")
+    position = {index: k for k, index in enumerate(wanted)}
+    order = [position[int(i)] for i in indices]
+    if fps <= 0:
+        result = _by_position(path, wanted)
+    else:
+        first_time = wanted[0] / fps
+        back = 0.0
+        while True:
+            target = first_time - back
+            try:
+                result = _attempt(path, wanted, fps, target if target > 0 else None)
+                break
+            except _NoTimestamps:
+                result = _by_position(path, wanted)
+                break
+            except _Overshoot:
+                back = 1.0 if back == 0 else back * 2
+    return DecodedFrames(result.frames[order], result.rotation, result.decoded)
+
+
+def _read_image(path: str) -> DecodedFrames:
+    with av.open(path, metadata_errors="ignore") as container:
+        stream = _video_stream(container)
+        for frame in container.decode(stream):
+            return DecodedFrames(frame.to_ndarray(format="rgb24")[None], rotation_of(frame, stream), 1)
+    raise av.error.InvalidDataError(0, "the image holds no picture")
+
+
+def _rotate(video: torch.Tensor, clockwise: int) -> torch.Tensor:
+    """Turn (C, T, H, W) frames clockwise by 0/90/180/270 degrees."""
+    # torch.rot90 with k > 0 turns from the H axis towards the W axis, i.e. counter-clockwise.
+    k = (-(clockwise // 90)) % 4
+    return torch.rot90(video, k, dims=(2, 3)) if k else video
+
+
+def _target_size(h: int, w: int, height: int | None, width: int | None) -> tuple[int, int]:
+    """(height, width) to produce; a missing side follows the source's aspect ratio."""
+    if height is None and width is None:
+        return h, w
+    if height is None:
+        return max(1, round(h * width / w)), int(width)
+    if width is None:
+        return int(height), max(1, round(w * height / h))
+    return int(height), int(width)
+
+
+def resize_cover(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Scale (C, T, H, W) keeping the aspect ratio so it covers height x width, then center-crop to it.
+
+    Bilinear with antialiasing (so downscaling does not alias). uint8 input gives uint8 output, rounded.
+    """
+    _, _, h, w = video.shape
+    if (h, w) == (height, width):
+        return video
+    scale = max(height / h, width / w)
+    # max(): rounding must never leave the scaled frame smaller than the target.
+    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
+    if (nh, nw) != (h, w):
+        x = video.permute(1, 0, 2, 3).float()  # (T, C, H, W): interpolate treats T as the batch
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        if video.dtype == torch.uint8:
+            x = x.round_().clamp_(0, 255).to(torch.uint8)
+        video = x.permute(1, 0, 2, 3)
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return video[:, :, top : top + height, left : left + width]
+
+
+def _crop(video: torch.Tensor, crop: Sequence[int], path: str) -> torch.Tensor:
+    x0, x1, y0, y1 = (int(v) for v in crop)
+    _, _, h, w = video.shape
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+        raise DecodeError(path, f"crop {list(crop)} (x0, x1, y0, y1) is outside the {w}x{h} frame")
+    return video[:, :, y0:y1, x0:x1]
+
+
+def decode_clip(
+    row: Mapping[str, Any],
+    spec: ClipSpec,
+    *,
+    root: str | os.PathLike | None = None,
+    output: Literal["uint8", "float"] = "uint8",
+) -> torch.Tensor:
+    """Decode one clip of a manifest row as displayed: a (C=3, T, H, W) tensor.
+
+    ``row`` needs ``path``, ``num_frames`` and ``fps``; a relative path is taken from ``root``. Optional row
+    columns that change the pixels (the cache keys on them too): ``cut_start``/``cut_end`` (the sample is
+    frames [cut_start, cut_end) of the file; ``spec.start_frame`` counts from cut_start), ``crop`` (used
+    when ``spec.crop`` is None), ``rotation`` (clockwise degrees; overrides the file's display matrix),
+    ``is_image``.
+
+    Steps: choose frame indices (``frame_indices``), seek-decode them (``read_frames``), rotate to the
+    displayed orientation, crop (x0, x1, y0, y1 in displayed pixels), resize to cover (height, width)
+    keeping the aspect ratio, center-crop. Images give T=1, or spec.num_frames copies when that is > 1.
+
+    ``output="uint8"``: values 0..255; ``"float"``: float32 in [-1, 1]. Any failure raises ``DecodeError``.
+    """
+    if output not in ("uint8", "float"):
+        raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
+    raw = Path(str(row["path"]))
+    path = str(raw if raw.is_absolute() or root is None else Path(root) / raw)
+    is_image = bool(row.get("is_image")) or raw.suffix.lower() in IMAGE_SUFFIXES
+    try:
+        if is_image:
+            decoded = _read_image(path)
+            repeat = spec.num_frames if spec.num_frames > 1 else 1
+        else:
+            fps = float(row.get("fps") or 0.0)
+            cut_start = int(row.get("cut_start") or 0)
+            cut_end = row.get("cut_end")
+            available = (int(cut_end) if cut_end is not None else int(row["num_frames"])) - cut_start
+            indices = [cut_start + i for i in frame_indices(available, fps, spec)]
+            decoded = read_frames(path, indices, fps)
+            repeat = 1
+    except (ValueError, KeyError, OSError) as exc:  # ClipError and av.error.FFmpegError are ValueErrors
+        raise DecodeError(path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
+    video = torch.from_numpy(decoded.frames).permute(3, 0, 1, 2)  # (T, H, W, 3) -> (C, T, H, W)
+    if output == "float":
+        video = video.float()  # resize in float so [-1, 1] output is not quantised to 8 bits first
+    rotation = row.get("rotation")
+    video = _rotate(video, int(rotation) % 360 if rotation is not None else decoded.rotation)
+    crop = spec.crop if spec.crop is not None else row.get("crop")
+    if crop is not None:
+        video = _crop(video, crop, path)
+    height, width = _target_size(video.shape[2], video.shape[3], spec.height, spec.width)
+    video = resize_cover(video, height, width)
+    if repeat > 1:
+        video = video.expand(-1, repeat, -1, -1)
+    video = video.contiguous()
+    if output == "float":
+        return video.div_(127.5).sub_(1.0)
+    return video

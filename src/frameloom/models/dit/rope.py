@@ -53,7 +53,7 @@ def grid_positions(
 
 def _inv_freq(dim: int, theta: float, device: torch.device | None) -> torch.Tensor:
     """Per-pair inverse frequencies ``theta ** (-2i / dim)`` for ``i < dim / 2`` (RoFormer eq. 15)."""
-    return theta ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float64) / dim)
+    return theta ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
 
 
 def rope_angles(
@@ -72,20 +72,21 @@ def rope_angles(
     """
     if positions.shape[-1] != 3:
         raise ValueError(f"positions must end in 3 coordinates (t, h, w), got shape {tuple(positions.shape)}")
-    pos = positions.to(torch.float64)
+    pos = positions.to(torch.float32)  # float32 everywhere (float64 is missing on some accelerators)
     parts = []
     for axis, dim in enumerate(rope_axes_dims(head_dim)):
         inv = _inv_freq(dim, theta, pos.device)  # (dim/2,)
         parts.append(pos[..., axis : axis + 1] * inv)  # (..., N, dim/2)
     angles = torch.cat(parts, dim=-1)  # (..., N, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # (..., N, head_dim)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` (``(B, heads, N, head_dim)``) by the angles from :func:`rope_angles`.
 
-    ``cos``/``sin`` are ``(N, head_dim)`` or ``(B, N, head_dim)``; computed in float32, returned in ``x.dtype``.
+    ``cos``/``sin`` are ``(N, head_dim)`` or ``(B, N, head_dim)``; computed in float32, returned in
+    ``x.dtype``.
     """
     if cos.dim() == 3:  # (B, N, D) -> (B, 1, N, D), broadcast over heads
         cos, sin = cos[:, None], sin[:, None]

@@ -1,0 +1,198 @@
+"""Fill the cache: encode every manifest row's clip and caption once, skipping what is already there.
+
+Resumable by construction: an entry is written atomically as soon as its batch is encoded, and every row whose
+key is already present is skipped, so re-running a killed ``build_cache`` continues where it stopped. With
+``shard=(rank, world)`` each process takes rows ``rank::world`` (for ``torchrun``); processes never write the
+same row, and a caption shared by rows of two ranks is at worst written twice with identical content.
+
+Stored tensors:
+
+- video: ``"latent"`` ``(C, t, h, w)`` (batch dim removed) in the dtype the codec produced (fp32 for fp32
+  codecs, bf16 for a bf16 VAE): the cache then holds exactly what on-the-fly encoding would give, and a bf16
+  codec halves the disk footprint. The trainer casts as it needs.
+- text: ``"emb"`` ``(L, D)`` and ``"mask"`` ``(L,)`` (all True) trimmed to the caption's real token count, in
+  the encoder's dtype; ``collate_text`` pads them back per batch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from frameloom.cache.keys import KEY_VERSION, caption, row_video_key, text_key
+from frameloom.cache.store import CacheStore
+from frameloom.data import video as video_io  # looked up at call time: decode_clip may be patched in tests
+from frameloom.data.manifest import iter_rows, read_manifest, resolve_path
+from frameloom.data.video import ClipSpec, DecodeError
+from frameloom.models.codecs import LatentCodec
+from frameloom.models.text import TextEncoder
+
+__all__ = ["CacheReport", "build_cache"]
+
+
+@dataclass
+class CacheReport:
+    """What one ``build_cache`` call did (for this process's shard).
+
+    ``encoded``/``reused`` count video entries; ``failed`` lists ``(path, reason)`` for rows that could not be
+    read or decoded; ``text_encoded``/``text_reused`` count distinct captions.
+    """
+
+    encoded: int = 0
+    reused: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    text_encoded: int = 0
+    text_reused: int = 0
+
+    def line(self) -> str:
+        """One-line summary, e.g. ``cache: 10 clips encoded, 2 reused, 1 failed; 5 captions encoded, ...``."""
+        return (
+            f"cache: {self.encoded} clips encoded, {self.reused} reused, {len(self.failed)} failed; "
+            f"{self.text_encoded} captions encoded, {self.text_reused} reused; {self.seconds:.1f}s"
+        )
+
+
+@dataclass
+class _Pending:
+    """Decoded clips of one shape waiting to be encoded together."""
+
+    keys: list[str] = field(default_factory=list)
+    clips: list[torch.Tensor] = field(default_factory=list)
+    meta: list[dict[str, str]] = field(default_factory=list)
+
+
+def _flush(pending: _Pending, codec: LatentCodec, store: CacheStore) -> int:
+    if not pending.clips:
+        return 0
+    video = torch.stack(pending.clips)  # (B, 3, T, H, W)
+    with torch.no_grad():
+        latents = codec.encode(video)  # (B, C, t, h, w)
+    if latents.ndim != 5 or latents.shape[0] != len(pending.clips):
+        raise RuntimeError(f"codec returned shape {tuple(latents.shape)} for a batch of {tuple(video.shape)}")
+    for key, latent, meta in zip(pending.keys, latents.detach().cpu(), pending.meta):
+        store.put("video", key, {"latent": latent}, meta)
+    n = len(pending.clips)
+    pending.keys.clear()
+    pending.clips.clear()
+    pending.meta.clear()
+    return n
+
+
+def _cache_texts(
+    texts: list[str],
+    text_encoder: TextEncoder,
+    store: CacheStore,
+    batch_size: int,
+    report: CacheReport,
+    progress: bool,
+) -> None:
+    todo: list[tuple[str, str]] = []
+    for text in dict.fromkeys(texts):  # distinct, in first-seen order
+        key = text_key(text, text_encoder.identity)
+        if store.has("text", key):
+            report.text_reused += 1
+        else:
+            todo.append((text, key))
+    bar = tqdm(total=len(todo), desc="cache captions", unit="caption", disable=not progress or not todo)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        with torch.no_grad():
+            emb, mask = text_encoder.encode([t for t, _ in chunk])  # (B, L, D), (B, L)
+        emb, mask = emb.detach().cpu(), mask.detach().cpu().bool()
+        for i, (text, key) in enumerate(chunk):
+            real = mask[i]  # selecting by the mask works for left and right padding alike
+            meta = {"kind": "text", "version": KEY_VERSION, "encoder": text_encoder.identity, "text": text}
+            store.put("text", key, {"emb": emb[i][real], "mask": mask[i][real]}, meta)
+        report.text_encoded += len(chunk)
+        bar.update(len(chunk))
+    bar.close()
+
+
+def build_cache(
+    manifest_path: str | os.PathLike,
+    *,
+    spec: ClipSpec,
+    codec: LatentCodec,
+    text_encoder: TextEncoder,
+    store: CacheStore,
+    batch_size: int = 8,
+    progress: bool = True,
+    empty_prompt: bool = True,
+    shard: tuple[int, int] = (0, 1),
+    spec_for_row: Callable[[dict[str, Any]], ClipSpec] | None = None,
+) -> CacheReport:
+    """Encode the latents and caption embeddings of a manifest's rows that are not cached yet.
+
+    ``spec_for_row`` (e.g. a bucket policy) gives a row its own clip spec; otherwise every row uses ``spec``.
+    Clips are encoded in batches of up to ``batch_size`` consecutive clips of equal shape. Rows whose file is
+    missing or fails to decode (``DecodeError``) are listed in ``report.failed``; any other error (e.g. in the
+    codec) propagates, and everything stored before it stays valid for the next run. The empty prompt ``""``
+    is always cached too (by rank 0) when ``empty_prompt``, for caption dropout and classifier-free guidance.
+    """
+    rank, world = shard
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    started = time.perf_counter()
+    report = CacheReport()
+    manifest_path = Path(manifest_path)
+    root = manifest_path.resolve().parent
+    rows = list(iter_rows(read_manifest(manifest_path)))[rank::world]
+    store.cleanup_temp()  # temp files of killed runs on this host (or old ones) are never read; drop them
+
+    # 1. Video latents, in manifest order, batched by shape.
+    file_ids: dict[str, str] = {}
+    seen: set[str] = set()  # keys written (or queued) by this run: duplicates count as reused
+    pending = _Pending()
+    pending_shape: tuple[int, ...] | None = None
+    bar = tqdm(total=len(rows), desc="cache clips", unit="clip", disable=not progress)
+    for row in rows:
+        bar.update(1)
+        row_spec = spec_for_row(row) if spec_for_row is not None else spec
+        path = str(resolve_path(manifest_path, row["path"]))
+        try:
+            key = row_video_key(row, manifest_path, row_spec, codec.identity, file_ids)
+        except OSError as exc:
+            report.failed.append((path, f"cannot read file: {exc.strerror or exc}"))
+            continue
+        if key in seen or store.has("video", key):
+            report.reused += 1
+            continue
+        try:
+            clip = video_io.decode_clip(row, row_spec, root=root, output="float")  # (3, T, H, W) in [-1, 1]
+        except DecodeError as exc:
+            report.failed.append((path, exc.reason))
+            continue
+        seen.add(key)
+        shape = tuple(clip.shape)
+        if pending_shape is not None and shape != pending_shape:
+            report.encoded += _flush(pending, codec, store)
+        pending_shape = shape
+        pending.keys.append(key)
+        pending.clips.append(clip)
+        pending.meta.append(
+            {"kind": "video", "version": KEY_VERSION, "path": str(row["path"]), "spec": row_spec.key(),
+             "codec": codec.identity}
+        )  # fmt: skip
+        if len(pending.clips) >= batch_size:
+            report.encoded += _flush(pending, codec, store)
+    report.encoded += _flush(pending, codec, store)
+    bar.close()
+
+    # 2. Caption embeddings (plus "" once, on rank 0).
+    texts = [caption(row) for row in rows]
+    if empty_prompt and rank == 0:
+        texts.append("")
+    _cache_texts(texts, text_encoder, store, batch_size, report, progress)
+
+    report.seconds = time.perf_counter() - started
+    return report

@@ -1,0 +1,207 @@
+"""Frozen text encoders: captions -> (embeddings, mask) for the denoiser's cross-attention.
+
+Interface (``TextEncoder``): ``identity`` (changes whenever the embeddings would: weights, config, tokenizer,
+``max_length``, dtype; the text cache keys on it), ``dim``, ``max_length``, and
+``encode(texts) -> (emb (B, L, dim) float, mask (B, L) bool)``.
+
+Convention: a batch is padded to its longest caption (at most ``max_length`` tokens, truncation keeps the
+final EOS); ``mask`` marks real tokens and the embeddings at padded positions are zero, so a caption's
+embedding does not depend on what else is in its batch and can be cached trimmed to its real length.
+(Families whose pretrained denoisers were trained on unmasked, fixed-length padding, as CogVideoX's were,
+need their own encoding mode in their family code.)
+
+``build_tiny_t5`` makes the random-init tiny T5 + byte-level tokenizer the quickstart and tests use: it needs
+no vocabulary file and nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+
+from frameloom.errors import FrameloomError
+from frameloom.models.codecs import config_sha256, weights_sha256
+
+__all__ = ["TextEncoder", "T5TextEncoder", "build_tiny_t5", "TextEncoderError"]
+
+# ByT5: 256 byte values + 3 specials (<pad>=0, </s>=1, <unk>=2) + 125 extra ids.
+BYT5_VOCAB_SIZE = 384
+
+
+def _transformers_version() -> tuple[int, int]:
+    import transformers
+
+    major, minor = transformers.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+class TextEncoderError(FrameloomError):
+    """A text encoder that cannot be loaded."""
+
+
+class TextEncoder(ABC):
+    """The interface every text encoder follows (see the module docstring)."""
+
+    identity: str
+    dim: int
+    max_length: int
+    device: torch.device = torch.device("cpu")
+
+    @abstractmethod
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``texts`` -> ``(emb (B, L, dim) float, mask (B, L) bool)``, L = longest caption (<= max_length)."""
+
+    def __repr__(self) -> str:
+        name = type(self).__name__
+        return f"{name}(identity={self.identity[:12]}..., dim={self.dim}, max_length={self.max_length})"
+
+
+def _tokenizer_sha256(tokenizer) -> str:
+    """A hash of how the tokenizer maps text to ids: its class, vocabulary and special tokens.
+
+    The tokenizer's files are not hashed because their contents carry paths and library-version details that
+    change without changing a single token id.
+    """
+    spec = {
+        "class": type(tokenizer).__name__,
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "padding_side": getattr(tokenizer, "padding_side", "right"),
+        "truncation_side": getattr(tokenizer, "truncation_side", "right"),
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class T5TextEncoder(TextEncoder):
+    """A frozen ``transformers.T5EncoderModel`` with its tokenizer (T5, T5 v1.1, ByT5, UMT5-style weights)."""
+
+    def __init__(self, model, tokenizer, max_length: int = 226):
+        if max_length < 1:
+            raise TextEncoderError(f"max_length must be >= 1, got {max_length}")
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        self.dim = int(model.config.d_model)
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        identity = {
+            "encoder": "t5-v1",
+            "config": config_sha256(model.config),
+            "weights": weights_sha256(model),
+            "tokenizer": _tokenizer_sha256(tokenizer),
+            "max_length": self.max_length,  # truncation changes the embeddings of long captions
+            "dtype": str(self.dtype),
+        }
+        self.identity = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        max_length: int = 226,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        subfolder: str | None = None,
+        tokenizer_subfolder: str | None = None,
+    ) -> T5TextEncoder:
+        """Load model and tokenizer from a local directory (a pipeline folder: pass the subfolders).
+
+        Byte-level (ByT5) and other slow-only tokenizers have no "fast" version: loading falls back to
+        ``use_fast=False`` when the default attempt fails.
+        """
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        root = Path(directory)
+        model_dir = root / subfolder if subfolder else root
+        tok_dir = root / tokenizer_subfolder if tokenizer_subfolder else model_dir
+        if not (model_dir / "config.json").is_file():
+            raise TextEncoderError(f"no text encoder config at {model_dir / 'config.json'}")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+        except (OSError, ValueError, TypeError):
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), use_fast=False, local_files_only=True)
+            except (OSError, ValueError, TypeError) as exc:
+                raise TextEncoderError(f"cannot load a tokenizer from {tok_dir}: {exc}") from None
+        # transformers >= 4.56 calls the argument ``dtype``; older versions ``torch_dtype``.
+        dtype_kw = "dtype" if _transformers_version() >= (4, 56) else "torch_dtype"
+        try:
+            model = T5EncoderModel.from_pretrained(str(model_dir), local_files_only=True, **{dtype_kw: dtype})
+        except (OSError, ValueError) as exc:
+            raise TextEncoderError(f"cannot load T5EncoderModel from {model_dir}: {exc}") from None
+        encoder = cls(model, tokenizer, max_length=max_length)  # identity is hashed on CPU, before any move
+        if device is not None:
+            encoder.to(device)
+        return encoder
+
+    def to(self, device: torch.device | str) -> T5TextEncoder:
+        self.model.to(device)
+        self.device = torch.device(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a list of strings, not one string")
+        batch = self.tokenizer(
+            list(texts),
+            padding="longest",
+            max_length=self.max_length,
+            truncation=True,
+            add_special_tokens=True,  # appends EOS: "" becomes just [EOS], so every caption has >= 1 token
+            return_tensors="pt",
+        )
+        ids = batch["input_ids"].to(self.device)
+        mask = batch["attention_mask"].to(self.device).bool()
+        emb = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, L, dim)
+        # Zero the padded positions: their values depend on the batch's other captions, never on this one.
+        emb = emb * mask.unsqueeze(-1).to(emb.dtype)
+        return emb, mask
+
+
+def build_tiny_t5(
+    out_dir: str | os.PathLike,
+    d_model: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    d_ff: int = 64,
+    seed: int = 0,
+) -> Path:
+    """Save a random-init tiny ``T5EncoderModel`` with a ``ByT5Tokenizer`` into ``out_dir`` and return it.
+
+    Deterministic given ``seed`` (the global RNG state is left untouched); needs no download and no
+    vocabulary file (bytes are tokens). Load it with ``T5TextEncoder.from_pretrained(out_dir)``.
+    """
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    if d_model % num_heads:
+        raise TextEncoderError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = T5Config(
+        vocab_size=BYT5_VOCAB_SIZE,
+        d_model=d_model,
+        d_kv=d_model // num_heads,
+        d_ff=d_ff,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = T5EncoderModel(config)
+    model.save_pretrained(out)
+    ByT5Tokenizer(extra_ids=BYT5_VOCAB_SIZE - 259).save_pretrained(out)
+    return out

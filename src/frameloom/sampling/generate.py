@@ -1,0 +1,171 @@
+"""Text-to-video generation with a trained denoiser, and the `frameloom sample` command.
+
+Each (prompt, seed) pair gets its own noise from `torch.Generator().manual_seed(seed)` drawn on the CPU, so a
+video depends only on its prompt, seed and settings: not on which other prompts share its batch, nor on the
+device.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from frameloom import pipeline
+from frameloom.checkpoint import io as ckpt
+from frameloom.config import Config, apply_overrides, load_config
+from frameloom.errors import FrameloomError
+from frameloom.sampling.flow_euler import euler_sample
+from frameloom.sampling.video_io import write_mp4
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    text_encoder,
+    codec,
+    prompts: Sequence[str],
+    *,
+    seeds: Sequence[int],
+    num_frames: int,
+    height: int,
+    width: int,
+    steps: int,
+    guidance: float,
+    negative_prompt: str = "",
+    shift: float = 1.0,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Videos (N, 3, T, H, W) in [-1, 1] for N = len(prompts) (prompt i uses seeds[i])."""
+    if len(prompts) != len(seeds):
+        raise ValueError("one seed per prompt")
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    t, h, w = codec.latent_size(num_frames, height, width)
+    neg_emb, neg_mask = text_encoder.encode([negative_prompt])
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        # 1. Per-sample noise from its own seed (on CPU, so results match across devices).
+        noise = torch.stack(
+            [
+                torch.randn((codec.latent_channels, t, h, w), generator=torch.Generator().manual_seed(int(s)))
+                for s in seeds[start : start + batch_size]
+            ]
+        ).to(device, dtype)  # (B, C, t, h, w)
+        # 2. Text conditions.
+        emb, mask = text_encoder.encode(chunk)
+
+        def model_fn(x, tt, text, text_mask):
+            return model(x, tt.expand(x.shape[0]), text.to(dtype), text_mask)
+
+        # 3. Integrate the flow from noise to data, then decode to pixels.
+        latent = euler_sample(
+            model_fn,
+            noise,
+            steps,
+            cond=(emb.to(device, dtype), mask.to(device)),
+            uncond=(neg_emb.to(device, dtype), neg_mask.to(device)),
+            guidance=guidance,
+            shift=shift,
+        )
+        out.append(codec.decode(latent.float()).clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def slug(text: str, limit: int = 48) -> str:
+    """A file-name-safe short form of a prompt."""
+    return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:limit] or "empty"
+
+
+def generate_to_files(
+    model: torch.nn.Module,
+    text_encoder,
+    codec,
+    cfg: Config,
+    prompts: Sequence[str],
+    *,
+    out_dir: str | Path,
+    seeds: Sequence[int] | None = None,
+) -> list[Path]:
+    """Generate one mp4 per (prompt, seed) with the config's `sample` settings; returns the file paths."""
+    seeds = list(seeds) if seeds else [cfg.sample.seed]
+    pairs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
+    videos = generate(
+        model,
+        text_encoder,
+        codec,
+        [p for _, p, _ in pairs],
+        seeds=[s for _, _, s in pairs],
+        num_frames=cfg.data.num_frames,
+        height=cfg.data.height,
+        width=cfg.data.width,
+        steps=cfg.sample.steps,
+        guidance=cfg.sample.guidance,
+        negative_prompt=cfg.sample.negative_prompt,
+        shift=cfg.sample.shift,
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for (i, prompt, seed), video in zip(pairs, videos):
+        paths.append(write_mp4(video, out_dir / f"{i:03d}-{slug(prompt)}-seed{seed}.mp4", fps=cfg.sample.fps))
+    return paths
+
+
+def load_for_sampling(cfg: Config, checkpoint: str | None, device: torch.device) -> torch.nn.Module:
+    """The denoiser of a run with its checkpoint's EMA weights (or raw weights if use_ema is off or absent)."""
+    from frameloom.models.registry import get_family
+
+    path = ckpt.resolve_checkpoint(cfg.run_dir, checkpoint) if checkpoint else None
+    if checkpoint and path is None:
+        raise FrameloomError(f"no complete checkpoint in {Path(cfg.run_dir) / 'checkpoints'}")
+    codec = pipeline.load_codec(cfg, device)
+    text_dim = pipeline.load_text_encoder(cfg).dim
+    model = get_family(cfg.model.family).build_denoiser(cfg.model, codec.latent_channels, text_dim)
+    if path is not None:
+        loaded = ckpt.load_checkpoint(path)
+        weights = dict(loaded["model"])
+        if cfg.sample.use_ema and loaded["ema"] is not None:
+            weights.update(loaded["ema"])
+        model.load_state_dict(weights)
+    return model.to(device).eval()
+
+
+def sample_command(
+    source: str,
+    *,
+    prompts: Sequence[str],
+    out: str,
+    checkpoint: str = "latest",
+    steps: int | None = None,
+    guidance: float | None = None,
+    seeds: Sequence[int] | None = None,
+    negative_prompt: str | None = None,
+    overrides: Sequence[str] = (),
+) -> list[Path]:
+    """`frameloom sample RUN_DIR_OR_CONFIG --prompt ...`: write mp4s into `out`."""
+    src = Path(source)
+    if src.is_dir():
+        resolved = src / "config.resolved.yaml"
+        if not resolved.exists():
+            raise FrameloomError(f"{src} is not a run directory (no config.resolved.yaml)")
+        cfg = load_config(resolved)
+        cfg = apply_overrides(cfg, [f"run_dir={src}"])
+    else:
+        cfg = load_config(src)
+    sample_overrides = list(overrides)
+    if steps is not None:
+        sample_overrides.append(f"sample.steps={steps}")
+    if guidance is not None:
+        sample_overrides.append(f"sample.guidance={guidance}")
+    cfg = apply_overrides(cfg, sample_overrides)
+    if negative_prompt is not None:
+        cfg.sample.negative_prompt = negative_prompt
+    device = pipeline.resolve_device(cfg.train.device)
+    model = load_for_sampling(cfg, checkpoint, device)
+    codec = pipeline.load_codec(cfg, device)
+    text_encoder = pipeline.load_text_encoder(cfg, device)
+    return generate_to_files(model, text_encoder, codec, cfg, prompts, out_dir=out, seeds=seeds)

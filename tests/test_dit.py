@@ -1,0 +1,263 @@
+"""frameloom's VideoDiT and 3D RoPE: shapes, masks, packing, init, gradients, save/load round trip."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from frameloom.models.dit import DIT_PRESETS, VideoDiT
+from frameloom.models.dit.rope import apply_rope, grid_positions, rope_angles, rope_axes_dims
+
+TEXT_DIM = 16
+
+
+def _randomize_zero_init(model: VideoDiT, seed: int = 0) -> VideoDiT:
+    """Give the adaLN-Zero layers (and final layer) non-zero weights so the model computes something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if torch.count_nonzero(p) == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def _tiny(patch_size=(1, 2, 2), in_channels: int = 4, seed: int = 0, **kw) -> VideoDiT:
+    torch.manual_seed(seed)
+    cfg = dict(hidden_size=32, depth=2, num_heads=2)
+    cfg.update(kw)
+    model = VideoDiT(in_channels=in_channels, patch_size=patch_size, text_dim=TEXT_DIM, **cfg)
+    return _randomize_zero_init(model, seed).eval()
+
+
+def _inputs(B: int, C: int, T: int, H: int, W: int, L: int = 5, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, T, H, W, generator=g)
+    t = torch.rand(B, generator=g)
+    text = torch.randn(B, L, TEXT_DIM, generator=g)
+    return x, t, text
+
+
+# ------------------------------------------------------------------------------------------------ RoPE
+
+
+def test_rope_axes_split() -> None:
+    assert rope_axes_dims(64) == (16, 24, 24)
+    assert rope_axes_dims(16) == (4, 6, 6)
+    assert rope_axes_dims(72) == (18, 26, 28)
+    for hd in (6, 8, 16, 32, 64, 72, 128):
+        dims = rope_axes_dims(hd)
+        assert sum(dims) == hd and all(d % 2 == 0 and d >= 2 for d in dims)
+    with pytest.raises(ValueError):
+        rope_axes_dims(7)
+
+
+def test_grid_positions_row_major() -> None:
+    pos = grid_positions(2, 3, 4)
+    assert pos.shape == (24, 3)
+    assert pos[0].tolist() == [0, 0, 0]
+    assert pos[1].tolist() == [0, 0, 1]
+    assert pos[4].tolist() == [0, 1, 0]
+    assert pos[12].tolist() == [1, 0, 0]
+
+
+def test_rope_relative_property() -> None:
+    """After rotation, q . k depends only on the position difference (per axis, fractional too)."""
+    hd = 32
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 1, hd, generator=g)
+    k = torch.randn(1, 1, 1, hd, generator=g)
+
+    def dot(pq: list[float], pk: list[float]) -> float:
+        cq, sq = rope_angles(torch.tensor([pq]), hd)
+        ck, sk = rope_angles(torch.tensor([pk]), hd)
+        return float((apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum())
+
+    base = dot([1.0, 2.0, 3.0], [4.0, 0.0, 5.5])
+    for offset in ([3.0, 0.0, 0.0], [0.0, 7.0, 0.0], [0.0, 0.0, -2.25], [5.0, 11.0, 13.5]):
+        pq = [1.0 + offset[0], 2.0 + offset[1], 3.0 + offset[2]]
+        pk = [4.0 + offset[0], 0.0 + offset[1], 5.5 + offset[2]]
+        shifted = dot(pq, pk)
+        assert math.isclose(base, shifted, rel_tol=1e-4, abs_tol=1e-4)
+    # and it does depend on the difference along every axis
+    assert not math.isclose(base, dot([1.0, 2.0, 3.0], [5.0, 0.0, 5.5]), abs_tol=1e-3)
+    assert not math.isclose(base, dot([1.0, 2.0, 3.0], [4.0, 1.0, 5.5]), abs_tol=1e-3)
+    assert not math.isclose(base, dot([1.0, 2.0, 3.0], [4.0, 0.0, 6.5]), abs_tol=1e-3)
+
+
+def test_rope_is_a_rotation() -> None:
+    x = torch.randn(2, 3, 10, 16)
+    cos, sin = rope_angles(grid_positions(1, 2, 5), 16)
+    y = apply_rope(x, cos, sin)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
+    cos0, sin0 = rope_angles(torch.zeros(10, 3), 16)
+    torch.testing.assert_close(apply_rope(x, cos0, sin0), x)
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+@pytest.mark.parametrize(
+    "patch,grid",
+    [
+        ((1, 2, 2), (1, 4, 4)),
+        ((1, 2, 2), (2, 8, 6)),
+        ((1, 2, 2), (3, 4, 8)),
+        ((2, 2, 2), (2, 8, 6)),
+        ((1, 1, 1), (3, 4, 8)),
+        ((1, 4, 4), (2, 8, 8)),
+    ],
+)
+def test_output_shapes(patch, grid) -> None:
+    model = _tiny(patch_size=patch, out_channels=6)
+    x, t, text = _inputs(2, 4, *grid)
+    mask = torch.tensor([[True, True, True, False, False], [True] * 5])
+    out = model(x, t, text, text_mask=mask)
+    assert out.shape == (2, 6, *grid)
+    assert torch.isfinite(out).all()
+
+
+def test_same_model_different_grids_and_int_patch() -> None:
+    model = _tiny(patch_size=2)
+    assert model.patch == (1, 2, 2)
+    for grid in ((1, 4, 4), (2, 8, 6), (3, 4, 8)):
+        x, t, text = _inputs(1, 4, *grid)
+        assert model(x, t, text).shape == (1, 4, *grid)
+
+
+def test_bad_grid_raises() -> None:
+    model = _tiny(patch_size=(1, 2, 2))
+    x, t, text = _inputs(1, 4, 1, 5, 4)
+    with pytest.raises(ValueError, match="divisible"):
+        model(x, t, text)
+
+
+def test_patchify_roundtrip() -> None:
+    model = _tiny(patch_size=(2, 2, 4))
+    x = torch.randn(2, 4, 4, 6, 8)
+    tokens, grid = model.patchify(x)
+    assert tokens.shape == (2, 2 * 3 * 2, 4 * 2 * 2 * 4) and grid == (2, 3, 2)
+    torch.testing.assert_close(model.unpatchify(tokens, grid), x)
+
+
+def test_adaln_zero_init_outputs_zero() -> None:
+    torch.manual_seed(0)
+    model = VideoDiT(in_channels=4, text_dim=TEXT_DIM, **DIT_PRESETS["tiny"])
+    x, t, text = _inputs(2, 4, 2, 4, 4)
+    out = model(x, t, text)
+    assert out.shape == x.shape
+    assert torch.count_nonzero(out) == 0
+
+
+def test_text_mask_ignores_padding() -> None:
+    model = _tiny()
+    x, t, text = _inputs(2, 4, 1, 4, 4, L=6)
+    mask = torch.tensor([[True] * 3 + [False] * 3, [True] * 6])
+    out = model(x, t, text, text_mask=mask)
+    garbage = text.clone()
+    garbage[0, 3:] = 100.0  # change only masked tokens of sample 0
+    out2 = model(x, t, garbage, text_mask=mask)
+    torch.testing.assert_close(out, out2)
+    # the same as giving sample 0 only its real tokens
+    out3 = model(x[:1], t[:1], text[:1, :3])
+    torch.testing.assert_close(out[:1], out3, atol=1e-5, rtol=1e-5)
+
+
+def test_all_false_text_mask_is_finite_and_means_no_text() -> None:
+    model = _tiny()
+    x, t, text = _inputs(2, 4, 1, 4, 4)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[1] = True
+    out = model(x, t, text, text_mask=mask)
+    assert torch.isfinite(out).all()
+    # row 0 does not depend on its text at all
+    out2 = model(x, t, torch.randn_like(text) * 50, text_mask=mask)
+    torch.testing.assert_close(out[0], out2[0])
+
+
+def test_block_diagonal_mask_equals_separate_sequences() -> None:
+    """Two sequences packed along time with a block-diagonal mask give what each gives alone."""
+    model = _tiny(patch_size=(1, 2, 2))
+    g = torch.Generator().manual_seed(3)
+    Ta, Tb, H, W = 2, 3, 4, 6
+    xa, xb = torch.randn(1, 4, Ta, H, W, generator=g), torch.randn(1, 4, Tb, H, W, generator=g)
+    t = torch.tensor([0.3])
+    text = torch.randn(1, 5, TEXT_DIM, generator=g)
+
+    out_a = model(xa, t, text)
+    out_b = model(xb, t, text)
+
+    packed = torch.cat([xa, xb], dim=2)  # (1, 4, Ta+Tb, H, W)
+    na, nb = Ta * (H // 2) * (W // 2), Tb * (H // 2) * (W // 2)
+    # the second sequence's positions restart at t = 0
+    pos = torch.cat([grid_positions(Ta, H // 2, W // 2), grid_positions(Tb, H // 2, W // 2)])
+    mask = torch.zeros(1, na + nb, na + nb, dtype=torch.bool)
+    mask[:, :na, :na] = True
+    mask[:, na:, na:] = True
+    out = model(packed, t, text, attn_mask=mask, positions=pos[None])
+    torch.testing.assert_close(out[:, :, :Ta], out_a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, :, Ta:], out_b, atol=1e-5, rtol=1e-5)
+
+    # the same mask as (B, 1, N, N) bool and as an additive float mask
+    out_4d = model(packed, t, text, attn_mask=mask[:, None], positions=pos)
+    torch.testing.assert_close(out_4d, out)
+    additive = torch.zeros(1, na + nb, na + nb).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(model(packed, t, text, attn_mask=additive, positions=pos), out)
+
+    # without the mask the two halves do interact
+    assert not torch.allclose(model(packed, t, text, positions=pos)[:, :, :Ta], out_a, atol=1e-4)
+
+
+def test_bool_mask_with_empty_row_is_finite() -> None:
+    model = _tiny()
+    x, t, text = _inputs(1, 4, 1, 4, 4)
+    n = 4
+    mask = torch.ones(1, n, n, dtype=torch.bool)
+    mask[:, 3] = False  # a padding token that may attend nothing
+    assert torch.isfinite(model(x, t, text, attn_mask=mask)).all()
+
+
+def test_gradients_reach_every_parameter() -> None:
+    model = _tiny(patch_size=(1, 2, 2)).train()
+    x, t, text = _inputs(2, 4, 2, 4, 4)
+    mask = torch.tensor([[True, True, False, False, False], [True] * 5])
+    out = model(x, t, text, text_mask=mask)
+    loss = (out - torch.randn_like(out)).pow(2).mean()
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or torch.count_nonzero(p.grad) == 0]
+    assert not missing, missing
+    # and one optimizer step changes the output
+    before = out.detach()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert not torch.allclose(model(x, t, text, text_mask=mask), before)
+
+
+def test_timestep_changes_output_and_scalar_timestep() -> None:
+    model = _tiny()
+    x, _, text = _inputs(2, 4, 1, 4, 4)
+    a = model(x, torch.tensor([0.1, 0.1]), text)
+    b = model(x, torch.tensor([0.9, 0.9]), text)
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(model(x, 0.1, text), a)
+
+
+def test_presets_build() -> None:
+    assert DIT_PRESETS["XL"] == dict(hidden_size=1152, depth=28, num_heads=16)
+    for name in ("tiny", "S"):
+        model = VideoDiT(in_channels=4, text_dim=TEXT_DIM, **DIT_PRESETS[name])
+        assert len(model.blocks) == DIT_PRESETS[name]["depth"]
+
+
+def test_save_pretrained_roundtrip(tmp_path) -> None:
+    model = _tiny(patch_size=(1, 2, 2), out_channels=8)
+    model.save_pretrained(tmp_path / "dit")
+    assert (tmp_path / "dit" / "config.json").exists()
+    assert (tmp_path / "dit" / "diffusion_pytorch_model.safetensors").exists()
+    loaded = VideoDiT.from_pretrained(tmp_path / "dit").eval()
+    assert loaded.patch == (1, 2, 2) and loaded.out_channels == 8
+    x, t, text = _inputs(2, 4, 2, 4, 6)
+    mask = torch.tensor([[True, True, False, False, False], [True] * 5])
+    torch.testing.assert_close(
+        loaded(x, t, text, text_mask=mask), model(x, t, text, text_mask=mask), atol=0, rtol=0
+    )
