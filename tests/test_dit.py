@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from frameloom.models.dit import DIT_PRESETS, VideoDiT
-from frameloom.models.dit.rope import apply_rope, grid_positions, rope_angles, rope_axes_dims
+from frameloom.models.dit.rope import apply_rope, grid_positions, rope_angles, rope_axes_dims, rope_freqs
 
 TEXT_DIM = 16
 
@@ -66,33 +66,43 @@ def test_rope_relative_property() -> None:
     """After rotation, q . k depends only on the position difference (per axis, fractional too)."""
     hd = 32
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 1, 1, hd, generator=g)
+    q = torch.randn(1, 1, 1, hd, generator=g)  # (B, N, heads, head_dim)
     k = torch.randn(1, 1, 1, hd, generator=g)
 
     def dot(pq: list[float], pk: list[float]) -> float:
-        cq, sq = rope_angles(torch.tensor([pq]), hd)
-        ck, sk = rope_angles(torch.tensor([pk]), hd)
-        return float((apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum())
+        fq = rope_freqs(torch.tensor([pq]), hd)
+        fk = rope_freqs(torch.tensor([pk]), hd)
+        return float((apply_rope(q, fq) * apply_rope(k, fk)).sum())
 
     base = dot([1.0, 2.0, 3.0], [4.0, 0.0, 5.5])
     for offset in ([3.0, 0.0, 0.0], [0.0, 7.0, 0.0], [0.0, 0.0, -2.25], [5.0, 11.0, 13.5]):
         pq = [1.0 + offset[0], 2.0 + offset[1], 3.0 + offset[2]]
         pk = [4.0 + offset[0], 0.0 + offset[1], 5.5 + offset[2]]
-        shifted = dot(pq, pk)
-        assert math.isclose(base, shifted, rel_tol=1e-4, abs_tol=1e-4)
+        assert math.isclose(base, dot(pq, pk), rel_tol=1e-4, abs_tol=1e-4)
     # and it does depend on the difference along every axis
     assert not math.isclose(base, dot([1.0, 2.0, 3.0], [5.0, 0.0, 5.5]), abs_tol=1e-3)
     assert not math.isclose(base, dot([1.0, 2.0, 3.0], [4.0, 1.0, 5.5]), abs_tol=1e-3)
     assert not math.isclose(base, dot([1.0, 2.0, 3.0], [4.0, 0.0, 6.5]), abs_tol=1e-3)
 
 
+def test_rope_angles_hand_values() -> None:
+    # head_dim 16 -> (t, h, w) dims (4, 6, 6) -> pairs 2, 3, 3; inverse frequencies theta^(-2i/dim)
+    ang = rope_angles(torch.tensor([[2.0, 3.0, 5.0]]), 16, theta=100.0)[0]
+    expected = [2.0, 2.0 * 100 ** (-2 / 4)]
+    expected += [3.0 * 100 ** (-2 * i / 6) for i in range(3)] + [5.0 * 100 ** (-2 * i / 6) for i in range(3)]
+    torch.testing.assert_close(ang, torch.tensor(expected))
+
+
 def test_rope_is_a_rotation() -> None:
-    x = torch.randn(2, 3, 10, 16)
-    cos, sin = rope_angles(grid_positions(1, 2, 5), 16)
-    y = apply_rope(x, cos, sin)
+    x = torch.randn(2, 10, 3, 16)  # (B, N, heads, head_dim)
+    y = apply_rope(x, rope_freqs(grid_positions(1, 2, 5), 16))
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
-    cos0, sin0 = rope_angles(torch.zeros(10, 3), 16)
-    torch.testing.assert_close(apply_rope(x, cos0, sin0), x)
+    torch.testing.assert_close(apply_rope(x, rope_freqs(torch.zeros(10, 3), 16)), x)
+    # per-sample positions (B, N, 3) give the same as shared ones when equal
+    pos = grid_positions(1, 2, 5)
+    torch.testing.assert_close(apply_rope(x, rope_freqs(pos.expand(2, -1, -1), 16)), y)
+    # bf16 in, bf16 out
+    assert apply_rope(x.bfloat16(), rope_freqs(pos, 16)).dtype == torch.bfloat16
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -261,3 +271,14 @@ def test_save_pretrained_roundtrip(tmp_path) -> None:
     torch.testing.assert_close(
         loaded(x, t, text, text_mask=mask), model(x, t, text, text_mask=mask), atol=0, rtol=0
     )
+
+
+def test_bf16_autocast_forward_backward() -> None:
+    model = _tiny().train()
+    x, t, text = _inputs(2, 4, 2, 4, 4)
+    mask = torch.tensor([[True, False, False, False, False], [False] * 5])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t, text, text_mask=mask)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    out.float().pow(2).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -56,7 +56,9 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_loss_falls(dataset, tmp_path):
-    result = train(config(dataset, tmp_path / "run", "train.steps=60", "checkpoint.every=0", "objective.caption_dropout=0"))
+    cfg = config(dataset, tmp_path / "run", "train.steps=60", "checkpoint.every=0", "objective.caption_dropout=0")
+    run_cache(cfg, progress=False)
+    result = train(cfg)
     first, last = sum(result.losses[:8]) / 8, sum(result.losses[-8:]) / 8
     assert last < 0.7 * first, (first, last)
     records = read_metrics(tmp_path / "run")

@@ -81,6 +81,8 @@ SEEK_CASES = {
     "mpeg4_avi": ("s.avi", dict(codec="mpeg4")),
     "mjpeg_avi": ("sj.avi", dict(codec="mjpeg")),
     "vp9_webm": ("s.webm", dict(codec="libvpx-vp9")),
+    "h264_ts": ("s.ts", dict(codec="libx264")),  # no index: FFmpeg seeks by bisecting timestamps
+    "flv": ("s.flv", dict(codec="flv")),
 }
 
 

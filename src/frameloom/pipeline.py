@@ -118,7 +118,7 @@ class ClipDataset(Dataset):
 
     def __init__(self, manifest: str | Path, spec: ClipSpec):
         self.manifest = Path(manifest)
-        self.rows = read_manifest(self.manifest).select(["path", "text", "num_frames", "fps"]).to_pylist()
+        self.rows = read_manifest(self.manifest).to_pylist()  # decode_clip reads cut/crop/rotation too
         self.spec = spec
         self.root = self.manifest.resolve().parent
 

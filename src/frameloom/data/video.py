@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from frameloom.data.probe import IMAGE_SUFFIXES, rotation_of
+from frameloom.data.probe import IMAGE_SUFFIXES, open_input, rotation_of
 from frameloom.errors import FrameloomError
 
 
@@ -143,12 +143,15 @@ def _video_stream(container: av.container.InputContainer) -> av.video.stream.Vid
 def _attempt(path: str, wanted: list[int], fps: float, seek_seconds: float | None) -> DecodedFrames:
     """Decode the wanted (sorted, unique) indices, seeking first to ``seek_seconds`` if given.
 
-    A decoded frame's index is ``round((pts - stream start) * time_base * fps)``: for constant frame rate
-    this is its position. For variable frame rate it is the frame's time on the nominal (average) frame
-    grid, and index ``i`` gets the frame on screen at time ``i / fps``: the last frame whose index is <= i.
-    Matching by time rather than position is what lets a seek land anywhere and still know where it is.
+    A decoded frame's index is its time on the ``fps`` grid, rounded half up:
+    ``floor((pts - stream start) * time_base * fps + 0.5)``. For constant frame rate this is its position.
+    For variable frame rate (``fps`` then is the average rate the probe stores), index ``i`` gets the last
+    frame whose index is <= i: a frame held on screen longer repeats, frames closer together than 1 / fps
+    are skipped. Matching by time rather than position is what lets a seek land anywhere and still know
+    which frame it is at. (A manifest fps rounded from the true rate, e.g. 30 for 29.97, shifts the mapping
+    by one frame every 1000 frames.)
     """
-    with av.open(path, metadata_errors="ignore") as container:
+    with open_input(path) as container:
         stream = _video_stream(container)
         tb = stream.time_base
         origin = stream.start_time or 0
@@ -168,7 +171,7 @@ def _attempt(path: str, wanted: list[int], fps: float, seek_seconds: float | Non
                 rotation = rotation_of(frame, stream)
             if frame.pts is None:
                 raise _NoTimestamps
-            index = round(float((frame.pts - origin) * tb) * fps)
+            index = math.floor(float((frame.pts - origin) * tb) * fps + 0.5)
             if prev is None and index > wanted[0]:
                 if seek_seconds is not None:
                     raise _Overshoot
@@ -182,9 +185,11 @@ def _attempt(path: str, wanted: list[int], fps: float, seek_seconds: float | Non
             if j == len(wanted):
                 break
             prev, prev_rgb = frame, None
-            span = round(float(frame.duration * tb) * fps) if frame.duration else 1
+            span = math.floor(float(frame.duration * tb) * fps + 0.5) if frame.duration else 1
             end_index = index + max(1, span)
         else:
+            if prev is None and seek_seconds is not None:
+                raise _Overshoot  # the seek went past every frame: try from further back
             # End of stream: the last frame stays on screen until its duration ends.
             while j < len(wanted) and prev is not None and wanted[j] < end_index:
                 if prev_rgb is None:
@@ -205,7 +210,7 @@ def _by_position(path: str, wanted: list[int]) -> DecodedFrames:
     last = wanted[-1]
     wanted_set = set(wanted)
     decoded = 0
-    with av.open(path, metadata_errors="ignore") as container:
+    with open_input(path) as container:
         stream = _video_stream(container)
         for position, frame in enumerate(container.decode(stream)):
             decoded += 1
@@ -255,7 +260,7 @@ def read_frames(path: str | os.PathLike, indices: Sequence[int], fps: float) -> 
 
 
 def _read_image(path: str) -> DecodedFrames:
-    with av.open(path, metadata_errors="ignore") as container:
+    with open_input(path) as container:
         stream = _video_stream(container)
         for frame in container.decode(stream):
             return DecodedFrames(frame.to_ndarray(format="rgb24")[None], rotation_of(frame, stream), 1)
@@ -347,8 +352,10 @@ def decode_clip(
             indices = [cut_start + i for i in frame_indices(available, fps, spec)]
             decoded = read_frames(path, indices, fps)
             repeat = 1
-    except (ValueError, KeyError, OSError) as exc:  # ClipError and av.error.FFmpegError are ValueErrors
-        raise DecodeError(path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    except (av.error.FFmpegError, ValueError, TypeError, KeyError, OSError) as exc:  # ClipError: ValueError
+        # FFmpeg errors: their own message (strerror), without the errno and path PyAV wraps around it.
+        message = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise DecodeError(path, message.splitlines()[0]) from None
 
     video = torch.from_numpy(decoded.frames).permute(3, 0, 1, 2)  # (T, H, W, 3) -> (C, T, H, W)
     if output == "float":

@@ -152,6 +152,13 @@ class PixelCodec(LatentCodec):
         return latent.float()
 
 
+def _own_copy(values: Any) -> torch.Tensor | None:
+    """A private fp32 CPU copy of per-channel statistics (``_stats`` casts it per latent), or None."""
+    if values is None:
+        return None
+    return torch.as_tensor(values).detach().to("cpu", torch.float32).flatten().clone()
+
+
 def _compression_from_model(vae: nn.Module, is_video: bool) -> tuple[int, int, int] | None:
     """Derive ``(t, h, w)`` from the model's attributes/config without running it, or None if unknown."""
     cfg = vae.config
@@ -214,8 +221,8 @@ class DiffusersVAECodec(LatentCodec):
         buffers = dict(vae.named_buffers(recurse=False))  # not getattr: it falls back to the config
         if mean is None and "latents_mean" in buffers and "latents_std" in buffers:
             mean, std = buffers["latents_mean"], buffers["latents_std"]
-        self.latents_mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32).flatten()
-        self.latents_std = None if std is None else torch.as_tensor(std, dtype=torch.float32).flatten()
+        self.latents_mean = _own_copy(mean)
+        self.latents_std = _own_copy(std)
         for name, value in (("latents_mean", self.latents_mean), ("latents_std", self.latents_std)):
             if value is not None and value.numel() != self.latent_channels:
                 raise CodecError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .model import VideoDiT
-from .rope import apply_rope, grid_positions, rope_angles, rope_axes_dims
+from .rope import apply_rope, grid_positions, rope_angles, rope_axes_dims, rope_freqs
 
 #: Size presets (width, depth, heads). S/B/L/XL are the DiT paper's sizes (Peebles & Xie, 2023, Table 1);
 #: "tiny" is for tests and the CPU quickstart. Combine with the data-dependent arguments, e.g.
@@ -18,4 +18,12 @@ DIT_PRESETS: dict[str, dict[str, Any]] = {
     "XL": dict(hidden_size=1152, depth=28, num_heads=16),
 }
 
-__all__ = ["DIT_PRESETS", "VideoDiT", "apply_rope", "grid_positions", "rope_angles", "rope_axes_dims"]
+__all__ = [
+    "DIT_PRESETS",
+    "VideoDiT",
+    "apply_rope",
+    "grid_positions",
+    "rope_angles",
+    "rope_axes_dims",
+    "rope_freqs",
+]

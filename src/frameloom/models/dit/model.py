@@ -18,7 +18,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .rope import apply_rope, grid_positions, rope_angles
+from .rope import apply_rope, grid_positions, rope_axes_dims, rope_freqs
 
 __all__ = ["VideoDiT"]
 
@@ -51,17 +51,14 @@ class _SelfAttention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        attn_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, h, hd)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, hd)
-        q = apply_rope(self.q_norm(q), *rope)
-        k = apply_rope(self.k_norm(k), *rope)
+        q, k, v = qkv.unbind(2)  # 3 x (B, N, h, hd)
+        # qk-norm and RoPE in float32 (also under autocast), back to the activation dtype for attention
+        q = apply_rope(self.q_norm(q.float()), rope).to(v.dtype)
+        k = apply_rope(self.k_norm(k.float()), rope).to(v.dtype)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # 3 x (B, h, N, hd)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, hd)
         out = out.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
         return self.proj(out)
@@ -92,11 +89,12 @@ class _CrossAttention(nn.Module):
         q = self.q(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, N, hd)
         kv = self.kv(text).view(B, L, 2, self.num_heads, self.head_dim)  # (B, L, 2, h, hd)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, h, L, hd)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
+        if text_keep is not None:
+            # rows without any real text token attend to zero values, so their output is 0 (L is small: cheap)
+            v = v * text_keep.to(v.dtype)  # (B, h, L, hd)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=text_mask)  # (B, h, N, hd)
         out = out.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
-        if text_keep is not None:  # rows without any real text token attend "a zero token": output 0
-            out = out * text_keep
         return self.proj(out)
 
 
@@ -120,18 +118,19 @@ class _Block(nn.Module):
         x: torch.Tensor,
         c: torch.Tensor,
         text: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: torch.Tensor,
         attn_mask: torch.Tensor | None,
         text_mask: torch.Tensor | None,
         text_keep: torch.Tensor | None,
     ) -> torch.Tensor:
         mod = self.adaLN_modulation(c).chunk(9, dim=-1)  # 9 x (B, D)
         sh_sa, sc_sa, g_sa, sh_ca, sc_ca, g_ca, sh_mlp, sc_mlp, g_mlp = mod
-        x = x + g_sa[:, None] * self.attn(_modulate(self.norm1(x), sh_sa, sc_sa), rope, attn_mask)
-        x = x + g_ca[:, None] * self.cross_attn(
-            _modulate(self.norm2(x), sh_ca, sc_ca), text, text_mask, text_keep
-        )
-        x = x + g_mlp[:, None] * self.mlp(_modulate(self.norm3(x), sh_mlp, sc_mlp))
+        # x + gate * f(modulate(norm(x))), the gate as one fused addcmul
+        attn = self.attn(_modulate(self.norm1(x), sh_sa, sc_sa), rope, attn_mask)
+        x = torch.addcmul(x, g_sa[:, None], attn)
+        cross = self.cross_attn(_modulate(self.norm2(x), sh_ca, sc_ca), text, text_mask, text_keep)
+        x = torch.addcmul(x, g_ca[:, None], cross)
+        x = torch.addcmul(x, g_mlp[:, None], self.mlp(_modulate(self.norm3(x), sh_mlp, sc_mlp)))
         return x  # (B, N, D)
 
 
@@ -213,7 +212,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
         self.rope_theta = rope_theta
         self.timestep_scale = timestep_scale
         self.frequency_embedding_size = frequency_embedding_size
-        rope_angles(torch.zeros(1, 3), self.head_dim)  # validates head_dim for 3D RoPE early
+        rope_axes_dims(self.head_dim)  # validates head_dim for 3D RoPE early
         pt, ph, pw = self.patch
 
         self.patch_embed = nn.Linear(in_channels * pt * ph * pw, hidden_size)
@@ -325,14 +324,14 @@ class VideoDiT(ModelMixin, ConfigMixin):
         h = self.patch_embed(patches)  # (B, N, D)
         N = h.shape[1]
 
-        # 2. 3D RoPE angles, shared by all blocks: (N, hd) or (B, N, hd)
+        # 2. 3D RoPE rotations, shared by all blocks: complex (N, hd/2) or (B, N, hd/2)
         if positions is None:
             positions = grid_positions(*grid, device=x.device)  # (N, 3)
         elif positions.shape[-2:] != (N, 3):
             raise ValueError(
                 f"positions must be (N, 3) or (B, N, 3) with N={N}, got {tuple(positions.shape)}"
             )
-        rope = rope_angles(positions, self.head_dim, self.rope_theta)
+        rope = rope_freqs(positions, self.head_dim, self.rope_theta)
 
         # 3. timestep conditioning: (B,) -> (B, D)
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(B)
@@ -346,7 +345,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
             text_mask = text_mask.to(device=x.device, dtype=torch.bool)
             has_text = text_mask.any(dim=-1, keepdim=True)  # (B, 1)
             sdpa_text_mask = (text_mask | ~has_text)[:, None, None, :]  # (B, 1, 1, L), never an empty row
-            text_keep = has_text.to(dtype)[:, :, None]  # (B, 1, 1)
+            text_keep = has_text.to(dtype)[:, :, None, None]  # (B, 1, 1, 1)
         self_mask = self._prepare_attn_mask(attn_mask, B, N, dtype)
 
         # 5. transformer blocks: (B, N, D) -> (B, N, D)

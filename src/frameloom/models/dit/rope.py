@@ -11,14 +11,14 @@ Positions are float so that callers may pass fractional coordinates (e.g. Pyrami
 spatial positions of low-resolution history onto the current grid); by default they are the integer grid
 coordinates ``(t, h, w)`` of each patch, in row-major (t, h, w) token order.
 
-Channel pairing is "rotate-half": channel ``i`` is paired with channel ``i + head_dim / 2``.
+Channel pairing is interleaved: channels ``(2i, 2i + 1)`` are rotated together, as one complex number.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["apply_rope", "grid_positions", "rope_angles", "rope_axes_dims"]
+__all__ = ["apply_rope", "grid_positions", "rope_angles", "rope_axes_dims", "rope_freqs"]
 
 
 def rope_axes_dims(head_dim: int) -> tuple[int, int, int]:
@@ -56,10 +56,8 @@ def _inv_freq(dim: int, theta: float, device: torch.device | None) -> torch.Tens
     return theta ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
 
 
-def rope_angles(
-    positions: torch.Tensor, head_dim: int, theta: float = 10000.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosines and sines of the rotation angles for 3D positions.
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Rotation angles of 3D positions, one per channel pair.
 
     Args:
         positions: ``(..., N, 3)`` float (t, h, w) coordinates; integer grid positions or fractional ones.
@@ -67,8 +65,8 @@ def rope_angles(
         theta: RoPE base.
 
     Returns:
-        ``(cos, sin)``, each ``(..., N, head_dim)`` float32, laid out for rotate-half pairing
-        (the ``head_dim / 2`` angles repeated twice).
+        ``(..., N, head_dim / 2)`` float32: the first ``d_t / 2`` pairs rotate with ``t``, the next
+        ``d_h / 2`` with ``h``, the last ``d_w / 2`` with ``w``.
     """
     if positions.shape[-1] != 3:
         raise ValueError(f"positions must end in 3 coordinates (t, h, w), got shape {tuple(positions.shape)}")
@@ -77,20 +75,22 @@ def rope_angles(
     for axis, dim in enumerate(rope_axes_dims(head_dim)):
         inv = _inv_freq(dim, theta, pos.device)  # (dim/2,)
         parts.append(pos[..., axis : axis + 1] * inv)  # (..., N, dim/2)
-    angles = torch.cat(parts, dim=-1)  # (..., N, head_dim/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (..., N, head_dim)
-    return angles.cos(), angles.sin()
+    return torch.cat(parts, dim=-1)  # (..., N, head_dim/2)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (``(B, heads, N, head_dim)``) by the angles from :func:`rope_angles`.
+def rope_freqs(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Unit complex rotations ``exp(i * angle)`` for :func:`apply_rope`, complex64 ``(..., N, hd / 2)``."""
+    angles = rope_angles(positions, head_dim, theta)
+    return torch.polar(torch.ones_like(angles), angles)
 
-    ``cos``/``sin`` are ``(N, head_dim)`` or ``(B, N, head_dim)``; computed in float32, returned in
-    ``x.dtype``.
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``(B, N, heads, head_dim)`` by the complex rotations ``freqs`` from :func:`rope_freqs`.
+
+    ``freqs`` is ``(N, head_dim / 2)`` (shared by the batch) or ``(B, N, head_dim / 2)``. Channels
+    ``(2i, 2i + 1)`` form the ``i``-th complex number (one complex multiply: fastest on CPU and GPU). Computed
+    in float32, returned in ``x.dtype``.
     """
-    if cos.dim() == 3:  # (B, N, D) -> (B, 1, N, D), broadcast over heads
-        cos, sin = cos[:, None], sin[:, None]
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)  # rotate_half
-    return (xf * cos + rotated * sin).to(x.dtype)
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, N, heads, head_dim/2)
+    out = torch.view_as_real(xc * freqs.unsqueeze(-2))  # (B, N, heads, head_dim/2, 2)
+    return out.flatten(-2).to(x.dtype)  # (B, N, heads, head_dim)

@@ -1,0 +1,320 @@
+"""The synthetic captioned video set, its H.264 writer, and the analytic prompt-adherence scorer."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from frameloom.data import synthetic as S
+from frameloom.data.manifest import read_manifest
+from frameloom.errors import FrameloomError
+from frameloom.sampling.video_io import read_mp4, to_uint8, write_mp4
+
+H, W, T = 32, 32, 16
+
+
+def _render(combo: S.Combo, key: int, *, height: int = H, width: int = W, num_frames: int = T) -> np.ndarray:
+    rng = np.random.default_rng([123, key])
+    return S.render_clip(*combo, height=height, width=width, num_frames=num_frames, rng=rng)
+
+
+def _as_model_output(frames: np.ndarray) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (3, T, H, W) float in [-1, 1], the layout a pixel-space sampler returns."""
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+
+
+def _blur(videos: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur over H and W, then [1, 2, 1] / 4 over time, of (N, 3, T, H, W): a small model's softness.
+
+    One batched call for all videos: many small torch calls are slow on a busy machine.
+    """
+    n, c, t, h, w = videos.shape
+    k = int(2 * np.ceil(2 * sigma) + 1)
+    x = torch.arange(k, dtype=torch.float32) - k // 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    y = videos.reshape(n * c * t, 1, h, w)
+    y = F.conv2d(F.pad(y, (k // 2, k // 2, 0, 0), mode="replicate"), g.view(1, 1, 1, k))
+    y = F.conv2d(F.pad(y, (0, 0, k // 2, k // 2), mode="replicate"), g.view(1, 1, k, 1))
+    y = y.reshape(n * c, t, h * w).transpose(1, 2).reshape(-1, 1, t)  # (N*C*H*W, 1, T)
+    y = F.conv1d(F.pad(y, (1, 1), mode="replicate"), torch.tensor([[[0.25, 0.5, 0.25]]]))
+    return y.reshape(n * c, h * w, t).transpose(1, 2).reshape(n, c, t, h, w)
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted((folder / "videos").glob("*.mp4")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    h.update((folder / "captions.csv").read_bytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------- vocabulary, captions
+
+
+def test_vocabulary_sizes():
+    assert len(S.COLORS) >= 6 and len(S.SHAPES) >= 3
+    assert {"red", "green", "blue", "yellow", "magenta", "cyan"} <= set(S.COLORS)
+    assert {"square", "circle", "triangle"} <= set(S.SHAPES)
+    assert set(S.DIRECTIONS) == {"left", "right", "up", "down"}
+
+
+def test_caption_round_trip():
+    assert S.caption("red", "square", "left") == "a red square moving left"
+    for combo in S.all_combos():
+        assert S.parse_caption(S.caption(*combo)) == combo
+    assert S.parse_caption("A Cyan Diamond, moving UP.") == ("cyan", "diamond", "up")
+
+
+@pytest.mark.parametrize("text", ["a red square", "a red blue square moving left", "something else"])
+def test_parse_caption_rejects_missing_or_ambiguous(text):
+    with pytest.raises(FrameloomError):
+        S.parse_caption(text)
+
+
+def test_unknown_attribute_is_a_clear_error():
+    with pytest.raises(FrameloomError, match="unknown color 'orange'"):
+        S.caption("orange", "square", "left")
+
+
+# ---------------------------------------------------------------------------------------------------- split
+
+
+def test_split_guarantee():
+    train, held = S.split_combos(held_out=32, seed=0)
+    assert len(held) == 32 and len(train) == len(S.all_combos()) - 32
+    assert not set(train) & set(held)
+    assert sorted(train + held) == sorted(S.all_combos())
+    seen_cd = {(c, d) for c, _, d in train}
+    seen_sd = {(s, d) for _, s, d in train}
+    seen_cs = {(c, s) for c, s, _ in train}
+    assert seen_cd == set(itertools.product(S.COLORS, S.DIRECTIONS))
+    assert seen_sd == set(itertools.product(S.SHAPES, S.DIRECTIONS))
+    assert seen_cs == set(itertools.product(S.COLORS, S.SHAPES))
+    # Held-out prompts exercise every colour and direction (so the held-out score covers the whole vocab).
+    assert {c for c, _, _ in held} == set(S.COLORS)
+    assert {d for _, _, d in held} == set(S.DIRECTIONS)
+
+
+def test_split_is_deterministic_and_seeded():
+    assert S.split_combos(32, seed=0) == S.split_combos(32, seed=0)
+    assert S.split_combos(32, seed=0)[1] != S.split_combos(32, seed=1)[1]
+    assert S.split_combos(0)[1] == []
+
+
+def test_split_too_many_is_a_clear_error():
+    with pytest.raises(FrameloomError):
+        S.split_combos(held_out=len(S.all_combos()) - 1)
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+
+
+def test_render_is_deterministic():
+    a = _render(("red", "circle", "left"), 1)
+    assert a.shape == (T, H, W, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, _render(("red", "circle", "left"), 1))
+    assert not np.array_equal(a, _render(("red", "circle", "left"), 2))
+
+
+@pytest.mark.parametrize("shape", S.SHAPES)
+@pytest.mark.parametrize("direction", S.DIRECTIONS)
+def test_render_moves_inside_the_frame(shape, direction):
+    frames = _render(("green", shape, direction), 7)
+    mask = frames.any(axis=-1)  # (T, H, W)
+    area = mask.sum(axis=(1, 2))
+    # Fully inside: the area never shrinks at the border (rasterisation makes it vary by a row at most).
+    assert area.min() >= 0.7 * area.max()
+    extent = max(np.ptp(np.nonzero(mask[0])[0]), np.ptp(np.nonzero(mask[0])[1])) + 1  # bounding box side
+    assert 0.25 * H <= extent <= 0.5 * H
+    assert not (mask[:, 0].any() and mask[:, -1].any()) and not (mask[:, :, 0].any() and mask[:, :, -1].any())
+    ys, xs = np.arange(H) + 0.5, np.arange(W) + 0.5
+    cx = (mask.sum(axis=1) * xs).sum(axis=1) / area
+    cy = (mask.sum(axis=2) * ys).sum(axis=1) / area
+    dx, dy = cx[-1] - cx[0], cy[-1] - cy[0]
+    expected = {"left": (dx < -4, abs(dy) < 1), "right": (dx > 4, abs(dy) < 1)}
+    expected |= {"up": (dy < -4, abs(dx) < 1), "down": (dy > 4, abs(dx) < 1)}
+    assert all(expected[direction])
+    # Only background and the object's colour appear.
+    colours = {tuple(c) for c in frames.reshape(-1, 3)}
+    assert colours == {S.BACKGROUND, S.COLORS["green"]}
+
+
+# ---------------------------------------------------------------------------------------------- mp4 writing
+
+
+def test_to_uint8():
+    x = torch.tensor([-1.5, -1.0, 0.0, 0.999, 1.0, 2.0])
+    assert to_uint8(x).tolist() == [0, 0, 128, 255, 255, 255]  # 127.5 rounds half to even: 128
+    u = torch.tensor([3, 200], dtype=torch.uint8)
+    assert to_uint8(u) is u
+
+
+def test_write_mp4_float_and_odd_sizes(tmp_path):
+    frames = _render(("yellow", "triangle", "down"), 3, height=15, width=21, num_frames=5)
+    video = _as_model_output(frames)  # (3, 5, 15, 21) float
+    path = write_mp4(video, tmp_path / "a" / "x.mp4", fps=12)
+    assert path == tmp_path / "a" / "x.mp4"
+    assert [p.name for p in path.parent.iterdir()] == ["x.mp4"]  # no temporary left behind
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264" and stream.codec_context.pix_fmt == "yuv420p"
+        assert float(stream.average_rate) == 12
+    decoded = read_mp4(path)
+    assert decoded.shape == (5, 16, 22, 3)  # padded to even sizes
+    err = np.abs(decoded[:, :15, :21].astype(int) - frames.astype(int))
+    assert err.mean() < 6
+    # The padding repeats the edge.
+    assert np.abs(decoded[:, 15].astype(int) - decoded[:, 14].astype(int)).mean() < 6
+
+
+def test_write_mp4_rejects_bad_input(tmp_path):
+    with pytest.raises(FrameloomError):
+        write_mp4(torch.zeros(4, 2, 8, 8), tmp_path / "x.mp4", fps=8)
+    with pytest.raises(FrameloomError):
+        write_mp4(np.zeros((2, 8, 8, 3), np.float32), tmp_path / "x.mp4", fps=8)
+    assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------- the dataset
+
+
+@pytest.fixture(scope="module")
+def synthetic_set(tmp_path_factory) -> Path:
+    return S.write_synthetic_set(tmp_path_factory.mktemp("syn") / "set", num_clips=24, seed=3)
+
+
+def test_set_layout_captions_and_manifest(synthetic_set):
+    out = synthetic_set
+    with open(out / "captions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["path", "text", "color", "shape", "direction"]
+    assert len(rows) == 24
+    train = S.split_combos()[0]
+    for i, row in enumerate(rows):
+        combo = (row["color"], row["shape"], row["direction"])
+        assert combo == train[i % len(train)]
+        assert row["text"] == S.caption(*combo)
+        assert S.parse_caption(row["text"]) == combo
+        assert (out / row["path"]).is_file() and not Path(row["path"]).is_absolute()
+    manifest = read_manifest(out / "manifest.parquet").to_pylist()
+    assert [m["path"] for m in manifest] == [r["path"] for r in rows]
+    for m, r in zip(manifest, rows):
+        assert (m["num_frames"], m["height"], m["width"], m["fps"]) == (T, H, W, 8.0)
+        assert (m["text"], m["color"], m["shape"], m["direction"]) == (r["text"], r["color"], r["shape"],
+                                                                      r["direction"])  # fmt: skip
+
+
+def test_every_clip_decodes_to_declared_size(synthetic_set):
+    for m in read_manifest(synthetic_set / "manifest.parquet").to_pylist():
+        with av.open(str(synthetic_set / m["path"])) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        assert len(frames) == m["num_frames"]
+        assert frames[0].shape == (m["height"], m["width"], 3)
+
+
+def test_set_is_deterministic(synthetic_set, tmp_path):
+    again = S.write_synthetic_set(tmp_path / "again", num_clips=24, seed=3, workers=2)
+    assert _digest(again) == _digest(synthetic_set)  # same bytes, also when encoded in worker processes
+    other = S.write_synthetic_set(tmp_path / "other", num_clips=24, seed=4)
+    assert _digest(other) != _digest(synthetic_set)
+    first = read_mp4(other / "videos" / "000000.mp4")
+    assert not np.array_equal(first, read_mp4(synthetic_set / "videos" / "000000.mp4"))
+
+
+def test_set_rejects_odd_sizes(tmp_path):
+    with pytest.raises(FrameloomError, match="even"):
+        S.write_synthetic_set(tmp_path, num_clips=1, height=31)
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+def _labelled(copies: int, **size) -> tuple[list[np.ndarray], list[S.Combo]]:
+    combos = S.all_combos() * copies
+    return [_render(c, i, **size) for i, c in enumerate(combos)], combos
+
+
+def test_scorer_is_exact_on_clean_renders():
+    clips, combos = _labelled(1)
+    for form in (lambda f: f, lambda f: torch.from_numpy(f).permute(3, 0, 1, 2), _as_model_output):
+        result = S.score_prompts([form(f) for f in clips], combos)
+        assert result["n"] == len(combos)
+        assert result["color_accuracy"] == 1.0 and result["direction_accuracy"] == 1.0
+
+
+def test_scorer_is_exact_through_h264(tmp_path):
+    clips, combos = _labelled(1)
+    paths = [write_mp4(f, tmp_path / f"{i}.mp4", fps=8) for i, f in enumerate(clips)]
+    result = S.score_prompts(paths, [S.caption(*c) for c in combos])  # paths and caption strings
+    assert result["color_accuracy"] == 1.0 and result["direction_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("size", "degrade"),
+    [
+        ((32, 32, 16), "noise"),
+        ((32, 32, 16), "blur"),
+        ((32, 32, 16), "blur+noise"),
+        ((16, 16, 8), "blur+noise"),
+        ((24, 32, 12), "haze+blur+noise"),
+    ],
+)
+def test_scorer_is_robust_to_noise_and_blur(size, degrade):
+    height, width, num_frames = size
+    clips, combos = _labelled(1, height=height, width=width, num_frames=num_frames)
+    gen = torch.Generator().manual_seed(0)
+    v = torch.stack([_as_model_output(f) for f in clips])  # (N, 3, T, H, W) in [-1, 1]
+    if "haze" in degrade:  # washed-out colours on a grey-ish background
+        v = 0.5 * v + 0.5 * v.mean(dim=1, keepdim=True) + 0.2
+    if "blur" in degrade:
+        v = _blur(v, sigma=1.0 if height <= 16 else 1.5)
+    if "noise" in degrade:  # sigma = 0.15 of the value range [-1, 1]
+        v = v + 0.3 * torch.randn(v.shape, generator=gen)
+    videos = list(v)
+    result = S.score_prompts(videos, [{"color": c, "direction": d} for c, _, d in combos])
+    assert result["color_accuracy"] >= 0.95, result["color_accuracy"]
+    assert result["direction_accuracy"] >= 0.95, result["direction_accuracy"]
+
+
+def test_scorer_is_not_constant():
+    clips, combos = _labelled(1)
+    preds = [S.score_video(f) for f in clips]
+    assert {p["color"] for p in preds} == set(S.COLORS)
+    assert {p["direction"] for p in preds} == set(S.DIRECTIONS)
+    # all_combos() varies direction fastest and colour slowest: shifting the labels by one changes every
+    # direction, shifting by a colour block changes every colour. Accuracy against wrong labels is low.
+    n_dir, block = len(S.DIRECTIONS), len(S.SHAPES) * len(S.DIRECTIONS)
+    wrong_dir = combos[1:] + combos[:1]
+    wrong_col = combos[block:] + combos[:block]
+    assert S.score_prompts(clips, wrong_dir)["direction_accuracy"] <= 1 / n_dir
+    assert S.score_prompts(clips, wrong_col)["color_accuracy"] == 0.0
+    # Random labels: about chance, far below the targets.
+    rng = np.random.default_rng(0)
+    shuffled = [combos[i] for i in rng.permutation(len(combos))]
+    result = S.score_prompts(clips, shuffled)
+    assert result["color_accuracy"] < 0.4 and result["direction_accuracy"] < 0.5
+
+
+def test_scorer_gives_no_answer_for_blank_or_static_videos():
+    blank = S.score_video(np.zeros((T, H, W, 3), np.uint8))
+    assert blank["color"] is None and blank["direction"] is None
+    still = np.repeat(_render(("blue", "square", "left"), 0)[:1], T, axis=0)
+    result = S.score_video(still)
+    assert result["color"] == "blue" and result["direction"] is None
+
+
+def test_score_prompts_checks_lengths():
+    with pytest.raises(FrameloomError):
+        S.score_prompts([np.zeros((2, 8, 8, 3), np.uint8)], [])
+    with pytest.raises(FrameloomError):
+        S.score_prompts([], [])
