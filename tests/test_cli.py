@@ -11,7 +11,9 @@ COMMANDS = ["quickstart", "prepare", "inspect", "convert", "cache", "train", "sa
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "frameloom", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "frameloom", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_help_lists_every_command():
@@ -47,7 +49,10 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("optim: {lrr: 1}\n")
     assert main(["train", str(cfg)]) == 2
-    assert capsys.readouterr().err.strip() == "frameloom train: error: unknown key optim.lrr; did you mean optim.lr?"
+    assert (
+        capsys.readouterr().err.strip()
+        == "frameloom train: error: unknown key optim.lrr; did you mean optim.lr?"
+    )
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
     assert main(["train", str(cfg.with_name("ok.yaml"))]) == 2

@@ -34,12 +34,16 @@ def test_delete_replaces_mapping():
     base = {"model": {"config": {"depth": 4, "hidden_size": 64}}}
     top = {"model": {"config": {"_delete_": True, "depth": 2}}}
     assert deep_merge(base, top) == {"model": {"config": {"depth": 2}}}
-    assert deep_merge(base, {"model": {"config": {"depth": 2}}}) == {"model": {"config": {"depth": 2, "hidden_size": 64}}}
+    assert deep_merge(base, {"model": {"config": {"depth": 2}}}) == {
+        "model": {"config": {"depth": 2, "hidden_size": 64}}
+    }
 
 
 def test_delete_in_yaml_file(tmp_path):
     write(tmp_path / "a.yaml", "model: {config: {depth: 4, hidden_size: 64}}\n")
-    cfg = load_config(write(tmp_path / "b.yaml", "_base_: a.yaml\nmodel: {config: {_delete_: true, depth: 2}}\n"))
+    cfg = load_config(
+        write(tmp_path / "b.yaml", "_base_: a.yaml\nmodel: {config: {_delete_: true, depth: 2}}\n")
+    )
     assert cfg.model.config == {"depth": 2}
 
 
@@ -110,7 +114,9 @@ def test_bad_override_syntax():
 
 
 def test_round_trip_is_identical(tmp_path):
-    cfg = load_config(None, ["seed=3", "model.config={depth: 2, patch_size: [1, 2, 2]}", "validation.prompts=[a, b]"])
+    cfg = load_config(
+        None, ["seed=3", "model.config={depth: 2, patch_size: [1, 2, 2]}", "validation.prompts=[a, b]"]
+    )
     path = tmp_path / "resolved.yaml"
     dump_yaml(cfg, path)
     assert load_config(path) == cfg

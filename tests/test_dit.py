@@ -282,3 +282,69 @@ def test_bf16_autocast_forward_backward() -> None:
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     out.float().pow(2).mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_pooled_text_changes_conditioning_and_ignores_padding():
+    torch.manual_seed(0)
+    model = VideoDiT(
+        in_channels=3,
+        patch_size=(1, 2, 2),
+        hidden_size=32,
+        depth=1,
+        num_heads=2,
+        text_dim=8,
+        pooled_text=True,
+    )
+    for p in model.parameters():  # leave adaLN-Zero init so the output depends on the conditioning
+        torch.nn.init.normal_(p, std=0.2)
+    x, t = torch.randn(1, 3, 2, 4, 4), torch.tensor([0.5])
+    text = torch.randn(1, 3, 8)
+    mask = torch.tensor([[True, True, False]])
+    padded = torch.cat([text[:, :2], 100 * torch.randn(1, 1, 8)], dim=1)  # garbage in the padded slot
+    assert torch.allclose(model(x, t, text, mask), model(x, t, padded, mask), atol=1e-5)
+    plain = VideoDiT(in_channels=3, patch_size=(1, 2, 2), hidden_size=32, depth=1, num_heads=2, text_dim=8)
+    assert not hasattr(plain, "pooled_proj") or plain.pooled_proj is None
+
+
+def test_sincos_embedding_hand_values():
+    from frameloom.models.dit.rope import sincos_embedding
+
+    emb = sincos_embedding(torch.tensor([[1.0, 2.0, 3.0]]), 8)  # split (t, h, w) = (2, 2, 4)
+    s, c = math.sin, math.cos
+    expected = [s(1), c(1), s(2), c(2), s(3), s(0.03), c(3), c(0.03)]
+    assert torch.allclose(emb[0], torch.tensor(expected), atol=1e-6)
+
+
+def test_absolute_pos_embed_is_added_to_patch_embeddings():
+    torch.manual_seed(0)
+    kwargs = dict(in_channels=3, patch_size=(1, 2, 2), hidden_size=32, depth=1, num_heads=2, text_dim=8)
+    with_abs = VideoDiT(**kwargs, absolute_pos_embed=True)
+    plain = VideoDiT(**kwargs)
+    for p in with_abs.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    plain.load_state_dict(with_abs.state_dict())  # no extra parameters: the embedding is fixed
+    x, t, text = torch.randn(1, 3, 3, 4, 4), torch.tensor([0.9]), torch.randn(1, 2, 8)
+    assert not torch.allclose(with_abs(x, t, text), plain(x, t, text))
+    # the fixed embedding differs between frames at the same spatial place
+    from frameloom.models.dit.rope import grid_positions, sincos_embedding
+
+    emb = sincos_embedding(grid_positions(3, 2, 2), 32)
+    assert emb.shape == (12, 32) and not torch.allclose(emb[0], emb[4])  # frame 0 vs frame 1, same place
+
+
+def test_velocity_skip_starts_as_t_times_input():
+    """adaLN-Zero makes F(x) = 0 at init, so the skip model's first output is exactly t * x."""
+    model = VideoDiT(
+        in_channels=3,
+        patch_size=(1, 2, 2),
+        hidden_size=32,
+        depth=1,
+        num_heads=2,
+        text_dim=8,
+        velocity_skip=True,
+    )
+    x, t = torch.randn(2, 3, 2, 4, 4), torch.tensor([0.25, 0.75])
+    out = model(x, t, torch.randn(2, 3, 8))
+    assert torch.equal(out, t.view(2, 1, 1, 1, 1) * x)
+    with pytest.raises(ValueError, match="velocity_skip"):
+        VideoDiT(in_channels=3, out_channels=6, hidden_size=32, depth=1, num_heads=2, velocity_skip=True)

@@ -19,24 +19,7 @@ from frameloom.data import synthetic
 from frameloom.pipeline import run_cache
 from frameloom.train.metrics import read_metrics
 from frameloom.train.trainer import Trainer, train
-
-TINY = [
-    "data.num_frames=4",
-    "data.height=8",
-    "data.width=8",
-    "model.text_encoder=tiny-byt5",
-    "model.text_max_length=16",
-    "model.config={patch_size: [1, 4, 4], hidden_size: 32, depth: 2, num_heads: 2}",
-    "train.batch_size=4",
-    "train.progress=false",
-    "logging.tensorboard=false",
-    "optim.lr=1e-3",
-    "optim.warmup_steps=2",
-    "optim.schedule=constant",  # a cosine schedule depends on train.steps, which these tests change
-    "checkpoint.every=3",
-    "checkpoint.keep_last=0",
-    "sample.steps=2",
-]
+from tiny import TINY
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +39,9 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_loss_falls(dataset, tmp_path):
-    cfg = config(dataset, tmp_path / "run", "train.steps=60", "checkpoint.every=0", "objective.caption_dropout=0")
+    cfg = config(
+        dataset, tmp_path / "run", "train.steps=60", "checkpoint.every=0", "objective.caption_dropout=0"
+    )
     run_cache(cfg, progress=False)
     result = train(cfg)
     first, last = sum(result.losses[:8]) / 8, sum(result.losses[-8:]) / 8
@@ -148,7 +133,13 @@ def test_sigterm_writes_resumable_checkpoint(dataset, tmp_path):
     run = tmp_path / "run"
 
     def overrides(run_dir: Path, steps: int) -> list[str]:
-        return [*TINY, f"data.manifest={dataset}", f"run_dir={run_dir}", f"train.steps={steps}", "checkpoint.every=1000"]
+        return [
+            *TINY,
+            f"data.manifest={dataset}",
+            f"run_dir={run_dir}",
+            f"train.steps={steps}",
+            "checkpoint.every=1000",
+        ]
 
     args = overrides(run, 400)
     cfg_file = tmp_path / "c.yaml"
@@ -176,3 +167,19 @@ def test_sigterm_writes_resumable_checkpoint(dataset, tmp_path):
     assert resumed.step == stopped_at + 2 and len(resumed.losses) == 2
     reference = train(load_config(None, overrides(tmp_path / "ref", stopped_at + 2)))
     assert reference.losses[-2:] == resumed.losses
+
+
+def test_validation_samples_are_written(dataset, tmp_path):
+    run = tmp_path / "run"
+    train(
+        config(
+            dataset,
+            run,
+            "train.steps=4",
+            "validation.every=2",
+            "validation.prompts=[a red square moving left]",
+        )
+    )
+    for step in (2, 4):
+        files = list((run / "samples" / f"step-{step:08d}").glob("*.mp4"))
+        assert len(files) == 1 and files[0].stat().st_size > 0

@@ -33,11 +33,15 @@ def _cmd_prepare(args: argparse.Namespace, _: list[str]) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace, _: list[str]) -> int:
-    raise NotImplementedYet("frameloom inspect is not implemented yet (it arrives with the dialects issue, #4)")
+    raise NotImplementedYet(
+        "frameloom inspect is not implemented yet (it arrives with the dialects issue, #4)"
+    )
 
 
 def _cmd_convert(args: argparse.Namespace, _: list[str]) -> int:
-    raise NotImplementedYet("frameloom convert is not implemented yet (it arrives with the dialects issue, #4)")
+    raise NotImplementedYet(
+        "frameloom convert is not implemented yet (it arrives with the dialects issue, #4)"
+    )
 
 
 def _cmd_cache(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -126,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config whose bucket policy to apply")
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("convert", help="write a manifest in a seed system's dialect", description="(issue #4)")
+    p = sub.add_parser(
+        "convert", help="write a manifest in a seed system's dialect", description="(issue #4)"
+    )
     p.add_argument("manifest", help="manifest file")
     p.add_argument("--to", required=True, help="target dialect")
     p.add_argument("--out", required=True, help="output path")
@@ -161,8 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="latest", help="checkpoint folder or 'latest' (default)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: config sample.steps)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: sample.guidance)")
-    p.add_argument("--seed", type=int, nargs="+", default=None, help="one or more seeds (default: sample.seed)")
-    p.add_argument("--negative-prompt", default=None, help="negative prompt (default: sample.negative_prompt)")
+    p.add_argument(
+        "--seed", type=int, nargs="+", default=None, help="one or more seeds (default: sample.seed)"
+    )
+    p.add_argument(
+        "--negative-prompt", default=None, help="negative prompt (default: sample.negative_prompt)"
+    )
     p.set_defaults(func=_cmd_sample, takes_overrides=True)
 
     p = sub.add_parser("export", help="write weights other tools load", description="(issues #5/#6)")

@@ -88,7 +88,9 @@ def text_encoder_dir(cfg: Config) -> Path:
 def load_text_encoder(cfg: Config, device: torch.device | str = "cpu"):
     from frameloom.models.text import T5TextEncoder
 
-    return T5TextEncoder.from_pretrained(text_encoder_dir(cfg), max_length=cfg.model.text_max_length).to(device)
+    return T5TextEncoder.from_pretrained(text_encoder_dir(cfg), max_length=cfg.model.text_max_length).to(
+        device
+    )
 
 
 def open_store(cfg: Config):

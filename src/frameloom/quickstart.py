@@ -23,7 +23,9 @@ HELD_OUT = 32
 SAMPLE_SEEDS = (0,)
 
 
-def run_quickstart(out: str | Path = "runs/quickstart", *, overrides: Sequence[str] = (), num_clips: int = NUM_CLIPS) -> int:
+def run_quickstart(
+    out: str | Path = "runs/quickstart", *, overrides: Sequence[str] = (), num_clips: int = NUM_CLIPS
+) -> int:
     from frameloom.config import load_config
     from frameloom.data import synthetic
     from frameloom.data.prepare import prepare
@@ -83,7 +85,10 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, overrides: Sequence[s
     from frameloom.data.video import ClipSpec, decode_clip  # read back what a user would watch
 
     spec = ClipSpec(num_frames=cfg.data.num_frames)
-    videos = [decode_clip({"path": str(p), "num_frames": cfg.data.num_frames, "fps": cfg.sample.fps}, spec) for p in paths]
+    videos = [
+        decode_clip({"path": str(p), "num_frames": cfg.data.num_frames, "fps": cfg.sample.fps}, spec)
+        for p in paths
+    ]
     attrs = [c for c in held_out for _ in SAMPLE_SEEDS]
     scores = synthetic.score_prompts(videos, attrs)
     (out / "scores.json").write_text(json.dumps(scores, indent=1))

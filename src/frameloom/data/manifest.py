@@ -61,8 +61,8 @@ def derived_columns(height: int, width: int) -> dict[str, Any]:
 
 def _list_like(value: Any) -> Any:
     """CSV cells hold lists as JSON text; turn them back into lists."""
-    if isinstance(value, str) and value.startswith("["):
-        return json.loads(value)
+    if isinstance(value, str):
+        return json.loads(value) if value.strip() else None
     return value
 
 
@@ -75,7 +75,9 @@ def _coerce_column(name: str, column: pa.ChunkedArray, want: pa.DataType) -> pa.
     try:
         return column.cast(want)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-        raise ManifestError(f"manifest column {name!r} has type {column.type}, expected {want}: {exc}") from None
+        raise ManifestError(
+            f"manifest column {name!r} has type {column.type}, expected {want}: {exc}"
+        ) from None
 
 
 def validate(table: pa.Table, *, where: str = "manifest") -> pa.Table:
@@ -101,6 +103,9 @@ def from_rows(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
     """Build a validated manifest table from row dicts; ``aspect_ratio``/``resolution`` are derived if absent."""
     rows = [dict(r) for r in rows]
     for r in rows:
+        missing = [c for c in ("path", "num_frames", "height", "width") if c not in r]
+        if missing:
+            raise ManifestError(f"row {r.get('path', '?')}: missing required column(s) {', '.join(missing)}")
         if "aspect_ratio" not in r or "resolution" not in r:
             r.update(derived_columns(r["height"], r["width"]))
     names: list[str] = list(REQUIRED)
@@ -122,7 +127,8 @@ def read_manifest(path: str | os.PathLike) -> pa.Table:
         raise ManifestError(f"manifest not found: {path}")
     try:
         if path.suffix.lower() == ".csv":
-            table = pacsv.read_csv(path)
+            # empty cells are nulls, as pandas writes them (Open-Sora's CSVs come from pandas)
+            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
         else:
             table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:

@@ -16,7 +16,9 @@ import numpy as np
 class ResumableBatchSampler:
     """Yields lists of row indices for this rank; the last incomplete global batch of an epoch is dropped."""
 
-    def __init__(self, num_samples: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, num_samples: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1
+    ):
         if num_samples < batch_size * world_size:
             raise ValueError(
                 f"{num_samples} samples cannot fill one global batch of {batch_size} x {world_size} processes"

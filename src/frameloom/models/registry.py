@@ -19,7 +19,7 @@ from frameloom.errors import FrameloomError
 @dataclass(frozen=True)
 class Family:
     name: str
-    build_denoiser: Callable[[ModelConfig, int], torch.nn.Module]
+    build_denoiser: Callable[[ModelConfig, int, int], torch.nn.Module]
     """(model config, latent channels, text dim) -> trainable denoiser (from `pretrained` or `config`)."""
     load_denoiser: Callable[[str], torch.nn.Module]
     """A saved denoiser directory -> module."""

@@ -14,7 +14,9 @@ class MetricsLogger:
     dropped first, so the file always describes one consistent history.
     """
 
-    def __init__(self, run_dir: str | Path, *, resume_step: int = 0, tensorboard: bool = True, tb_every: int = 10):
+    def __init__(
+        self, run_dir: str | Path, *, resume_step: int = 0, tensorboard: bool = True, tb_every: int = 10
+    ):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_after(resume_step)
@@ -32,7 +34,9 @@ class MetricsLogger:
         if step == 0:
             self.path.unlink()
             return
-        kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        kept = [
+            ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step
+        ]
         self.path.write_text("".join(ln + "\n" for ln in kept))
 
     def log(self, record: dict[str, Any]) -> None:

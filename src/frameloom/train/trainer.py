@@ -153,7 +153,11 @@ class Trainer:
             raise FrameloomError(f"data.use_cache must be auto or never, not {self.cfg.data.use_cache!r}")
         if self.cfg.data.use_cache == "auto":
             cached = CachedClipDataset(
-                manifest, self.spec, self.codec.identity, self.text_encoder.identity, pipeline.open_store(self.cfg)
+                manifest,
+                self.spec,
+                self.codec.identity,
+                self.text_encoder.identity,
+                pipeline.open_store(self.cfg),
             )
             if not cached.missing():
                 return cached, True
@@ -311,10 +315,17 @@ class Trainer:
         dump_yaml(cfg, self.run_dir / "config.resolved.yaml")
         resumed = self.resume()
         logger = MetricsLogger(
-            self.run_dir, resume_step=self.step, tensorboard=cfg.logging.tensorboard, tb_every=cfg.train.log_every
+            self.run_dir,
+            resume_step=self.step,
+            tensorboard=cfg.logging.tensorboard,
+            tb_every=cfg.train.log_every,
         )
         bar = tqdm(
-            total=cfg.train.steps, initial=self.step, disable=not cfg.train.progress, desc="train", unit="step"
+            total=cfg.train.steps,
+            initial=self.step,
+            disable=not cfg.train.progress,
+            desc="train",
+            unit="step",
         )
         if resumed is not None:
             bar.write(f"resumed from {resumed} at step {self.step}")
@@ -360,7 +371,11 @@ class Trainer:
                 if cfg.validation.every and self.step % cfg.validation.every == 0 and cfg.validation.prompts:
                     self.validate()
                 done = self.step >= cfg.train.steps
-                if done or preemption.requested or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+                if (
+                    done
+                    or preemption.requested
+                    or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0)
+                ):
                     last_ckpt = self.save()
                 if preemption.requested and not done:
                     preempted = True

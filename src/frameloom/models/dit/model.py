@@ -18,7 +18,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .rope import apply_rope, grid_positions, rope_axes_dims, rope_freqs
+from .rope import apply_rope, grid_positions, rope_axes_dims, rope_freqs, sincos_embedding
 
 __all__ = ["VideoDiT"]
 
@@ -174,6 +174,18 @@ class VideoDiT(ModelMixin, ConfigMixin):
         norm_eps: epsilon of the LayerNorms/RMSNorms.
         frequency_embedding_size: width of the sinusoidal timestep features.
         timestep_scale: the flow time ``t in [0, 1]`` is multiplied by this before the sinusoidal embedding.
+        pooled_text: also add the masked mean of the projected text tokens to the adaLN conditioning vector
+            (a global text signal beside cross-attention, as SD3 and Flux add a pooled text embedding); it
+            makes global attributes such as color and direction much faster to learn.
+        absolute_pos_embed: add a fixed 3D sine-cosine embedding of each patch's grid position to the patch
+            embeddings (as CogVideoX-2B does), besides RoPE. With RoPE only, a token at high noise cannot tell
+            which frame it is in, so motion that depends on the frame index (a prompt's direction) is slow to
+            learn; the quickstart turns this on.
+        velocity_skip: output ``t * x + F(x)`` instead of ``F(x)`` (needs ``out_channels == in_channels``).
+            Near pure noise the flow velocity ``noise - x0`` is mostly the input itself (``x_t - E[x0]``);
+            the skip carries that part, so the network learns only the data-dependent residual, as EDM's
+            ``c_skip`` preconditioning does (Karras et al., 2022). It makes the high-noise regime, where a
+            video's layout and motion are decided, far quicker to learn.
     """
 
     _supports_gradient_checkpointing = False  # applied from outside (frameloom.parallel)
@@ -195,6 +207,9 @@ class VideoDiT(ModelMixin, ConfigMixin):
         norm_eps: float = 1e-6,
         frequency_embedding_size: int = 256,
         timestep_scale: float = 1000.0,
+        pooled_text: bool = False,
+        absolute_pos_embed: bool = False,
+        velocity_skip: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(patch_size, int):
@@ -212,6 +227,10 @@ class VideoDiT(ModelMixin, ConfigMixin):
         self.rope_theta = rope_theta
         self.timestep_scale = timestep_scale
         self.frequency_embedding_size = frequency_embedding_size
+        self.absolute_pos_embed = absolute_pos_embed
+        self.velocity_skip = velocity_skip
+        if velocity_skip and self.out_channels != in_channels:
+            raise ValueError("velocity_skip needs out_channels == in_channels")
         rope_axes_dims(self.head_dim)  # validates head_dim for 3D RoPE early
         pt, ph, pw = self.patch
 
@@ -221,6 +240,11 @@ class VideoDiT(ModelMixin, ConfigMixin):
         )
         self.text_proj = nn.Sequential(
             nn.Linear(text_dim, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, hidden_size)
+        )
+        self.pooled_proj = (
+            nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+            if pooled_text
+            else None
         )
         self.blocks = nn.ModuleList(
             [_Block(hidden_size, num_heads, mlp_ratio, qk_norm, norm_eps) for _ in range(depth)]
@@ -332,6 +356,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
                 f"positions must be (N, 3) or (B, N, 3) with N={N}, got {tuple(positions.shape)}"
             )
         rope = rope_freqs(positions, self.head_dim, self.rope_theta)
+        if self.absolute_pos_embed:
+            h = h + sincos_embedding(positions, self.hidden_size).to(h.dtype)  # (N or B, N, D) broadcast
 
         # 3. timestep conditioning: (B,) -> (B, D)
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(B)
@@ -347,11 +373,17 @@ class VideoDiT(ModelMixin, ConfigMixin):
             sdpa_text_mask = (text_mask | ~has_text)[:, None, None, :]  # (B, 1, 1, L), never an empty row
             text_keep = has_text.to(dtype)[:, :, None, None]  # (B, 1, 1, 1)
         self_mask = self._prepare_attn_mask(attn_mask, B, N, dtype)
+        if self.pooled_proj is not None:  # masked mean over real tokens: (B, L, D) -> (B, D), added to c
+            weights = torch.ones_like(txt[..., 0]) if text_mask is None else text_mask.to(dtype)  # (B, L)
+            pooled = (txt * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)
+            c = c + self.pooled_proj(pooled)
 
         # 5. transformer blocks: (B, N, D) -> (B, N, D)
         for block in self.blocks:
             h = block(h, c, txt, rope, self_mask, sdpa_text_mask, text_keep)
 
         # 6. final adaLN + projection, unpatchify: (B, N, D) -> (B, N, pt*ph*pw*C_out) -> (B, C_out, T, H, W)
-        out = self.final_layer(h, c)
-        return self.unpatchify(out, grid)
+        out = self.unpatchify(self.final_layer(h, c), grid)
+        if self.velocity_skip:  # EDM-style skip: t * x_t carries the noise part of the velocity
+            out = out + timestep.to(out.dtype).view(B, 1, 1, 1, 1) * x.to(out.dtype)
+        return out

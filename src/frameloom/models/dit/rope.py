@@ -94,3 +94,20 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, N, heads, head_dim/2)
     out = torch.view_as_real(xc * freqs.unsqueeze(-2))  # (B, N, heads, head_dim/2, 2)
     return out.flatten(-2).to(x.dtype)  # (B, N, heads, head_dim)
+
+
+def sincos_embedding(positions: torch.Tensor, dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Fixed absolute 3D sine-cosine position embedding, ``(..., N, 3)`` -> ``(..., N, dim)``.
+
+    The width is split across (t, h, w) like the rotary dims (:func:`rope_axes_dims`); each part holds
+    ``[sin(p * f_i), cos(p * f_i)]`` with ``f_i = theta ** (-2i / part)`` (Transformer sinusoids, applied per
+    axis as in CogVideoX-2B's 3D sincos embedding). RoPE alone only tells a token where others are *relative*
+    to it; a frame that must know it is the first (to start a motion on the correct side) needs this.
+    """
+    pos = positions.to(torch.float32)
+    parts = []
+    for axis, part in enumerate(rope_axes_dims(dim)):
+        inv = _inv_freq(part, theta, pos.device)  # (part/2,)
+        angles = pos[..., axis : axis + 1] * inv  # (..., N, part/2)
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=-1)  # (..., N, dim)
