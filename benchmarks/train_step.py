@@ -57,7 +57,9 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        synthetic.write_synthetic_set(tmp / "data", num_clips=256, height=16, width=16, num_frames=8, progress=False)
+        synthetic.write_synthetic_set(
+            tmp / "data", num_clips=256, height=16, width=16, num_frames=8, progress=False
+        )
         overrides = [
             f"data.manifest={tmp / 'data' / 'manifest.parquet'}",
             f"run_dir={tmp / 'run'}",
@@ -71,7 +73,9 @@ def main() -> None:
 
         # 1. The trainer, end to end (warm-up steps excluded by timing two runs and taking the difference).
         def trainer_seconds(steps: int) -> float:
-            trainer = Trainer(load_config(ROOT / "configs" / "quickstart.yaml", [*overrides, f"train.steps={steps}"]))
+            trainer = Trainer(
+                load_config(ROOT / "configs" / "quickstart.yaml", [*overrides, f"train.steps={steps}"])
+            )
             return trainer.fit().seconds
 
         warm = 5
