@@ -348,3 +348,16 @@ def test_velocity_skip_starts_as_t_times_input():
     assert torch.equal(out, t.view(2, 1, 1, 1, 1) * x)
     with pytest.raises(ValueError, match="velocity_skip"):
         VideoDiT(in_channels=3, out_channels=6, hidden_size=32, depth=1, num_heads=2, velocity_skip=True)
+
+
+def test_positional_conditioning_makes_modulation_per_token():
+    torch.manual_seed(0)
+    kwargs = dict(in_channels=3, patch_size=(1, 2, 2), hidden_size=32, depth=1, num_heads=2, text_dim=8)
+    model = VideoDiT(**kwargs, positional_conditioning=True)
+    x, t, text = torch.randn(1, 3, 2, 4, 4), torch.tensor([0.5]), torch.randn(1, 2, 8)
+    assert torch.equal(model(x, t, text), torch.zeros_like(x))  # adaLN-Zero still starts at zero
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    plain = VideoDiT(**kwargs)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("pos_cond")})
+    assert not torch.allclose(model(x, t, text), plain(x, t, text))

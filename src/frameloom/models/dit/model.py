@@ -24,8 +24,8 @@ __all__ = ["VideoDiT"]
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation ``x * (1 + scale) + shift``, per-sample ``(B, D)`` shift/scale over ``(B, N, D)``."""
-    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
+    """adaLN modulation ``x * (1 + scale) + shift``; shift/scale ``(B, 1, D)`` (per sample) or ``(B, N, D)``."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -123,14 +123,14 @@ class _Block(nn.Module):
         text_mask: torch.Tensor | None,
         text_keep: torch.Tensor | None,
     ) -> torch.Tensor:
-        mod = self.adaLN_modulation(c).chunk(9, dim=-1)  # 9 x (B, D)
+        mod = self.adaLN_modulation(c).chunk(9, dim=-1)  # 9 x (B, 1 or N, D)
         sh_sa, sc_sa, g_sa, sh_ca, sc_ca, g_ca, sh_mlp, sc_mlp, g_mlp = mod
         # x + gate * f(modulate(norm(x))), the gate as one fused addcmul
         attn = self.attn(_modulate(self.norm1(x), sh_sa, sc_sa), rope, attn_mask)
-        x = torch.addcmul(x, g_sa[:, None], attn)
+        x = torch.addcmul(x, g_sa, attn)
         cross = self.cross_attn(_modulate(self.norm2(x), sh_ca, sc_ca), text, text_mask, text_keep)
-        x = torch.addcmul(x, g_ca[:, None], cross)
-        x = torch.addcmul(x, g_mlp[:, None], self.mlp(_modulate(self.norm3(x), sh_mlp, sc_mlp)))
+        x = torch.addcmul(x, g_ca, cross)
+        x = torch.addcmul(x, g_mlp, self.mlp(_modulate(self.norm3(x), sh_mlp, sc_mlp)))
         return x  # (B, N, D)
 
 
@@ -144,7 +144,7 @@ class _FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, patch_dim)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # 2 x (B, D)
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # 2 x (B, 1 or N, D)
         return self.linear(_modulate(self.norm(x), shift, scale))  # (B, N, patch_dim)
 
 
@@ -186,6 +186,9 @@ class VideoDiT(ModelMixin, ConfigMixin):
             the skip carries that part, so the network learns only the data-dependent residual, as EDM's
             ``c_skip`` preconditioning does (Karras et al., 2022). It makes the high-noise regime, where a
             video's layout and motion are decided, far quicker to learn.
+        positional_conditioning: add a learned projection of each token's 3D sincos position to the adaLN
+            conditioning vector, so shift/scale/gate are per token rather than per sample; lets the network
+            form (prompt x frame x place) interactions directly. Costs one extra adaLN projection per token.
     """
 
     _supports_gradient_checkpointing = False  # applied from outside (frameloom.parallel)
@@ -210,6 +213,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
         pooled_text: bool = False,
         absolute_pos_embed: bool = False,
         velocity_skip: bool = False,
+        positional_conditioning: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(patch_size, int):
@@ -244,6 +248,11 @@ class VideoDiT(ModelMixin, ConfigMixin):
         self.pooled_proj = (
             nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
             if pooled_text
+            else None
+        )
+        self.pos_cond = (
+            nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+            if positional_conditioning
             else None
         )
         self.blocks = nn.ModuleList(
@@ -377,6 +386,10 @@ class VideoDiT(ModelMixin, ConfigMixin):
             weights = torch.ones_like(txt[..., 0]) if text_mask is None else text_mask.to(dtype)  # (B, L)
             pooled = (txt * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)
             c = c + self.pooled_proj(pooled)
+
+        c = c[:, None]  # (B, 1, D): one conditioning vector per sample ...
+        if self.pos_cond is not None:  # ... or per token: (B, N, D)
+            c = c + self.pos_cond(sincos_embedding(positions, self.hidden_size).to(dtype))
 
         # 5. transformer blocks: (B, N, D) -> (B, N, D)
         for block in self.blocks:
