@@ -72,11 +72,12 @@ def run_quickstart(
     print(f"[5/5] sampling {len(held_out)} held-out prompts")
     device = resolve_device(cfg.train.device)
     prompts = [synthetic.caption(*c) for c in held_out]
-    model = load_for_sampling(cfg, "latest", device)
+    codec, text_encoder = load_codec(cfg, device), load_text_encoder(cfg, device)
+    model = load_for_sampling(cfg, "latest", device, codec=codec, text_encoder=text_encoder)
     paths = generate_to_files(
         model,
-        load_text_encoder(cfg, device),
-        load_codec(cfg, device),
+        text_encoder,
+        codec,
         cfg,
         prompts,
         out_dir=out / "samples",

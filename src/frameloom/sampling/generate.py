@@ -115,16 +115,18 @@ def generate_to_files(
     return paths
 
 
-def load_for_sampling(cfg: Config, checkpoint: str | None, device: torch.device) -> torch.nn.Module:
-    """The denoiser of a run with its checkpoint's EMA weights (or raw weights if use_ema is off or absent)."""
+def load_for_sampling(
+    cfg: Config, checkpoint: str | None, device: torch.device, *, codec, text_encoder
+) -> torch.nn.Module:
+    """The denoiser of a run with its checkpoint's EMA weights (or raw weights if use_ema is off or absent).
+
+    `codec` and `text_encoder` are the already-loaded encoders (their sizes shape the denoiser)."""
     from frameloom.models.registry import get_family
 
     path = ckpt.resolve_checkpoint(cfg.run_dir, checkpoint) if checkpoint else None
     if checkpoint and path is None:
         raise FrameloomError(f"no complete checkpoint in {Path(cfg.run_dir) / 'checkpoints'}")
-    codec = pipeline.load_codec(cfg, device)
-    text_dim = pipeline.load_text_encoder(cfg).dim
-    model = get_family(cfg.model.family).build_denoiser(cfg.model, codec.latent_channels, text_dim)
+    model = get_family(cfg.model.family).build_denoiser(cfg.model, codec.latent_channels, text_encoder.dim)
     if path is not None:
         loaded = ckpt.load_checkpoint(path)
         weights = dict(loaded["model"])
@@ -165,7 +167,7 @@ def sample_command(
     if negative_prompt is not None:
         cfg.sample.negative_prompt = negative_prompt
     device = pipeline.resolve_device(cfg.train.device)
-    model = load_for_sampling(cfg, checkpoint, device)
     codec = pipeline.load_codec(cfg, device)
     text_encoder = pipeline.load_text_encoder(cfg, device)
+    model = load_for_sampling(cfg, checkpoint, device, codec=codec, text_encoder=text_encoder)
     return generate_to_files(model, text_encoder, codec, cfg, prompts, out_dir=out, seeds=seeds)
