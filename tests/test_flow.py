@@ -151,3 +151,15 @@ def test_flow_matching_config() -> None:
         os2.sample_t(4)
     with pytest.raises(ValueError):
         FlowMatching(timestep_sampling="cosine")  # type: ignore[arg-type]
+
+
+def test_draw_applies_auto_shift_from_latent_size():
+    """shift='auto' in draw() uses Open-Sora's shift for the latent (T=4, 32x32 -> S=256, a = 1 * sqrt(4) = 2)."""
+    x0 = torch.zeros(3, 2, 4, 32, 32)
+    auto = FlowMatching(timestep_sampling="uniform", shift="auto").draw(x0, torch.Generator().manual_seed(0))
+    raw = torch.rand(3, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(auto.t, 2 * raw / (1 + raw))
+    # x0 = 0: x_t = t * noise and the target is the noise itself.
+    assert torch.allclose(auto.x_t, auto.t.view(3, 1, 1, 1, 1) * auto.noise)
+    assert torch.equal(auto.target, auto.noise)
+    assert FlowMatching().loss(auto.target, auto) == 0

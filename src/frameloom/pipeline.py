@@ -58,7 +58,11 @@ def cache_root(cfg: Config) -> Path:
 
 def load_codec(cfg: Config, device: torch.device | str = "cpu"):
     from frameloom.models.codecs import DiffusersVAECodec, PixelCodec
+    from frameloom.models.registry import get_family
 
+    family = get_family(cfg.model.family)
+    if family.load_codec is not None:
+        return family.load_codec(cfg, torch.device(device))
     if cfg.model.codec == "pixel":
         return PixelCodec()
     path = Path(cfg.model.codec)
@@ -86,8 +90,12 @@ def text_encoder_dir(cfg: Config) -> Path:
 
 
 def load_text_encoder(cfg: Config, device: torch.device | str = "cpu"):
+    from frameloom.models.registry import get_family
     from frameloom.models.text import T5TextEncoder
 
+    family = get_family(cfg.model.family)
+    if family.load_text_encoder is not None:
+        return family.load_text_encoder(cfg, torch.device(device))
     return T5TextEncoder.from_pretrained(text_encoder_dir(cfg), max_length=cfg.model.text_max_length).to(
         device
     )

@@ -1,18 +1,20 @@
 """The one list of model families.
 
 A family bundles the functions the trainer, cache and sampler need (DESIGN.md, "Conventions"): load the
-condition model (text encoder), the latent model (codec), and the denoiser. Later families (cogvideox, wan,
-ltx_video) register here with the same functions.
+condition model (text encoder), the latent model (codec), the denoiser, and its objective. The optional hooks
+default to the generic ones (`model.codec`, `model.text_encoder`, `objective.name`), which the native `dit`
+family uses; families loaded from a diffusers directory supply their own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from frameloom.config.schema import ModelConfig
+from frameloom.config.schema import Config, ModelConfig
 from frameloom.errors import FrameloomError
 
 
@@ -23,6 +25,12 @@ class Family:
     """(model config, latent channels, text dim) -> trainable denoiser (from `pretrained` or `config`)."""
     load_denoiser: Callable[[str], torch.nn.Module]
     """A saved denoiser directory -> module."""
+    load_codec: Callable[[Config, torch.device], Any] | None = None
+    """(config, device) -> frozen latent codec (PixelCodec / DiffusersVAECodec interface); None: generic."""
+    load_text_encoder: Callable[[Config, torch.device], Any] | None = None
+    """(config, device) -> frozen text encoder (T5TextEncoder interface); None: generic."""
+    build_objective: Callable[[Config], Any] | None = None
+    """config -> objective (frameloom.objectives.Objective); None: chosen by `objective.name`."""
 
 
 def _dit() -> Family:

@@ -21,6 +21,8 @@ from typing import Literal
 
 import torch
 
+from frameloom.objectives.base import TrainingInputs
+
 __all__ = [
     "OPENSORA_SIGMA_MIN",
     "FlowMatching",
@@ -241,3 +243,18 @@ class FlowMatching:
         if self.s_min == 0.0:
             return flow_interpolate(x0, noise, t), flow_target(x0, noise)
         return opensora_interpolate(x0, noise, t, self.s_min), opensora_target(x0, noise, self.s_min)
+
+    def draw(self, x0: torch.Tensor, generator: torch.Generator) -> TrainingInputs:
+        """Times (drawn first) and noise (second) from ``generator``, then moved to ``x0``'s device.
+
+        ``shift="auto"`` takes the latent size from ``x0`` ``(B, C, T_lat, H_lat, W_lat)``.
+        """
+        t = self.sample_t(x0.shape[0], generator, latent_size=tuple(x0.shape[2:]))  # (B,)
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device)
+        t, noise = t.to(x0.device), noise.to(x0.device, x0.dtype)
+        x_t, target = self.training_pair(x0, noise, t)
+        return TrainingInputs(x0=x0, noise=noise, x_t=x_t, t=t, target=target)
+
+    def loss(self, pred: torch.Tensor, inputs: TrainingInputs) -> torch.Tensor:
+        """Plain MSE to the velocity target (:func:`flow_loss`)."""
+        return flow_loss(pred, inputs.target)

@@ -27,7 +27,7 @@ from frameloom.config import Config, dump_yaml
 from frameloom.data.sampler import ResumableBatchSampler
 from frameloom.errors import FrameloomError
 from frameloom.models.registry import get_family
-from frameloom.objectives.flow import FlowMatching, caption_dropout_mask, flow_loss
+from frameloom.objectives import build_objective, caption_dropout_mask
 from frameloom.train.ema import EMA
 from frameloom.train.metrics import MetricsLogger
 from frameloom.train.optim import build_optimizer
@@ -102,8 +102,6 @@ class Trainer:
         self.device = pipeline.resolve_device(cfg.train.device)
         self.rank, self.world_size = 0, 1
         self.autocast = self._autocast_dtype()
-        if cfg.objective.name != "flow":
-            raise FrameloomError(f"objective.name {cfg.objective.name!r} arrives with later issues; use flow")
         if cfg.train.steps < 1 or cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
             raise FrameloomError("train.steps, train.batch_size and train.grad_accum must be >= 1")
 
@@ -122,12 +120,7 @@ class Trainer:
         self.model = self.parallelize(self.model)
         self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), cfg.optim, cfg.train.steps)
-        self.objective = FlowMatching(
-            timestep_sampling=cfg.objective.timestep_sampling,
-            logit_mean=cfg.objective.logit_mean,
-            logit_std=cfg.objective.logit_std,
-            shift=cfg.objective.shift,
-        )
+        self.objective = build_objective(cfg)
         self.sampler = ResumableBatchSampler(
             len(self.dataset), cfg.train.batch_size, seed=cfg.seed, rank=self.rank, world_size=self.world_size
         )
@@ -230,17 +223,13 @@ class Trainer:
     def _micro_step(self, batch: dict, micro: int) -> torch.Tensor:
         """Forward + backward of one micro-batch; returns the (unscaled) loss."""
         latent, emb, mask = self._encode(batch)  # (B, C, t, h, w), (B, L, D), (B, L)
-        g = step_generator(self.cfg.seed, self.step, micro, self.rank)
-        b = latent.shape[0]
-        t = self.objective.sample_t(b, g)  # (B,)
-        noise = torch.randn(latent.shape, generator=g)  # drawn on CPU: identical on every device
-        drop = caption_dropout_mask(b, self.cfg.objective.caption_dropout, g)
+        g = step_generator(self.cfg.seed, self.step, micro, self.rank)  # a CPU generator: same draws anywhere
+        inputs = self.objective.draw(latent, g)  # times, noise -> x_t (B, C, t, h, w), target
+        drop = caption_dropout_mask(latent.shape[0], self.cfg.objective.caption_dropout, g)
         emb, mask = self._drop_captions(emb, mask, drop)
-        t, noise = t.to(self.device), noise.to(self.device)
-        x_t, target = self.objective.training_pair(latent, noise, t)
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            pred = self.model(x_t, t, emb, mask)
-        loss = flow_loss(pred, target)
+            pred = self.model(inputs.x_t, inputs.t, emb, mask)
+        loss = self.objective.loss(pred, inputs)
         if torch.isfinite(loss):
             (loss / self.cfg.train.grad_accum).backward()
         return loss.detach()
