@@ -162,10 +162,12 @@ def test_prepare_format_errors(tmp_path, folder):
         prepare(tmp_path / "nope", tmp_path / "m.parquet")
     file = tmp_path / "meta.csv"
     file.write_text("path,text\n")
-    with pytest.raises(FrameloomError, match="dialects issue"):
-        prepare(file, tmp_path / "m.parquet", fmt="auto")
-    with pytest.raises(FrameloomError, match="dialects issue"):
+    assert prepare(file, tmp_path / "m.parquet", fmt="auto", progress=False).fmt == "opensora"  # empty table
+    with pytest.raises(FrameloomError, match="no .parquet shards"):
         prepare(folder, tmp_path / "m.parquet", fmt="opensora")
+    (tmp_path / "notes.md").write_text("hello")
+    with pytest.raises(FrameloomError, match="cannot tell the format"):
+        prepare(tmp_path / "notes.md", tmp_path / "m.parquet", fmt="auto")
     with pytest.raises(FrameloomError, match="unknown format"):
         prepare(folder, tmp_path / "m.parquet", fmt="webdataset")
     with pytest.raises(FrameloomError, match="needs a folder"):

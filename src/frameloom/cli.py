@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from frameloom.errors import FrameloomError, NotImplementedYet
+from frameloom.errors import FrameloomError
 
 OVERRIDES_HELP = (
     "config overrides, as key.sub=value or --key.sub value (e.g. train.steps=100 --optim.lr 3e-4); "
@@ -25,66 +25,121 @@ def _cmd_quickstart(args: argparse.Namespace, _: list[str]) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace, _: list[str]) -> int:
+    from pathlib import Path
+
     from frameloom.data.prepare import prepare
 
-    summary = prepare(args.source, args.out, fmt=args.format, workers=args.workers, progress=not args.quiet)
-    print(summary.line())
+    roots = list(args.allow_root or [])
+    if args.config:
+        from frameloom.config import load_config
+
+        # data.extra_roots given relative in a config file are taken from the file's folder.
+        roots += [str(Path(args.config).parent / r) for r in load_config(args.config).data.extra_roots]
+    summary = prepare(
+        args.source,
+        args.out,
+        fmt=args.format,
+        workers=args.workers,
+        progress=not args.quiet,
+        allow_pickle=args.allow_pickle,
+        extra_roots=roots,
+        trust_metadata=args.trust_metadata,
+    )
+    print(f"{summary.fmt}: {summary.line()}")
     return 0
 
 
-def _cmd_inspect(args: argparse.Namespace, _: list[str]) -> int:
-    raise NotImplementedYet(
-        "frameloom inspect is not implemented yet (it arrives with the dialects issue, #4)"
-    )
+def _cmd_inspect(args: argparse.Namespace, extra: list[str]) -> int:
+    from frameloom.data.inspect import inspect_manifest
+
+    overrides = [*args.overrides, *extra]  # argparse may leave some after the options unparsed
+    cfg = None
+    if args.config is not None or overrides:
+        from frameloom.config import load_config
+
+        cfg = load_config(args.config, overrides)
+    print(inspect_manifest(args.manifest, cfg, out=args.out, epoch=args.epoch).text())
+    return 0
 
 
 def _cmd_convert(args: argparse.Namespace, _: list[str]) -> int:
-    raise NotImplementedYet(
-        "frameloom convert is not implemented yet (it arrives with the dialects issue, #4)"
-    )
+    from frameloom.data.dialects import convert_manifest
 
-
-def _cmd_cache(args: argparse.Namespace, overrides: list[str]) -> int:
-    from frameloom.config import load_config
-    from frameloom.pipeline import run_cache
-
-    report = run_cache(load_config(args.config, overrides))
-    print(report.line())
-    return 0
-
-
-def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from frameloom.config import load_config
-    from frameloom.train.trainer import train
-
-    result = train(load_config(args.config, overrides))
+    result = convert_manifest(args.manifest, args.to, args.out, rows_per_shard=args.rows_per_shard)
     print(result.line())
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace, overrides: list[str]) -> int:
+    from frameloom.cache.builder import merge_reports
+    from frameloom.config import load_config
+    from frameloom.parallel.env import all_gather_objects, destroy_distributed, init_distributed
+    from frameloom.pipeline import resolve_device, run_cache
+
+    cfg = load_config(args.config, overrides)
+    # under torchrun each process encodes rows rank::world; gloo carries the one gather of the reports
+    env = init_distributed(resolve_device(cfg.train.device), backend="gloo")
+    try:
+        report = run_cache(cfg, progress=env.is_main, shard=(env.rank, env.world_size))
+        report = merge_reports(all_gather_objects(report))
+    finally:
+        destroy_distributed()
+    if env.is_main:
+        print(report.line())
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    import os
+
+    from frameloom.config import load_config
+    from frameloom.parallel.env import destroy_distributed
+    from frameloom.train.trainer import train
+
+    try:
+        result = train(load_config(args.config, overrides))  # joins torchrun's process group, if any
+    finally:
+        destroy_distributed()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(result.line())
+    return 0
+
+
 def _cmd_sample(args: argparse.Namespace, overrides: list[str]) -> int:
+    import os
+
+    from frameloom.parallel.env import destroy_distributed
     from frameloom.sampling.generate import sample_command
 
-    paths = sample_command(
-        args.source,
-        prompts=args.prompt,
-        out=args.out,
-        checkpoint=args.checkpoint,
-        steps=args.steps,
-        guidance=args.guidance,
-        seeds=args.seed,
-        negative_prompt=args.negative_prompt,
-        overrides=overrides,
-    )
-    for p in paths:
-        print(p)
+    try:  # under torchrun each process generates its share of the (prompt, seed) pairs
+        paths = sample_command(
+            args.source,
+            prompts=args.prompt,
+            out=args.out,
+            checkpoint=args.checkpoint,
+            steps=args.steps,
+            guidance=args.guidance,
+            seeds=args.seed,
+            negative_prompt=args.negative_prompt,
+            overrides=overrides,
+        )
+    finally:
+        destroy_distributed()
+    if int(os.environ.get("RANK", "0")) == 0:
+        for p in paths:
+            print(p)
     return 0
 
 
 def _cmd_export(args: argparse.Namespace, _: list[str]) -> int:
-    raise NotImplementedYet(
-        "frameloom export is not implemented yet (it arrives with the scale-out and model-family issues, #5/#6)"
+    from frameloom.export import export_run
+
+    paths = export_run(
+        args.run_dir, fmt=args.format, out=args.out, checkpoint=args.checkpoint, comfyui=args.comfyui
     )
+    for p in paths:
+        print(p)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,32 +165,85 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare",
         help="probe a folder or seed dataset file into the canonical manifest",
         description="Reads a folder of videos/images with captions (sidecar .txt, captions.csv or "
-        "captions.jsonl), probes every file, and writes the manifest plus rejected.csv with one reason per "
-        "rejected file.",
+        "captions.jsonl) or a seed system's dataset files (docs/datasets.md), checks that every path stays "
+        "inside its root, probes every file, and writes the manifest plus rejected.csv with one reason per "
+        "rejected entry. Probed values replace the metadata a dataset file gives (see --trust-metadata).",
     )
-    p.add_argument("source", help="a folder of videos, or a seed dataset file")
+    p.add_argument(
+        "source",
+        help="a folder of videos; an Open-Sora .csv/.parquet or shard folder; an Open-Sora-Plan data.txt "
+        "(or one annotation .json); a CogVideoX data root; a Pyramid Flow .jsonl",
+    )
     p.add_argument("--out", required=True, help="manifest to write (.parquet or .csv)")
     p.add_argument(
         "--format",
         default="auto",
         choices=["auto", "folder", "opensora", "opensora-plan", "cogvideox", "pyramid"],
-        help="source dialect (default: auto-detect)",
+        help="source dialect (default: auto-detect from the layout)",
     )
     p.add_argument("--workers", type=int, default=1, help="parallel probe processes (default: 1)")
+    p.add_argument(
+        "--allow-root",
+        action="append",
+        metavar="DIR",
+        help="a folder outside the source's root that entries may point into (repeatable); other paths "
+        "outside the root are rejected as outside_root",
+    )
+    p.add_argument("--config", help="config whose data.extra_roots are allowed as well")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read Open-Sora-Plan pickle annotations; loading a pickle can run arbitrary code, so only for "
+        "files you trust",
+    )
+    p.add_argument(
+        "--trust-metadata",
+        action="store_true",
+        help="do not probe entries whose dataset file gives num_frames, height, width and fps (as the seeds "
+        "do; fast for large, already-measured sets); default: probe every file, the file is the truth",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_prepare)
 
-    p = sub.add_parser("inspect", help="histograms and bucket table of a manifest", description="(issue #4)")
-    p.add_argument("manifest", help="manifest file")
-    p.add_argument("--config", help="config whose bucket policy to apply")
-    p.set_defaults(func=_cmd_inspect)
+    p = sub.add_parser(
+        "inspect",
+        help="histograms and bucket table of a manifest",
+        description="Counts and histograms of duration, fps, resolution and aspect ratio; with a config (or "
+        "overrides such as data.bucket=opensora), the bucket table of its policy for one epoch: samples and "
+        "batches per bucket and rows left out with their reasons. Printed, and drawn into a PNG.",
+    )
+    p.add_argument("manifest", help="manifest file (.parquet or .csv)")
+    p.add_argument("--config", help="YAML config whose bucket policy (data.bucket) to apply")
+    p.add_argument("--out", help="PNG to write (default: MANIFEST_STEM.inspect.png beside the manifest)")
+    p.add_argument("--epoch", type=int, default=0, help="epoch whose bucket decisions to show (default: 0)")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.set_defaults(func=_cmd_inspect, takes_overrides=True)
 
     p = sub.add_parser(
-        "convert", help="write a manifest in a seed system's dialect", description="(issue #4)"
+        "convert",
+        help="write a manifest in a seed system's dialect",
+        description="Writes the manifest's rows in a dataset format (docs/datasets.md); paths are written "
+        "relative to the output's root when the media lie under it, else absolute.",
     )
-    p.add_argument("manifest", help="manifest file")
-    p.add_argument("--to", required=True, help="target dialect")
-    p.add_argument("--out", required=True, help="output path")
+    p.add_argument("manifest", help="manifest file (.parquet or .csv)")
+    p.add_argument(
+        "--to",
+        required=True,
+        choices=["folder", "opensora", "opensora-plan", "cogvideox", "pyramid"],
+        help="target dialect",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output: opensora a .csv/.parquet file or a folder of shards; opensora-plan a data.txt (its "
+        "annotation .json goes beside it); cogvideox and folder a folder; pyramid a .jsonl",
+    )
+    p.add_argument(
+        "--rows-per-shard",
+        type=int,
+        metavar="N",
+        help="opensora: write a folder of Parquet shards of N rows each (default for a folder: 100000)",
+    )
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser(
@@ -175,10 +283,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_sample, takes_overrides=True)
 
-    p = sub.add_parser("export", help="write weights other tools load", description="(issues #5/#6)")
+    p = sub.add_parser(
+        "export",
+        help="write weights other tools load",
+        description="Writes a run's trained weights (EMA when present and sample.use_ema) and verifies them by "
+        "loading them back: lora = pytorch_lora_weights.safetensors for the family pipeline's "
+        "load_lora_weights; diffusers = a complete diffusers directory (a LoRA merged in); safetensors = one "
+        "consolidated model.safetensors. See docs/families.md.",
+    )
     p.add_argument("run_dir", help="run directory")
-    p.add_argument("--checkpoint", default="latest", help="checkpoint folder or 'latest'")
-    p.add_argument("--format", required=True, choices=["diffusers", "lora", "safetensors"])
+    p.add_argument("--checkpoint", default="latest", help="checkpoint folder or 'latest' (default)")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["diffusers", "lora", "safetensors"],
+        help="lora (diffusers LoRA file), diffusers (pipeline directory) or safetensors (one weights file)",
+    )
+    p.add_argument(
+        "--comfyui",
+        action="store_true",
+        help="with --format lora: also write lora_comfyui.safetensors with ComfyUI key names",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_cmd_export)
     return parser

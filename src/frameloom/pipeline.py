@@ -29,15 +29,39 @@ def resolve_device(name: str) -> torch.device:
 
 
 def clip_spec(cfg: Config) -> ClipSpec:
+    """The config's clip spec, checked: one stride rule, speed_factor >= 1, a known temporal crop and frame
+    policy, and a num_frames valid under that policy (docs/datasets.md, "Frame rules")."""
+    from frameloom.data.video import FRAME_POLICIES, TEMPORAL_CROPS, check_length
+
     d = cfg.data
-    if d.frame_stride is not None and d.target_fps is not None:
-        raise FrameloomError("set at most one of data.frame_stride and data.target_fps")
+    strides = [k for k in ("frame_stride", "target_fps", "fps_max") if getattr(d, k) is not None]
+    if len(strides) > 1:
+        raise FrameloomError(
+            f"set at most one of data.frame_stride, data.target_fps and data.fps_max (got {strides})"
+        )
+    if d.speed_factor < 1:
+        raise FrameloomError(f"data.speed_factor must be >= 1, got {d.speed_factor}")
+    if d.temporal_crop not in TEMPORAL_CROPS:
+        raise FrameloomError(
+            f"data.temporal_crop must be one of {', '.join(TEMPORAL_CROPS)}, got {d.temporal_crop!r}"
+        )
+    if d.frame_policy is not None:
+        if d.frame_policy not in FRAME_POLICIES:
+            raise FrameloomError(
+                f"data.frame_policy must be null or one of {', '.join(FRAME_POLICIES)}, got {d.frame_policy!r}"
+            )
+        check_length(d.num_frames, d.frame_policy, cfg.parallel.sp_size)  # ClipError is a FrameloomError
     return ClipSpec(
         num_frames=d.num_frames,
         frame_stride=d.frame_stride,
         target_fps=d.target_fps,
         height=d.height,
         width=d.width,
+        fps_max=d.fps_max,
+        speed_factor=d.speed_factor,
+        temporal_crop=d.temporal_crop,
+        frame_policy=d.frame_policy,
+        sp_size=cfg.parallel.sp_size if d.frame_policy == "opensora_plan" else 1,
     )
 
 
@@ -110,13 +134,14 @@ def open_store(cfg: Config):
 def run_cache(cfg: Config, *, progress: bool = True, shard: tuple[int, int] = (0, 1)):
     """`frameloom cache`: encode every row's clip and caption into the content-keyed store."""
     from frameloom.cache.builder import build_cache
+    from frameloom.parallel.env import main_first
 
     device = resolve_device(cfg.train.device)
     return build_cache(
         manifest_path(cfg),
         spec=clip_spec(cfg),
         codec=load_codec(cfg, device),
-        text_encoder=load_text_encoder(cfg, device),
+        text_encoder=main_first(lambda: load_text_encoder(cfg, device)),  # under torchrun: built by rank 0
         store=open_store(cfg),
         progress=progress,
         shard=shard,
@@ -124,18 +149,80 @@ def run_cache(cfg: Config, *, progress: bool = True, shard: tuple[int, int] = (0
 
 
 class ClipDataset(Dataset):
-    """On-the-fly clips (used when the cache is incomplete): item i -> video float (C, T, H, W) and caption."""
+    """On-the-fly clips (used when the cache is incomplete): item -> video float (C, T, H, W) and caption.
 
-    def __init__(self, manifest: str | Path, spec: ClipSpec):
+    An item is a row index, or a ``SampleRef`` (row, bucket, epoch) from a bucketed sampler: the clip is then
+    decoded at the bucket's shape (``use_buckets``), with the epoch's temporal crop. A row that fails to
+    decode is replaced by ``substitute_index``'s pick from its bucket (a pure function of seed, epoch, row
+    and attempt), logged with its path; the item says ``substituted: 1`` so the trainer can count it.
+    Rows are read one at a time from the columnar manifest (no list of row dicts).
+    """
+
+    MAX_SUBSTITUTES = 8
+
+    def __init__(self, manifest: str | Path, spec: ClipSpec, *, seed: int = 0):
         self.manifest = Path(manifest)
-        self.rows = read_manifest(self.manifest).to_pylist()  # decode_clip reads cut/crop/rotation too
+        self.table = read_manifest(self.manifest)  # decode_clip reads cut/crop/rotation too
         self.spec = spec
         self.root = self.manifest.resolve().parent
+        self.seed = seed
+        self.planner = None  # sampler.EpochPlanner when a bucket policy is active
+
+    def use_buckets(self, planner, *, seed: int) -> None:
+        """Decode at the shapes of ``planner``'s policy (None: every clip at ``spec``); ``seed`` drives the
+        temporal crop and the substitutes."""
+        self.planner = planner
+        self.seed = seed
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.table.num_rows
 
-    def __getitem__(self, i: int) -> dict:
-        row = self.rows[i]
-        video = decode_clip(row, self.spec, root=self.root, output="float")
-        return {"video": video, "text": row["text"] or "", "index": i}
+    def row(self, i: int) -> dict:
+        return self.table.slice(i, 1).to_pylist()[0]
+
+    def _spec(self, row: dict, bucket: int) -> ClipSpec:
+        if self.planner is None or bucket < 0:
+            return self.spec
+        return self.planner.policy.clip_spec(self.spec, row.get("fps"), bucket)
+
+    def _members(self, epoch: int, bucket: int):
+        import numpy as np
+
+        if self.planner is None or bucket < 0:
+            return np.arange(len(self))
+        return self.planner.members(epoch, bucket)
+
+    def __getitem__(self, item) -> dict:
+        import logging
+
+        from frameloom.data.sampler import substitute_index
+        from frameloom.data.video import DecodeError
+
+        index, bucket, epoch = tuple(item) if isinstance(item, tuple) else (int(item), -1, 0)
+        current = index
+        for attempt in range(self.MAX_SUBSTITUTES + 1):
+            row = self.row(current)
+            try:
+                video = decode_clip(
+                    row,
+                    self._spec(row, bucket),
+                    root=self.root,
+                    output="float",
+                    draw=(self.seed, current, epoch),
+                )
+            except DecodeError as exc:
+                replacement = substitute_index(self.seed, epoch, index, attempt, self._members(epoch, bucket))
+                logging.getLogger("frameloom.data").warning(
+                    "sample %d (%s) failed to decode (%s); substituting sample %s",
+                    current,
+                    exc.path,
+                    exc.reason,
+                    replacement,
+                )
+                if replacement is None:
+                    raise
+                current = replacement
+                continue
+            text = row["text"] or ""
+            return {"video": video, "text": text, "index": current, "substituted": int(current != index)}
+        raise DecodeError(str(self.row(index)["path"]), f"it and {self.MAX_SUBSTITUTES} substitutes failed")

@@ -34,7 +34,7 @@ from frameloom.data.video import ClipSpec, DecodeError
 from frameloom.models.codecs import LatentCodec
 from frameloom.models.text import TextEncoder
 
-__all__ = ["CacheReport", "build_cache"]
+__all__ = ["CacheReport", "build_cache", "merge_reports"]
 
 
 @dataclass
@@ -58,6 +58,19 @@ class CacheReport:
             f"cache: {self.encoded} clips encoded, {self.reused} reused, {len(self.failed)} failed; "
             f"{self.text_encoded} captions encoded, {self.text_reused} reused; {self.seconds:.1f}s"
         )
+
+
+def merge_reports(reports: list[CacheReport]) -> CacheReport:
+    """One report for the shards of all processes (counts summed, failures concatenated, slowest time)."""
+    out = CacheReport()
+    for r in reports:
+        out.encoded += r.encoded
+        out.reused += r.reused
+        out.failed.extend(r.failed)
+        out.text_encoded += r.text_encoded
+        out.text_reused += r.text_reused
+        out.seconds = max(out.seconds, r.seconds)
+    return out
 
 
 @dataclass
@@ -188,11 +201,13 @@ def build_cache(
     report.encoded += _flush(pending, codec, store)
     bar.close()
 
-    # 2. Caption embeddings (plus "" once, on rank 0).
+    # 2. Caption embeddings (plus "" once, on rank 0). The empty prompt is encoded in a batch of its own, as the
+    # trainer and sampler encode it: its embedding then does not depend on which captions shared its batch
+    # (ulp-level differences otherwise), so the cache is the same for any number of processes.
     texts = [caption(row) for row in rows]
-    if empty_prompt and rank == 0:
-        texts.append("")
-    _cache_texts(texts, text_encoder, store, batch_size, report, progress)
+    if (empty_prompt and rank == 0) or "" in texts:
+        _cache_texts([""], text_encoder, store, batch_size, report, progress)
+    _cache_texts([t for t in texts if t != ""], text_encoder, store, batch_size, report, progress)
 
     report.seconds = time.perf_counter() - started
     return report

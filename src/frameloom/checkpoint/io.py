@@ -1,10 +1,12 @@
 """Atomic checkpoints: written to a temporary folder, renamed into place only when complete.
 
-Layout of `run_dir/checkpoints/step-NNNNNNNN/`:
+Layout of `run_dir/checkpoints/step-NNNNNNNN/` (meta.json `format: full`, the default):
   model.safetensors   trainable model weights (the denoiser's state_dict)
   ema.safetensors     EMA weights (when EMA is on)
   state.pt            optimizer, LR scheduler, sampler position, RNG states, step and counters
-  meta.json           step and file list, written last
+  meta.json           step, format and file list, written last
+Multi-process runs may write `format: sharded` instead (`dcp/` + `state.pt`, see distributed.py);
+`load_checkpoint` returns whole (consolidated) model and EMA tensors for both.
 
 A kill at any moment leaves either the previous complete checkpoint set or a `.tmp-step-*` folder, which
 `latest_checkpoint` ignores and `cleanup_partial` removes. The rename of a folder is atomic on POSIX file
@@ -18,6 +20,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -140,15 +143,61 @@ def resolve_checkpoint(run_dir: str | Path, which: str | None) -> Path | None:
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint folder: {'model': state_dict, 'ema': state_dict | None, 'state': dict, 'step': int}."""
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's meta.json (`step`, `files`, `format`: `full` when absent)."""
     path = Path(path)
     try:
         meta = json.loads((path / "meta.json").read_text())
-        ema_file = path / "ema.safetensors"
+        int(meta["step"])
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+    meta.setdefault("format", "full")
+    return meta
+
+
+def _load_sharded_tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor] | None:
+    """Whole tensors of one top-level entry (`model`, `ema`) of a torch.distributed.checkpoint folder, read
+    in this process alone (DCP assembles each tensor from the shards of every rank that wrote it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(str(folder))
+    metadata = reader.read_metadata().state_dict_metadata
+    head = prefix + "."
+    out = {
+        key: torch.empty(m.size, dtype=m.properties.dtype)
+        for key, m in metadata.items()
+        if key.startswith(head) and isinstance(m, TensorStorageMetadata)
+    }
+    if not out:
+        return None
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(out, storage_reader=reader, no_dist=True)
+    return {key[len(head) :]: value for key, value in out.items()}
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint folder: {'model': state_dict, 'ema': state_dict | None, 'state': dict, 'step': int}.
+
+    Model and EMA come back whole, also from a sharded checkpoint (for `sample` and `export`); the optimizer
+    of a sharded one stays on disk (resume reads it with `distributed.load_training_checkpoint`)."""
+    path = Path(path)
+    meta = read_meta(path)
+    try:
+        if meta["format"] == "sharded":
+            model = _load_sharded_tensors(path / "dcp", "model")
+            if model is None:
+                raise KeyError("no model tensors in dcp/")
+            ema = _load_sharded_tensors(path / "dcp", "ema")
+        else:
+            ema_file = path / "ema.safetensors"
+            model = load_file(path / "model.safetensors")
+            ema = load_file(ema_file) if ema_file.exists() else None
         return {
-            "model": load_file(path / "model.safetensors"),
-            "ema": load_file(ema_file) if ema_file.exists() else None,
+            "model": model,
+            "ema": ema,
             "state": torch.load(path / "state.pt", weights_only=False),
             "step": int(meta["step"]),
         }

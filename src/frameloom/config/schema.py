@@ -32,6 +32,59 @@ class DataConfig:
     """auto: read the cache when it is complete for this run's spec, else encode on the fly; never: always on the fly."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    # -- frame and caption rules of the seeds, path safety (data/video.py, data/captions.py, docs/datasets.md) --
+    speed_factor: float = 1.0
+    """Open-Sora-Plan speed_factor (>= 1): subsample the strided frames further, by up to this factor."""
+    temporal_crop: str = "start"
+    """`start` (clips begin at the first usable frame) or `random` (a window drawn per seed, sample and epoch)."""
+    frame_policy: str | None = None
+    """Valid clip lengths: null (exactly num_frames), `4k+1`, `8n+1`, `opensora_plan` (>= 29, (n-1) % 4 == 0,
+    latent length divisible by parallel.sp_size) or `pyramid` ((n-1) % 8 == 0). With a policy,
+    num_frames is a maximum: shorter videos give the longest valid clip they hold."""
+    caption_fps_suffix: bool = False
+    """Open-Sora: append " {fps} FPS." (the clip's frame rate, fps // stride) to every non-empty caption."""
+    caption_aesthetic: str = "off"
+    """Open-Sora-Plan aesthetic phrases for scores <= 4.25 / >= 5.75: `off`, `fixed` (first phrase, after the
+    caption; one text per sample, cache-friendly) or `random` (phrase and side drawn per seed, sample, epoch)."""
+    extra_roots: list[str] = field(default_factory=list)
+    """Folders besides a dataset file's own root that its entries may point into (`prepare --config`); any
+    other path outside the root is rejected as outside_root."""
+    # -- bucket policies (data/buckets.py; docs/datasets.md, "Buckets") --
+    bucket: str = "none"
+    """Bucket policy: `none` (every clip at height x width x num_frames), `opensora` (bucket_config),
+    `opensora_plan` (max_hxw / hw_stride or force_resolution), `fixed` (CogVideoX: one size, short clips
+    dropped), `temporal` (Pyramid Flow: one size, buckets by latent length)."""
+    bucket_config: dict[str, Any] = field(default_factory=dict)
+    """opensora: {resolution name ("256px", "720p"): {num_frames: [keep probability, batch size per process]}};
+    the probability may be [p, q] (q: chance to move on to the next smaller frame count)."""
+    fps_max: float | None = None
+    """Open-Sora frame stride: every ceil(fps / fps_max)-th frame of videos at fps >= fps_max (None: off);
+    the opensora bucket policy counts usable frames with it too. Exclusive with frame_stride/target_fps."""
+    max_hxw: int | None = None
+    """opensora_plan: largest sample area h * w (required unless force_resolution)."""
+    min_hxw: int | None = None
+    """opensora_plan: smaller sample areas are dropped (None: max_hxw / 4)."""
+    hw_stride: int = 32
+    """opensora_plan: sample height and width are center-cropped to multiples of this."""
+    force_resolution: bool = False
+    """opensora_plan: crop-and-resize every sample to max_height x max_width."""
+    max_height: int | None = None
+    """opensora_plan with force_resolution: sample height (None: data.height)."""
+    max_width: int | None = None
+    """opensora_plan with force_resolution: sample width (None: data.width)."""
+    drop_short_ratio: float = 1.0
+    """opensora_plan: a video with fewer than num_frames (resampled) frames is dropped with this probability."""
+    group_data: bool = False
+    """opensora_plan: group samples by shape "T x H x W" into megabatches and drop shapes with fewer than
+    4 x train.batch_size x train.grad_accum x megabatch samples (Open-Sora-Plan's --group_data)."""
+    megabatch: int = 8
+    """Consecutive batches of one shape in an epoch's order (the unit whose order is shuffled). Plays the role
+    of Open-Sora-Plan's world size; the order never depends on the number of processes."""
+    temporal_compression: int | None = None
+    """Video frames per latent frame of the codec, for frame-count rules (None: 4 for opensora_plan,
+    8 for temporal)."""
+    latent_multiple: int = 1
+    """temporal: latent frame counts are rounded down to a multiple of this (Pyramid Flow video_sync_group)."""
 
 
 @dataclass
@@ -46,6 +99,8 @@ class LoraConfig:
     """Dropout on the LoRA branch."""
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     """Module names that receive adapters."""
+    dtype: str = "float32"
+    """Precision of the LoRA weights (`float32` or `bfloat16`); the frozen base uses `model.dtype`."""
 
 
 @dataclass
@@ -68,6 +123,16 @@ class ModelConfig:
     """Text tokens kept per caption."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA settings."""
+    id_token: str | None = None
+    """Trigger word prepended (with a space) to every non-empty caption when encoding (CogVideoX --id_token)."""
+    dtype: str = "float32"
+    """Precision of a pretrained denoiser: its trained weights (full fine-tune) or its frozen base (LoRA)."""
+    encoder_dtype: str = "float32"
+    """Precision of a family's frozen VAE and text encoder (`float32`, `bfloat16`, `float16`)."""
+    vae_tiling: bool = False
+    """Tiled VAE encode/decode (large clips: less memory, same model)."""
+    vae_slicing: bool = False
+    """Encode/decode one sample of a batch at a time (less memory)."""
 
 
 @dataclass
@@ -142,14 +207,47 @@ class CheckpointConfig:
     """contract. Complete checkpoints kept; older ones are deleted; 0 keeps all."""
     resume: str | None = None
     """contract. null (fresh run), `latest`, or a checkpoint folder."""
+    format: str = "auto"
+    """`full` (one safetensors file per model), `sharded` (torch.distributed.checkpoint), `auto`: sharded when
+    training with more than one process. Either resumes under any number of processes."""
 
 
 @dataclass
 class ParallelConfig:
-    """Parallelism (filled in by the scale-out work)."""
+    """Parallelism and memory savers, applied from outside the model (`frameloom.parallel`, docs/parallel.md).
+
+    The world (torchrun's WORLD_SIZE) is laid out as a mesh `dp_replicate x dp_shard x sp`; ranks of one
+    sp group (and of one video_sync_group) share their batch.
+    """
 
     sp_size: int = 1
-    """contract. Sequence-parallel group size."""
+    """contract. Sequence-parallel (Ulysses) group size; must divide the world size and the attention heads."""
+    data_parallel: str = "ddp"
+    """`ddp` (replicated weights, all-reduced gradients) or `fsdp` (FSDP2 `fully_shard` per block, then root)."""
+    dp_replicate: int = 1
+    """fsdp only: replicate groups (HSDP): shard within world / (dp_replicate * sp_size) ranks, replicate across."""
+    zero: int = 3
+    """fsdp: 2 keeps the gathered parameters after forward (ZeRO-2), 3 reshards them (ZeRO-3, least memory)."""
+    cpu_offload: bool = False
+    """fsdp: keep sharded parameters, gradients and optimizer state in CPU memory (CPUOffloadPolicy)."""
+    mixed_precision: str = "auto"
+    """fsdp: `auto` (bf16 on CUDA, fp32 on CPU), `bf16` (bf16 compute, fp32 reduce and master weights), `fp32`."""
+    activation_checkpointing: str = "none"
+    """`none`, `full` (every block), or `selective` (checkpoint_blocks / checkpoint_every / opensora_grad_ckpt)."""
+    checkpoint_blocks: int = 0
+    """selective: checkpoint the first N blocks."""
+    checkpoint_every: int = 0
+    """selective: checkpoint every k-th block (blocks k-1, 2k-1, ...)."""
+    opensora_grad_ckpt: list[int] | None = None
+    """selective: Open-Sora's `(double, single)`: the first `double` joint blocks and first `single` single ones."""
+    offload_activations: bool = False
+    """Keep the tensors autograd saves for backward in CPU memory (torch.autograd.graph.save_on_cpu)."""
+    compile: bool = False
+    """torch.compile each transformer block (after checkpointing, before DDP/FSDP)."""
+    async_checkpoint: bool = False
+    """Sharded checkpoints are written in the background (dcp.async_save); training continues meanwhile."""
+    video_sync_group: int = 1
+    """Pyramid Flow: consecutive data-parallel ranks that receive the same video (each trains its own AR unit)."""
 
 
 @dataclass
@@ -211,4 +309,4 @@ class Config:
 
 
 # Free-form mappings: any key is allowed below these.
-FREEFORM = {"model.config"}
+FREEFORM = {"model.config", "data.bucket_config"}

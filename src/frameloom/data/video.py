@@ -1,15 +1,29 @@
 """Frame-index selection and seek-based decoding of one clip from a manifest row.
 
-``frame_indices`` is the pure choice of source frames (start, stride or target fps); ``read_frames`` decodes
-those frames by seeking to the keyframe before the first one; ``decode_clip`` turns a manifest row and a
-``ClipSpec`` into a (C, T, H, W) tensor as displayed (rotation, crop, aspect-preserving resize).
-``DecodeError`` and ``ClipSpec`` are a fixed interface the cache keys and the trainer rely on.
+``frame_indices`` is the pure choice of source frames (start, stride or target fps, the seeds' frame rules);
+``read_frames`` decodes those frames by seeking to the keyframe before the first one; ``decode_clip`` turns a
+manifest row and a ``ClipSpec`` into a (C, T, H, W) tensor as displayed (rotation, crop, aspect-preserving
+resize). ``DecodeError`` and ``ClipSpec`` are a fixed interface the cache keys and the trainer rely on.
+
+Frame rules of the seed systems (SEED_FACTS.md), each a small pure function here:
+
+- Open-Sora: integer stride ``ceil(fps / fps_max)`` (``opensora_stride``), random temporal crop, 4k+1 counts;
+- Open-Sora-Plan: float stride ``fps / train_fps`` from ``cut[0]`` (``target_fps``; ``decode_clip`` counts
+  from ``cut_start``), ``speed_factor`` subsampling (``speed_positions``), random temporal crop, then
+  truncation to the largest valid count (policy ``opensora_plan``, with the sequence-parallel size);
+- CogVideoX: 8N+1 frames (policy ``8n+1``); Pyramid Flow: 8x temporal VAE, video frames (n-1)//8*8+1
+  (policy ``pyramid``).
+
+Random choices (the temporal crop) are pure functions of (seed, sample index, epoch), so a resumed or
+re-sharded run draws exactly the same clips.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +51,18 @@ class DecodeError(FrameloomError):
 class ClipSpec:
     """What to take from a video: which frames, which region, at which size.
 
-    Exactly one of ``frame_stride`` (in source frames, may be fractional) and ``target_fps`` may be set;
-    neither means stride 1. ``crop`` is (x0, x1, y0, y1) in displayed pixels, applied before resizing.
-    ``height``/``width`` None keeps the source size. Resizing keeps the aspect ratio and center-crops.
+    At most one of ``frame_stride`` (in source frames, may be fractional), ``target_fps`` (float stride
+    ``fps / target_fps``, Open-Sora-Plan) and ``fps_max`` (integer stride ``ceil(fps / fps_max)``, Open-Sora)
+    may be set; none means stride 1. ``crop`` is (x0, x1, y0, y1) in displayed pixels, applied before
+    resizing. ``height``/``width`` None keeps the source size. Resizing keeps the aspect ratio and
+    center-crops.
+
+    ``speed_factor`` > 1 subsamples the strided frames further (Open-Sora-Plan). ``temporal_crop`` is
+    ``"start"`` (the clip begins at ``start_frame``) or ``"random"`` (a window drawn per (seed, sample,
+    epoch)). ``frame_policy`` (one of ``FRAME_POLICIES``) makes ``num_frames`` a maximum: a shorter video
+    gives a shorter clip, cut to the policy's largest valid count (``valid_length``); ``sp_size`` is the
+    sequence-parallel size the ``opensora_plan`` policy needs. Without a policy the clip has exactly
+    ``num_frames`` frames or is an error.
     """
 
     num_frames: int
@@ -49,26 +72,144 @@ class ClipSpec:
     crop: tuple[int, int, int, int] | None = None
     height: int | None = None
     width: int | None = None
+    fps_max: float | None = None
+    speed_factor: float = 1.0
+    temporal_crop: str = "start"
+    frame_policy: str | None = None
+    sp_size: int = 1
 
     def key(self) -> str:
-        """A stable text form, used in cache keys."""
-        return (
+        """A stable text form, used in cache keys. Fields at their defaults add nothing, so the keys of
+        specs written before a field existed stay the same."""
+        text = (
             f"f{self.num_frames}-s{self.frame_stride}-fps{self.target_fps}-st{self.start_frame}"
             f"-c{self.crop}-{self.height}x{self.width}"
         )
+        if self.fps_max is not None:
+            text += f"-fmax{self.fps_max}"
+        if self.speed_factor != 1.0:
+            text += f"-sf{self.speed_factor}"
+        if self.temporal_crop != "start":
+            text += f"-tc{self.temporal_crop}"
+        if self.frame_policy is not None:
+            text += f"-p{self.frame_policy}-sp{self.sp_size}"
+        return text
 
 
 # ---------------------------------------------------------------------------------------- frame choice
+
+FRAME_POLICIES: tuple[str, ...] = ("4k+1", "8n+1", "opensora_plan", "pyramid")
+"""Valid-length rules, by name (see ``is_valid_length``)."""
+TEMPORAL_CROPS: tuple[str, ...] = ("start", "random")
+
+# Temporal compression of the VAE each policy is for: latent frames = (n - 1) // c + 1.
+_COMPRESSION = {"4k+1": 4, "8n+1": 8, "opensora_plan": 4, "pyramid": 8}
+# Open-Sora-Plan's shortest clip (find_closest_y returns -1 below 29 frames).
+OPENSORA_PLAN_MIN_FRAMES = 29
 
 
 class ClipError(FrameloomError, ValueError):
     """A clip spec that cannot be met: an invalid spec, or a video with fewer frames than it needs."""
 
 
+def _check_policy(policy: str, sp_size: int = 1) -> None:
+    if policy not in _COMPRESSION:
+        raise ClipError(f"unknown frame policy {policy!r}; expected one of {', '.join(FRAME_POLICIES)}")
+    if sp_size < 1:
+        raise ClipError(f"sp_size must be at least 1, got {sp_size}")
+
+
+def latent_length(num_frames: int, policy: str) -> int:
+    """Latent frames of a clip under a policy's VAE: ``(n - 1) // c + 1`` (c = 4 for 4k+1 and
+    opensora_plan, 8 for 8n+1 and pyramid; causal video VAEs keep the first frame on its own)."""
+    _check_policy(policy)
+    return (num_frames - 1) // _COMPRESSION[policy] + 1
+
+
+def _latent_divisor(policy: str, sp_size: int) -> int:
+    """What the latent length must be a multiple of: the sequence-parallel size for ``opensora_plan``
+    (v1.3 calls ``find_closest_y(..., model_ds_t=sp_size)``: each rank of an sp group holds whole latent
+    frames), 1 otherwise."""
+    return sp_size if policy == "opensora_plan" else 1
+
+
+def is_valid_length(num_frames: int, policy: str, sp_size: int = 1) -> bool:
+    """Whether a clip of ``num_frames`` frames is valid under ``policy`` (SEED_FACTS.md):
+
+    - ``4k+1`` (Open-Sora): ``(n - 1) % 4 == 0``;
+    - ``8n+1`` (CogVideoX): ``(n - 1) % 8 == 0``;
+    - ``opensora_plan``: ``n >= 29``, ``(n - 1) % 4 == 0`` and the latent length ``(n - 1) // 4 + 1``
+      divisible by ``sp_size`` (sp 1: 29, 33, 37 ...; sp 4: 29, 45, 61, 77, 93 ...; sp 8: 29, 61, 93 ...);
+    - ``pyramid`` (Pyramid Flow, 8x temporal VAE): ``(n - 1) % 8 == 0``, i.e. latent length ``(n - 1) // 8 + 1``.
+    """
+    _check_policy(policy, sp_size)
+    c = _COMPRESSION[policy]
+    if num_frames < 1 or (num_frames - 1) % c:
+        return False
+    if policy == "opensora_plan":
+        if num_frames < OPENSORA_PLAN_MIN_FRAMES:
+            return False
+        return latent_length(num_frames, policy) % _latent_divisor(policy, sp_size) == 0
+    return True
+
+
+def valid_length(num_frames: int, policy: str, sp_size: int = 1) -> int:
+    """The largest valid count <= ``num_frames`` under ``policy`` (0 when there is none).
+
+    For 4k+1 / 8n+1 / pyramid: ``n - (n - 1) % c`` (Pyramid Flow's ``(n - 1) // 8 * 8 + 1``). For
+    opensora_plan, Open-Sora-Plan's ``find_closest_y`` in closed form: the largest latent length
+    ``L <= (n - 1) // 4 + 1`` that is a multiple of ``sp_size``, giving ``4 (L - 1) + 1`` frames, and 0
+    below 29 frames. Example: 92 frames -> latent <= 23 -> sp 1: 89 frames; sp 4: 20 -> 77; sp 8: 16 -> 61.
+    """
+    _check_policy(policy, sp_size)
+    if num_frames < 1:
+        return 0
+    c = _COMPRESSION[policy]
+    n = num_frames - (num_frames - 1) % c
+    if policy == "opensora_plan":
+        d = _latent_divisor(policy, sp_size)
+        latent = (n - 1) // c + 1
+        latent -= latent % d
+        n = c * (latent - 1) + 1 if latent >= 1 else 0
+        return n if n >= OPENSORA_PLAN_MIN_FRAMES else 0
+    return n
+
+
+def check_length(num_frames: int, policy: str, sp_size: int = 1) -> None:
+    """Raise ``ClipError`` naming the nearest valid counts when ``num_frames`` is not valid under ``policy``."""
+    if is_valid_length(num_frames, policy, sp_size):
+        return
+    below = valid_length(num_frames, policy, sp_size)
+    above = num_frames + 1
+    while not is_valid_length(above, policy, sp_size):  # valid counts recur every c * sp_size frames
+        above += 1
+    nearest = f"{below} or {above}" if below else str(above)
+    raise ClipError(
+        f"num_frames={num_frames} is not valid under frame policy {policy} (sp_size {sp_size}); "
+        f"nearest valid: {nearest}"
+    )
+
+
+def opensora_stride(source_fps: float, fps_max: float) -> int:
+    """Open-Sora's integer frame stride ``ceil(fps / fps_max)`` (never below 1).
+
+    Example: 60 fps with fps_max 24 -> ceil(2.5) = 3; 24 fps -> 1; 29.97 fps with fps_max 30 -> 1; an
+    unknown rate (0) -> 1.
+    The 1e-9 keeps a ratio that is an integer up to float error (e.g. 48 / 24) from rounding up.
+    """
+    if fps_max <= 0:
+        raise ClipError(f"fps_max must be positive, got {fps_max}")
+    if not source_fps or source_fps <= 0:
+        return 1  # unknown rate: every frame (as data/buckets.py counts usable frames)
+    return max(1, math.ceil(source_fps / fps_max - 1e-9))
+
+
 def clip_stride(source_fps: float, spec: ClipSpec) -> float:
-    """Source frames per clip frame: ``spec.frame_stride``, or ``source_fps / spec.target_fps``, or 1."""
-    if spec.frame_stride is not None and spec.target_fps is not None:
-        raise ClipError("set at most one of frame_stride and target_fps")
+    """Source frames per clip frame: ``spec.frame_stride``, or ``source_fps / spec.target_fps``
+    (Open-Sora-Plan's float stride), or ``ceil(source_fps / spec.fps_max)`` (Open-Sora), or 1."""
+    given = [n for n in ("frame_stride", "target_fps", "fps_max") if getattr(spec, n) is not None]
+    if len(given) > 1:
+        raise ClipError(f"set at most one of frame_stride, target_fps and fps_max (got {', '.join(given)})")
     if spec.frame_stride is not None:
         if spec.frame_stride <= 0:
             raise ClipError(f"frame_stride must be positive, got {spec.frame_stride}")
@@ -79,18 +220,80 @@ def clip_stride(source_fps: float, spec: ClipSpec) -> float:
         if not source_fps or source_fps <= 0:
             raise ClipError("target_fps needs the source frame rate, but the row has fps 0 or none")
         return float(source_fps) / float(spec.target_fps)
+    if spec.fps_max is not None:
+        return float(opensora_stride(source_fps, spec.fps_max))
     return 1.0
 
 
-def frame_indices(num_source_frames: int, source_fps: float, spec: ClipSpec) -> list[int]:
+def speed_positions(num_positions: int, num_frames: int, speed_factor: float) -> np.ndarray:
+    """Open-Sora-Plan's ``speed_factor``: which of ``num_positions`` strided frames to keep.
+
+    With ``speed_factor > 1`` and more positions than the clip needs, the effective factor is
+    ``sf = min(speed_factor, num_positions / num_frames)`` and ``int(num_positions / sf)`` positions are
+    spread evenly: ``floor(linspace(0, num_positions - 1, count))``. Otherwise all positions are kept.
+    (The count is kept >= num_frames: float error in ``P / (P / n)`` could otherwise lose one frame.)
+
+    Example: 40 positions, 10 frames, speed 2 -> 20 positions 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24,
+    26, 28, 30, 32, 34, 36, 39 (linspace step 39 / 19 = 2.05).
+    """
+    if speed_factor < 1:
+        raise ClipError(f"speed_factor must be >= 1, got {speed_factor}")
+    if speed_factor > 1 and num_positions > num_frames:
+        sf = min(float(speed_factor), num_positions / num_frames)
+        count = max(int(num_positions / sf), num_frames)
+        return np.floor(np.linspace(0, num_positions - 1, count)).astype(np.int64)
+    return np.arange(num_positions, dtype=np.int64)
+
+
+def draw_int(low: int, high: int, seed: int, index: int, epoch: int, salt: str) -> int:
+    """A uniform integer in [low, high], a pure function of (seed, sample index, epoch, salt).
+
+    blake2b of the four values: no RNG state, so any process, in any order, after any resume, draws the
+    same number for the same sample and epoch (the modulo bias of a 64-bit hash is below 1e-15 here).
+    """
+    if high < low:
+        raise ValueError(f"empty range [{low}, {high}]")
+    digest = hashlib.blake2b(
+        salt.encode() + struct.pack("<3q", int(seed), int(index), int(epoch)), digest_size=8
+    ).digest()
+    return low + int.from_bytes(digest, "little") % (high - low + 1)
+
+
+def temporal_crop_offset(num_positions: int, window: int, draw: tuple[int, int, int]) -> int:
+    """First position of a random temporal crop of ``window`` out of ``num_positions`` (0 when it fits).
+
+    Uniform over ``[0, num_positions - window]``, as the seeds' ``TemporalRandomCrop``, but drawn from
+    ``draw = (seed, sample index, epoch)`` by ``draw_int`` instead of a global RNG.
+    """
+    if num_positions <= window:
+        return 0
+    seed, index, epoch = draw
+    return draw_int(0, num_positions - window, seed, index, epoch, "temporal_crop")
+
+
+def frame_indices(
+    num_source_frames: int,
+    source_fps: float,
+    spec: ClipSpec,
+    *,
+    draw: tuple[int, int, int] | None = None,
+) -> list[int]:
     """The source frame indices of a clip (pure function).
 
-    Index ``i`` (0 <= i < spec.num_frames) is ``floor(spec.start_frame + i * stride + 1e-6)`` with the stride
-    of ``clip_stride``. Rounding down keeps every index inside the span the stride promises; the 1e-6 absorbs
-    float error, so that e.g. a stride of 0.1 * 10 lands on 1, not 0. A stride below 1 (target fps above
-    the source's) repeats frames.
+    Position ``p`` on the strided grid is source frame ``floor(spec.start_frame + p * stride + 1e-6)``
+    with the stride of ``clip_stride``. Rounding down keeps every index inside the span the stride
+    promises (Open-Sora-Plan's ``np.arange(start, end, interval).astype(int)``); the 1e-6 absorbs float
+    error, so that e.g. a stride of 0.1 * 10 lands on 1, not 0. A stride below 1 (target fps above the
+    source's) repeats frames.
 
     Example: 30 fps to 12 fps (stride 2.5) from frame 5 gives 5, 7, 10, 12, 15, 17, ...
+
+    With the default ``speed_factor`` 1, ``temporal_crop`` "start" and no ``frame_policy``, the clip is
+    positions 0 .. num_frames - 1. Otherwise, in the seeds' order (Open-Sora-Plan's ``get_actual_frame``):
+    1. all positions inside the video; 2. ``speed_positions`` keeps some of them; 3. a window of
+    ``min(num_frames, positions)`` starts at 0 ("start") or at ``temporal_crop_offset(..., draw)``
+    ("random", ``draw = (seed, sample index, epoch)``); 4. with a ``frame_policy`` the window is cut to
+    ``valid_length`` (its head is kept), without one it must hold ``num_frames``.
 
     Raises ``ClipError`` for an invalid spec or when the video has fewer frames than the clip needs.
     """
@@ -98,14 +301,56 @@ def frame_indices(num_source_frames: int, source_fps: float, spec: ClipSpec) -> 
         raise ClipError(f"num_frames must be at least 1, got {spec.num_frames}")
     if spec.start_frame < 0:
         raise ClipError(f"start_frame must be >= 0, got {spec.start_frame}")
-    stride = clip_stride(source_fps, spec)
-    indices = [math.floor(spec.start_frame + i * stride + 1e-6) for i in range(spec.num_frames)]
-    if indices[-1] >= num_source_frames:
+    if spec.temporal_crop not in TEMPORAL_CROPS:
         raise ClipError(
-            f"the clip needs source frames {indices[0]}..{indices[-1]} (num_frames={spec.num_frames}, "
-            f"stride={stride:g}, start={spec.start_frame}) but the video has {num_source_frames}"
+            f"temporal_crop must be one of {', '.join(TEMPORAL_CROPS)}, got {spec.temporal_crop!r}"
         )
-    return indices
+    if spec.frame_policy is not None:
+        _check_policy(spec.frame_policy, spec.sp_size)
+    stride = clip_stride(source_fps, spec)
+    start = spec.start_frame
+
+    def index(p: int) -> int:
+        return math.floor(start + p * stride + 1e-6)
+
+    plain = spec.speed_factor == 1 and spec.temporal_crop == "start" and spec.frame_policy is None
+    if plain:
+        indices = [index(i) for i in range(spec.num_frames)]
+        if indices[-1] >= num_source_frames:
+            raise ClipError(
+                f"the clip needs source frames {indices[0]}..{indices[-1]} (num_frames={spec.num_frames}, "
+                f"stride={stride:g}, start={spec.start_frame}) but the video has {num_source_frames}"
+            )
+        return indices
+
+    # 1. Positions p with index(p) < N: start + p * stride + 1e-6 < N.
+    room = num_source_frames - start - 1e-6
+    count = math.ceil(room / stride) if room > 0 else 0
+    # 2. Speed factor.
+    positions = speed_positions(count, spec.num_frames, spec.speed_factor)
+    window = min(spec.num_frames, len(positions))
+    # 4 (decided before the crop: the policy cuts the window's head).
+    if spec.frame_policy is None:
+        if len(positions) < spec.num_frames:
+            raise ClipError(
+                f"the clip needs {spec.num_frames} frames at stride {stride:g} from frame {start}, but the "
+                f"video has {num_source_frames} frames ({len(positions)} usable)"
+            )
+        length = spec.num_frames
+    else:
+        length = valid_length(window, spec.frame_policy, spec.sp_size)
+        if length == 0:
+            raise ClipError(
+                f"the video gives {len(positions)} frames at stride {stride:g}, fewer than the shortest clip "
+                f"valid under frame policy {spec.frame_policy} (sp_size {spec.sp_size})"
+            )
+    # 3. Temporal crop.
+    offset = 0
+    if spec.temporal_crop == "random":
+        if draw is None:
+            raise ClipError("temporal_crop 'random' needs draw=(seed, sample index, epoch)")
+        offset = temporal_crop_offset(len(positions), window, draw)
+    return [index(int(p)) for p in positions[offset : offset + length]]
 
 
 # --------------------------------------------------------------------------------------------- decoding
@@ -314,12 +559,20 @@ def _crop(video: torch.Tensor, crop: Sequence[int], path: str) -> torch.Tensor:
     return video[:, :, y0:y1, x0:x1]
 
 
+def fixed_draw(row: Mapping[str, Any]) -> tuple[int, int, int]:
+    """The (seed, index, epoch) used when a caller gives none: seed 0, epoch 0 and an index hashed from the
+    row's path and cut, so each sample keeps one fixed random window (what a cache of one clip can hold)."""
+    text = f"{row.get('path')}|{row.get('cut_start')}|{row.get('cut_end')}"
+    return 0, int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "little"), 0
+
+
 def decode_clip(
     row: Mapping[str, Any],
     spec: ClipSpec,
     *,
     root: str | os.PathLike | None = None,
     output: Literal["uint8", "float"] = "uint8",
+    draw: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Decode one clip of a manifest row as displayed: a (C=3, T, H, W) tensor.
 
@@ -334,6 +587,10 @@ def decode_clip(
     keeping the aspect ratio, center-crop. Images give T=1, or spec.num_frames copies when that is > 1.
 
     ``output="uint8"``: values 0..255; ``"float"``: float32 in [-1, 1]. Any failure raises ``DecodeError``.
+
+    ``draw = (seed, sample index, epoch)`` decides a ``temporal_crop="random"`` window; a caller without
+    one (the cache, which stores one clip per sample) gets ``fixed_draw(row)``: a window that differs per
+    sample but not per epoch.
     """
     if output not in ("uint8", "float"):
         raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
@@ -349,7 +606,9 @@ def decode_clip(
             cut_start = int(row.get("cut_start") or 0)
             cut_end = row.get("cut_end")
             available = (int(cut_end) if cut_end is not None else int(row["num_frames"])) - cut_start
-            indices = [cut_start + i for i in frame_indices(available, fps, spec)]
+            if spec.temporal_crop == "random" and draw is None:
+                draw = fixed_draw(row)
+            indices = [cut_start + i for i in frame_indices(available, fps, spec, draw=draw)]
             decoded = read_frames(path, indices, fps)
             repeat = 1
     except (av.error.FFmpegError, ValueError, TypeError, KeyError, OSError) as exc:  # ClipError: ValueError

@@ -31,6 +31,16 @@ class Family:
     """(config, device) -> frozen text encoder (T5TextEncoder interface); None: generic."""
     build_objective: Callable[[Config], Any] | None = None
     """config -> objective (frameloom.objectives.Objective); None: chosen by `objective.name`."""
+    sample: Callable[..., torch.Tensor] | None = None
+    """(model, text_encoder, codec, cfg, prompts, seeds) -> videos (N, 3, T, H, W) in [-1, 1]: the family's
+    own sampler for `frameloom sample`; None: frameloom's flow Euler sampler."""
+    validate: Callable[..., list] | None = None
+    """(model, text_encoder, codec, cfg, out_dir) -> mp4 paths: `validation.prompts` through the family's
+    diffusers pipeline built around the in-training weights; None: the generic sampler."""
+    pipeline_class: Callable[[Config], type] | None = None
+    """config -> the diffusers pipeline class (validation, LoRA/diffusers export); None: not a diffusers family."""
+    comfyui_module: Callable[[str], str] | None = None
+    """diffusers module path -> ComfyUI model key path (without `diffusion_model.`); None: the same path."""
 
 
 def _dit() -> Family:
@@ -39,7 +49,30 @@ def _dit() -> Family:
     return Family("dit", build_denoiser, load_denoiser)
 
 
-FAMILIES: dict[str, Callable[[], Family]] = {"dit": _dit}
+def _cogvideox() -> Family:
+    from frameloom.models.cogvideox.family import family
+
+    return family()
+
+
+def _wan() -> Family:
+    from frameloom.models.wan.family import family
+
+    return family()
+
+
+def _ltx_video() -> Family:
+    from frameloom.models.ltx_video.family import family
+
+    return family()
+
+
+FAMILIES: dict[str, Callable[[], Family]] = {
+    "dit": _dit,
+    "cogvideox": _cogvideox,
+    "wan": _wan,
+    "ltx_video": _ltx_video,
+}
 
 
 def get_family(name: str) -> Family:

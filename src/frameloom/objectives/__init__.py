@@ -3,6 +3,15 @@
 from frameloom.config.schema import Config
 
 from .base import Objective, TrainingInputs
+from .ddpm import (
+    DDPMSchedule,
+    VPredictionDDPM,
+    cogvideox_x0_loss,
+    rescale_zero_terminal_snr,
+    snr_shift,
+    v_target,
+    x0_from_v,
+)
 from .flow import (
     OPENSORA_SIGMA_MIN,
     FlowMatching,
@@ -22,6 +31,13 @@ __all__ = [
     "Objective",
     "TrainingInputs",
     "build_objective",
+    "DDPMSchedule",
+    "VPredictionDDPM",
+    "cogvideox_x0_loss",
+    "rescale_zero_terminal_snr",
+    "snr_shift",
+    "v_target",
+    "x0_from_v",
     "OPENSORA_SIGMA_MIN",
     "FlowMatching",
     "caption_dropout_mask",

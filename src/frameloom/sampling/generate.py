@@ -89,30 +89,46 @@ def generate_to_files(
     *,
     out_dir: str | Path,
     seeds: Sequence[int] | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> list[Path]:
-    """Generate one mp4 per (prompt, seed) with the config's `sample` settings; returns the file paths."""
+    """Generate one mp4 per (prompt, seed) with the config's `sample` settings; returns the file paths.
+
+    With `shard=(rank, world)` this process makes only pairs `rank::world` (a video depends only on its
+    prompt, seed and settings, so the split changes nothing); the returned list names every pair's file."""
     seeds = list(seeds) if seeds else [cfg.sample.seed]
-    pairs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
-    videos = generate(
-        model,
-        text_encoder,
-        codec,
-        [p for _, p, _ in pairs],
-        seeds=[s for _, _, s in pairs],
-        num_frames=cfg.data.num_frames,
-        height=cfg.data.height,
-        width=cfg.data.width,
-        steps=cfg.sample.steps,
-        guidance=cfg.sample.guidance,
-        negative_prompt=cfg.sample.negative_prompt,
-        shift=cfg.sample.shift,
-    )
+    every = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
     out_dir = Path(out_dir)
+    names = [out_dir / f"{i:03d}-{slug(prompt)}-seed{seed}.mp4" for i, prompt, seed in every]
+    rank, world = shard
+    pairs = every[rank::world]
+    if not pairs:
+        return names
+    from frameloom.models.registry import get_family
+
+    family_sample = get_family(cfg.model.family).sample
+    if family_sample is not None:  # the family's own sampler (e.g. CogVideoX: v-prediction DDIM)
+        videos = family_sample(
+            model, text_encoder, codec, cfg, [p for _, p, _ in pairs], [s for _, _, s in pairs]
+        )
+    else:
+        videos = generate(
+            model,
+            text_encoder,
+            codec,
+            [p for _, p, _ in pairs],
+            seeds=[s for _, _, s in pairs],
+            num_frames=cfg.data.num_frames,
+            height=cfg.data.height,
+            width=cfg.data.width,
+            steps=cfg.sample.steps,
+            guidance=cfg.sample.guidance,
+            negative_prompt=cfg.sample.negative_prompt,
+            shift=cfg.sample.shift,
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for (i, prompt, seed), video in zip(pairs, videos):
-        paths.append(write_mp4(video, out_dir / f"{i:03d}-{slug(prompt)}-seed{seed}.mp4", fps=cfg.sample.fps))
-    return paths
+    for path, video in zip(names[rank::world], videos):
+        write_mp4(video, path, fps=cfg.sample.fps)
+    return names
 
 
 def load_for_sampling(
@@ -148,7 +164,10 @@ def sample_command(
     negative_prompt: str | None = None,
     overrides: Sequence[str] = (),
 ) -> list[Path]:
-    """`frameloom sample RUN_DIR_OR_CONFIG --prompt ...`: write mp4s into `out`."""
+    """`frameloom sample RUN_DIR_OR_CONFIG --prompt ...`: write mp4s into `out`.
+
+    Under torchrun each process generates its share of the (prompt, seed) pairs (`generate_to_files`'s
+    `shard`); every process returns the full list once all files are written."""
     src = Path(source)
     if src.is_dir():
         resolved = src / "config.resolved.yaml"
@@ -166,8 +185,15 @@ def sample_command(
     cfg = apply_overrides(cfg, sample_overrides)
     if negative_prompt is not None:
         cfg.sample.negative_prompt = negative_prompt
-    device = pipeline.resolve_device(cfg.train.device)
+    from frameloom.parallel.env import barrier, init_distributed, main_first
+
+    env = init_distributed(pipeline.resolve_device(cfg.train.device))
+    device = env.device
     codec = pipeline.load_codec(cfg, device)
-    text_encoder = pipeline.load_text_encoder(cfg, device)
+    text_encoder = main_first(lambda: pipeline.load_text_encoder(cfg, device))  # tiny-byt5 built once
     model = load_for_sampling(cfg, checkpoint, device, codec=codec, text_encoder=text_encoder)
-    return generate_to_files(model, text_encoder, codec, cfg, prompts, out_dir=out, seeds=seeds)
+    paths = generate_to_files(
+        model, text_encoder, codec, cfg, prompts, out_dir=out, seeds=seeds, shard=(env.rank, env.world_size)
+    )
+    barrier()  # every rank's files are written
+    return paths

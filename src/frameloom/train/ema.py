@@ -26,9 +26,13 @@ class EMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
         d = ema_decay_at(step, self.decay)
+        shadows, params = [], []
         for name, p in model.named_parameters():
             if name in self.shadow:
-                self.shadow[name].lerp_(p.detach().float(), 1.0 - d)
+                shadows.append(self.shadow[name])
+                params.append(p.detach().float())  # a no-op view for fp32 weights
+        # One fused update over all tensors (the per-tensor loop costs ~3% of a small model's step on CPU).
+        torch._foreach_lerp_(shadows, params, 1.0 - d)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow

@@ -1,11 +1,14 @@
 """The training loop: one optimizer step = `grad_accum` micro-batches of flow matching on the denoiser.
 
 Everything a resumed run needs (model, EMA, optimizer, scheduler, sampler position, RNG states, step,
-counters) is one state, saved atomically (checkpoint/io.py). Randomness of a micro-step (timesteps, noise,
-caption dropout) comes from a generator seeded by (seed, step, micro-step, rank), so a resumed run draws
-exactly what the uninterrupted run would have drawn.
+counters) is one state, saved atomically (checkpoint/io.py, checkpoint/distributed.py). Randomness of a
+micro-step (timesteps, noise, caption dropout) comes from a generator seeded by (seed, step, slot), where
+`slot = micro * data_world + data_rank` is the micro-batch's place in the step's global batch, so a resumed
+run draws exactly what the uninterrupted run would have drawn, and N processes with gradient accumulation
+A draw what one process with accumulation N * A draws (the sampler hands out micro-batches in the same order).
 
-The parallel layer (issue #5) plugs in at `Trainer.parallelize`; nothing else in the loop assumes one process.
+Under torchrun the process joins the process group here (frameloom.parallel.init_distributed), and
+`Trainer.parallelize` applies sequence parallelism, checkpointing, compile and DDP/FSDP2 from outside.
 """
 
 from __future__ import annotations
@@ -23,11 +26,23 @@ from tqdm.auto import tqdm
 
 from frameloom import pipeline
 from frameloom.checkpoint import io as ckpt
+from frameloom.checkpoint.distributed import (
+    FULL,
+    SHARDED,
+    PendingSave,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
 from frameloom.config import Config, dump_yaml
-from frameloom.data.sampler import ResumableBatchSampler
+from frameloom.data.sampler import build_sampler
 from frameloom.errors import FrameloomError
 from frameloom.models.registry import get_family
 from frameloom.objectives import build_objective, caption_dropout_mask
+from frameloom.parallel import env as dist_env
+from frameloom.parallel.parallelize import Parallelized
+from frameloom.parallel.parallelize import parallelize as apply_parallelism
+from frameloom.parallel.plan import check_sequence_split, plan_parallel
+from frameloom.parallel.sequence import pad_text as pad_text_for_sp
 from frameloom.train.ema import EMA
 from frameloom.train.metrics import MetricsLogger
 from frameloom.train.optim import build_optimizer
@@ -93,23 +108,39 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class _NullLogger:
+    """Metrics of ranks other than 0 go nowhere (rank 0 logs the all-reduced loss)."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Trainer:
     """Builds the run from a config and trains it. `Trainer(cfg).fit()` or `train(cfg)`."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
-        self.device = pipeline.resolve_device(cfg.train.device)
-        self.rank, self.world_size = 0, 1
-        self.autocast = self._autocast_dtype()
         if cfg.train.steps < 1 or cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
             raise FrameloomError("train.steps, train.batch_size and train.grad_accum must be >= 1")
+        # 0. Processes: torchrun's environment (one process without it); the mesh layout, checked up front.
+        self.env = dist_env.init_distributed(pipeline.resolve_device(cfg.train.device))
+        self.device = self.env.device
+        self.rank, self.world_size = self.env.rank, self.env.world_size
+        self.plan = plan_parallel(cfg.parallel, self.world_size, cfg.train.batch_size)
+        # ranks of one sp group (and one video_sync_group) read the same batch
+        self.data_rank, self.data_world = self.plan.data_rank(self.rank), self.plan.data_world
+        self.autocast = self._autocast_dtype()
 
         # 1. Frozen encoders and the data (cached latents when complete, else on-the-fly encoding).
         torch.manual_seed(cfg.seed)
         self.spec = pipeline.clip_spec(cfg)
         self.codec = pipeline.load_codec(cfg, self.device)
-        self.text_encoder = pipeline.load_text_encoder(cfg, self.device)
+        # rank 0 first: a tiny-byt5 encoder is built on first use, and must not be built by every rank at once
+        self.text_encoder = dist_env.main_first(lambda: pipeline.load_text_encoder(cfg, self.device))
         self.dataset, self.cached = self._build_dataset()
         self.empty_emb, self.empty_mask = self._empty_prompt()
 
@@ -117,16 +148,20 @@ class Trainer:
         family = get_family(cfg.model.family)
         self.model = family.build_denoiser(cfg.model, self.codec.latent_channels, self.text_encoder.dim)
         self.model.to(self.device).train()
-        self.model = self.parallelize(self.model)
-        self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-        self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), cfg.optim, cfg.train.steps)
+        self._check_sequence_split(self.model)
+        self.par: Parallelized | None = None
+        self.model = self.parallelize(self.model)  # what to call (a DDP wrapper, or the module itself)
+        self.module = self.par.module if self.par is not None else self.model  # original parameter names
+        self.ema = EMA(self.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        self.optimizer, self.scheduler = build_optimizer(self.module.parameters(), cfg.optim, cfg.train.steps)
         self.objective = build_objective(cfg)
-        self.sampler = ResumableBatchSampler(
-            len(self.dataset), cfg.train.batch_size, seed=cfg.seed, rank=self.rank, world_size=self.world_size
-        )
+        self.sampler = build_sampler(cfg, self.dataset, self.data_rank, self.data_world)  # data.bucket policy
+        self.substituted_samples = 0  # samples that failed to decode and were replaced (this process)
         self.step = 0
         self.skipped_steps = 0
         self.batches_consumed = 0
+        self._pending: PendingSave | None = None  # an async checkpoint still being written
+        self._ckpt_group = None  # gloo group of the async checkpoint writer
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -162,9 +197,20 @@ class Trainer:
         length = int(mask[0].sum())
         return emb[0, :length].float().cpu(), mask[0, :length].cpu()
 
+    def _check_sequence_split(self, model: torch.nn.Module) -> None:
+        """Ulysses splits the video tokens and heads over sp ranks: both must divide (checked before training)."""
+        sp = self.plan.sp
+        if sp == 1 or not hasattr(model, "patch") or not hasattr(model, "num_heads"):
+            return
+        t, h, w = self.codec.latent_size(self.cfg.data.num_frames, self.cfg.data.height, self.cfg.data.width)
+        pt, ph, pw = model.patch
+        check_sequence_split((t // pt) * (h // ph) * (w // pw), model.num_heads, sp)
+
     def parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Hook for the parallel layer (DDP/FSDP2/SP/checkpointing are applied from outside the model)."""
-        return model
+        """Sequence parallel -> activation checkpointing -> compile -> DDP/FSDP2, from outside the model
+        (frameloom.parallel.parallelize); returns what the loop calls. Sets `self.par`."""
+        self.par = apply_parallelism(model, self.cfg.parallel, self.env, batch_size=self.cfg.train.batch_size)
+        return self.par.forward
 
     # ------------------------------------------------------------------ data
 
@@ -174,9 +220,10 @@ class Trainer:
 
             return collate_text(items)
         return {
-            "video": torch.stack([it["video"] for it in items]),
+            "video": torch.stack([it["video"] for it in items]),  # one bucket per batch: one shape
             "text": [it["text"] for it in items],
             "index": torch.tensor([it["index"] for it in items]),
+            "substituted": sum(it.get("substituted", 0) for it in items),
         }
 
     def _loader(self) -> DataLoader:
@@ -223,22 +270,30 @@ class Trainer:
     def _micro_step(self, batch: dict, micro: int) -> torch.Tensor:
         """Forward + backward of one micro-batch; returns the (unscaled) loss."""
         latent, emb, mask = self._encode(batch)  # (B, C, t, h, w), (B, L, D), (B, L)
-        g = step_generator(self.cfg.seed, self.step, micro, self.rank)  # a CPU generator: same draws anywhere
+        # The micro-batch's place in the step's global batch: one process with accumulation 2 and two
+        # processes without draw the same numbers for the same samples. A CPU generator: same draws anywhere.
+        g = step_generator(self.cfg.seed, self.step, micro * self.data_world + self.data_rank)
         inputs = self.objective.draw(latent, g)  # times, noise -> x_t (B, C, t, h, w), target
         drop = caption_dropout_mask(latent.shape[0], self.cfg.objective.caption_dropout, g)
         emb, mask = self._drop_captions(emb, mask, drop)
-        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            pred = self.model(inputs.x_t, inputs.t, emb, mask)
-        loss = self.objective.loss(pred, inputs)
-        if torch.isfinite(loss):
-            (loss / self.cfg.train.grad_accum).backward()
+        if self.plan.sp > 1:  # masked padding to a multiple of sp (families split text with the sequence)
+            emb, mask = pad_text_for_sp(emb, mask, self.plan.sp)  # (B, L', D), (B, L')
+        last = micro == self.cfg.train.grad_accum - 1
+        with self.par.gradient_sync(last), self.par.activation_context():
+            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                pred = self.model(inputs.x_t, inputs.t, emb, mask)
+            loss = self.objective.loss(pred, inputs)
+            # Always backward, also on a non-finite loss (its step is dropped below): every process must run
+            # the same collectives. loss_scale = sp turns the data-parallel mean over sp ranks into a sum.
+            (loss * self.par.loss_scale / self.cfg.train.grad_accum).backward()
         return loss.detach()
 
     def _optimizer_step(self) -> tuple[float, bool]:
         """Clip, check and apply the accumulated gradients; returns (grad norm, applied)."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in self.module.parameters() if p.requires_grad]
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)  # over all shards under FSDP (a DTensor)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         ok = math.isfinite(norm)
         if ok:
             self.optimizer.step()
@@ -249,38 +304,72 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def state(self) -> dict[str, Any]:
+        """The non-tensor state (model, optimizer, EMA and RNGs are added by the checkpoint writer)."""
         return {
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            # Batches the loop consumed (not the sampler's own count, which DataLoader prefetching runs ahead of).
-            "sampler": {"consumed": self.batches_consumed, "seed": self.cfg.seed},
-            "rng": ckpt.capture_rng(),
+            # At the steps the loop consumed (not the sampler's own count, which DataLoader prefetching runs
+            # ahead of); the state says at which world size, so another number of processes resumes there.
+            "sampler": self.sampler.state_dict_at(self.batches_consumed),
             "step": self.step,
             "skipped_steps": self.skipped_steps,
         }
 
-    def save(self) -> Path:
-        path = ckpt.save_checkpoint(
-            self.run_dir,
-            self.step,
-            model=self.model.state_dict(),
-            state=self.state(),
-            ema=self.ema.state_dict() if self.ema else None,
-        )
-        ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
+    def checkpoint_format(self) -> str:
+        fmt = self.cfg.checkpoint.format
+        if fmt == "auto":
+            return SHARDED if self.world_size > 1 else FULL
+        if fmt not in (FULL, SHARDED):
+            raise FrameloomError(f"checkpoint.format must be auto, full or sharded, not {fmt!r}")
+        return fmt
+
+    def _finish_pending(self, wait: bool = True) -> Path | None:
+        """Complete an async checkpoint once written (all ranks call this at the same points)."""
+        pending = self._pending
+        if pending is None or not (wait or pending.ready()):
+            return None
+        path = pending.finish()
+        self._pending = None
+        if self.rank == 0:
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
         return path
 
+    def save(self) -> Path:
+        fmt = self.checkpoint_format()
+        async_save = self.cfg.parallel.async_checkpoint and fmt == SHARDED
+        self._finish_pending()  # at most one checkpoint in flight
+        if async_save and self._ckpt_group is None and dist_env.is_distributed():
+            import torch.distributed as dist
+
+            self._ckpt_group = dist.new_group(backend="gloo")  # the writer thread's own collectives
+        pending = save_training_checkpoint(
+            self.run_dir,
+            self.step,
+            module=self.module,
+            optimizer=self.optimizer,
+            ema=self.ema.state_dict() if self.ema else None,
+            state=self.state(),
+            fmt=fmt,
+            async_save=async_save,
+            process_group=self._ckpt_group,
+        )
+        self._pending = pending
+        if pending.done:
+            self._finish_pending()
+        return pending.final
+
     def resume(self) -> Path | None:
-        ckpt.cleanup_partial(self.run_dir)
+        if self.rank == 0:
+            ckpt.cleanup_partial(self.run_dir)
+        dist_env.barrier()
         path = ckpt.resolve_checkpoint(self.run_dir, self.cfg.checkpoint.resume)
         if path is None:
             return None
-        loaded = ckpt.load_checkpoint(path)
-        self.model.load_state_dict(loaded["model"])
-        if self.ema is not None and loaded["ema"] is not None:
-            self.ema.load_state_dict(loaded["ema"])
-        state = loaded["state"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        state = load_training_checkpoint(
+            path,
+            module=self.module,
+            optimizer=self.optimizer,
+            ema=self.ema.state_dict() if self.ema else None,
+        )
         self.scheduler.load_state_dict(state["scheduler"])
         # The saved lr belongs to the old run's schedule; recompute it from this config's schedule, so that a
         # run resumed with a longer train.steps follows its new schedule (identical when nothing changed).
@@ -290,7 +379,8 @@ class Trainer:
             group["lr"] = base_lr * factor(self.scheduler.last_epoch)
         self.sampler.load_state_dict(state["sampler"])
         self.batches_consumed = self.sampler.consumed
-        ckpt.restore_rng(state["rng"])
+        if state["rng"] is not None:  # None: a rank the saving run did not have
+            ckpt.restore_rng(state["rng"])
         self.step = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
         return path
@@ -300,19 +390,25 @@ class Trainer:
     def fit(self) -> TrainResult:
         cfg = self.cfg
         start = time.perf_counter()
+        main = self.rank == 0
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, self.run_dir / "config.resolved.yaml")
+        if main:
+            dump_yaml(cfg, self.run_dir / "config.resolved.yaml")
         resumed = self.resume()
-        logger = MetricsLogger(
-            self.run_dir,
-            resume_step=self.step,
-            tensorboard=cfg.logging.tensorboard,
-            tb_every=cfg.train.log_every,
+        logger = (
+            MetricsLogger(
+                self.run_dir,
+                resume_step=self.step,
+                tensorboard=cfg.logging.tensorboard,
+                tb_every=cfg.train.log_every,
+            )
+            if main
+            else _NullLogger()
         )
         bar = tqdm(
             total=cfg.train.steps,
             initial=self.step,
-            disable=not cfg.train.progress,
+            disable=not cfg.train.progress or not main,
             desc="train",
             unit="step",
         )
@@ -329,8 +425,10 @@ class Trainer:
                 for m in range(cfg.train.grad_accum):
                     batch = next(batches)
                     self.batches_consumed += 1
+                    self.substituted_samples += int(batch.get("substituted", 0))
                     micro_losses.append(self._micro_step(batch, m))
                 loss = float(torch.stack(micro_losses).mean())
+                loss = dist_env.all_reduce_mean(loss, self.device)  # every rank agrees (and skips) together
                 if math.isfinite(loss):
                     grad_norm, applied = self._optimizer_step()
                 else:  # never train on a non-finite loss: drop the step's gradients and count it
@@ -340,11 +438,11 @@ class Trainer:
                 self.step += 1
                 if applied:
                     if self.ema is not None:
-                        self.ema.update(self.model, self.step)
+                        self.ema.update(self.module, self.step)
                 else:
                     self.skipped_steps += 1
                 dt = time.perf_counter() - t0
-                samples = cfg.train.batch_size * cfg.train.grad_accum * self.world_size
+                samples = cfg.train.batch_size * cfg.train.grad_accum * self.data_world
                 record = {
                     "step": self.step,
                     "loss": loss,
@@ -352,6 +450,7 @@ class Trainer:
                     "grad_norm": grad_norm,
                     "samples_per_s": samples / dt,
                     "skipped_steps": self.skipped_steps,
+                    "substituted_samples": self.substituted_samples,
                 }
                 logger.log(record)
                 losses.append(loss)
@@ -360,16 +459,15 @@ class Trainer:
                 if cfg.validation.every and self.step % cfg.validation.every == 0 and cfg.validation.prompts:
                     self.validate()
                 done = self.step >= cfg.train.steps
-                if (
-                    done
-                    or preemption.requested
-                    or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0)
-                ):
+                self._finish_pending(wait=False)  # an async checkpoint written meanwhile is completed
+                stop = dist_env.any_rank(preemption.requested, self.device)  # SIGTERM reaches ranks apart
+                if done or stop or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                     last_ckpt = self.save()
-                if preemption.requested and not done:
+                if stop and not done:
                     preempted = True
                     bar.write(f"SIGTERM: saved {last_ckpt}; resume with checkpoint.resume=latest")
                     break
+        self._finish_pending()  # the last checkpoint is complete before fit returns
         bar.close()
         logger.close()
         return TrainResult(
@@ -389,20 +487,44 @@ class Trainer:
         from frameloom.sampling.generate import generate_to_files
 
         model = self.model
-        if self.ema is not None and self.cfg.sample.use_ema:
+        use_ema = self.ema is not None and self.cfg.sample.use_ema
+        if self.world_size > 1:  # a plain copy (gathered, unwrapped) on rank 0; the others wait
+            model = self.plain_model(ema=use_ema)
+        elif use_ema:
             model = self.ema_model()
-        was_training = model.training
-        model.eval()
-        paths = generate_to_files(
-            model,
-            self.text_encoder,
-            self.codec,
-            self.cfg,
-            self.cfg.validation.prompts,
-            out_dir=self.run_dir / "samples" / ckpt.step_name(self.step),
-        )
-        model.train(was_training)
+        paths: list[Path] = []
+        if model is not None:
+            was_training = model.training
+            model.eval()
+            out_dir = self.run_dir / "samples" / ckpt.step_name(self.step)
+            family = get_family(self.cfg.model.family)
+            if family.validate is not None:  # the family's diffusers pipeline around the in-training weights
+                paths = family.validate(model, self.text_encoder, self.codec, self.cfg, out_dir)
+            else:
+                prompts = self.cfg.validation.prompts
+                paths = generate_to_files(
+                    model, self.text_encoder, self.codec, self.cfg, prompts, out_dir=out_dir
+                )
+            model.train(was_training)
+        dist_env.barrier()
         return paths
+
+    def plain_model(self, ema: bool) -> torch.nn.Module | None:
+        """Rank 0: a fresh single-device denoiser with the whole (gathered) weights, EMA ones if `ema`;
+        None on the other ranks. Collective under FSDP (every rank must call it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(self.module, options=full)  # whole tensors on rank 0 (collective)
+        if ema:
+            for k, v in self.ema.shadow.items():
+                weights[k] = (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu()
+        if self.rank != 0:
+            return None
+        family = get_family(self.cfg.model.family)
+        model = family.build_denoiser(self.cfg.model, self.codec.latent_channels, self.text_encoder.dim)
+        model.load_state_dict(weights)
+        return model.to(self.device)
 
     def ema_model(self) -> torch.nn.Module:
         """A copy of the denoiser carrying the EMA weights."""

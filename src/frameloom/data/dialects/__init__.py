@@ -1,0 +1,116 @@
+"""Dataset dialects: one module per format, each mapping into and out of the canonical manifest.
+
+``read_dialect(fmt, source)`` lists a source's entries (``base.Listing``), ``write_dialect(fmt, table, out,
+base=...)`` writes a manifest table in a format, and ``detect_format(source)`` names the format of a source
+for ``--format auto``. Formats: ``folder``, ``opensora``, ``opensora-plan``, ``cogvideox``, ``pyramid``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from frameloom.data.dialects import cogvideox, folder, opensora, opensora_plan, pyramid
+from frameloom.data.dialects.base import Entry, Listing, WriteResult
+from frameloom.errors import FrameloomError
+
+DIALECTS: tuple[str, ...] = ("folder", "opensora", "opensora-plan", "cogvideox", "pyramid")
+
+
+def detect_format(source: str | os.PathLike) -> str:
+    """The dialect of ``source``, from its layout (nothing is probed).
+
+    Folders: ``prompts.txt`` + ``videos.txt`` -> cogvideox; only ``.parquet`` shards (no media) -> opensora;
+    any other folder -> folder. Files: ``.csv``/``.parquet`` -> opensora; ``.jsonl`` with ``video``/``image``
+    -> pyramid; a data.txt of ``ROOT,ANNOTATION`` lines, a ``.json`` list or a ``.pkl`` -> opensora-plan.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise FrameloomError(f"source not found: {source}")
+    if source.is_dir():
+        if cogvideox.detect(source):
+            return "cogvideox"
+        has_media = any(p.suffix.lower() in folder.MEDIA_SUFFIXES for p in source.iterdir() if p.is_file())
+        if opensora.detect(source) and not has_media:
+            return "opensora"
+        return "folder"
+    if opensora.detect(source):
+        return "opensora"
+    if pyramid.detect(source):
+        return "pyramid"
+    if opensora_plan.detect(source):
+        return "opensora-plan"
+    raise FrameloomError(
+        f"cannot tell the format of {source}; pass --format "
+        "(folder, opensora, opensora-plan, cogvideox or pyramid)"
+    )
+
+
+def read_dialect(fmt: str, source: str | os.PathLike, *, allow_pickle: bool = False) -> Listing:
+    """The entries of ``source`` read as ``fmt`` (``auto`` detects it)."""
+    source = Path(source)
+    if fmt == "auto":
+        fmt = detect_format(source)
+    if not source.exists():
+        raise FrameloomError(f"source not found: {source}")
+    if fmt == "folder":
+        if not source.is_dir():
+            raise FrameloomError(f"--format folder needs a folder, but {source} is a file")
+        return folder.list_folder(source)
+    if fmt == "opensora":
+        return opensora.read_opensora(source)
+    if fmt == "opensora-plan":
+        return opensora_plan.read_opensora_plan(source, allow_pickle=allow_pickle)
+    if fmt == "cogvideox":
+        return cogvideox.read_cogvideox(source)
+    if fmt == "pyramid":
+        return pyramid.read_pyramid(source)
+    raise FrameloomError(f"unknown format {fmt!r}; expected one of {', '.join(DIALECTS)}")
+
+
+def write_dialect(
+    fmt: str, table: pa.Table, out: str | os.PathLike, *, base: str | os.PathLike, **options: Any
+) -> WriteResult:
+    """Write a manifest table (relative paths from ``base``) as ``fmt`` at ``out``.
+
+    ``options``: ``rows_per_shard`` for opensora (a folder of Parquet shards).
+    """
+    if options and fmt != "opensora":
+        raise FrameloomError(f"{', '.join(options)}: only for --to opensora")
+    writers = {
+        "folder": folder.write_folder,
+        "opensora": opensora.write_opensora,
+        "opensora-plan": opensora_plan.write_opensora_plan,
+        "cogvideox": cogvideox.write_cogvideox,
+        "pyramid": pyramid.write_pyramid,
+    }
+    if fmt not in writers:
+        raise FrameloomError(f"unknown format {fmt!r}; expected one of {', '.join(DIALECTS)}")
+    return writers[fmt](table, out, base=base, **options)
+
+
+def convert_manifest(
+    manifest: str | os.PathLike, to: str, out: str | os.PathLike, *, rows_per_shard: int | None = None
+) -> WriteResult:
+    """``frameloom convert``: write the manifest ``manifest`` in the dialect ``to`` at ``out``."""
+    from frameloom.data.manifest import read_manifest
+
+    manifest = Path(manifest)
+    table = read_manifest(manifest)
+    options = {"rows_per_shard": rows_per_shard} if rows_per_shard is not None else {}
+    return write_dialect(to, table, out, base=manifest.resolve().parent, **options)
+
+
+__all__ = [
+    "DIALECTS",
+    "convert_manifest",
+    "Entry",
+    "Listing",
+    "WriteResult",
+    "detect_format",
+    "read_dialect",
+    "write_dialect",
+]

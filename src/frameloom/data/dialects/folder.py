@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from frameloom.data.dialects.base import Entry, Listing, WriteResult, absolute, rebase, table_rows
 from frameloom.data.probe import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from frameloom.errors import FrameloomError
 
@@ -151,4 +152,48 @@ def read_folder(root: str | os.PathLike) -> tuple[list[dict[str, Any]], list[tup
     return rows, rejects
 
 
-__all__ = ["CAPTION_TABLES", "MEDIA_SUFFIXES", "read_caption_tables", "read_folder"]
+def list_folder(root: str | os.PathLike) -> Listing:
+    """``read_folder`` as a dialect ``Listing`` (entries relative to ``root``; missing files as rejects)."""
+    root = Path(root)
+    rows, missing = read_folder(root)
+    entries = [
+        Entry(root=root, path=r["path"], fields={k: v for k, v in r.items() if k != "path"}) for r in rows
+    ]
+    rejects = [
+        (str(absolute(root, p)), reason, "listed in a caption table, no such file") for p, reason in missing
+    ]
+    return Listing(entries, rejects)
+
+
+def write_folder(table: pa.Table, out: str | os.PathLike, *, base: str | os.PathLike) -> WriteResult:
+    """Write ``captions.jsonl`` into the folder ``out``: one object per row with ``path`` (relative to ``out``
+    when the media lie under it, else absolute), ``text`` and the row's other columns (``aspect_ratio`` and
+    ``resolution`` are left out: they follow from height and width). Media under ``out`` that the table
+    does not list still count as samples when the folder is read (uncaptioned)."""
+    out, base = Path(out), Path(base)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "captions.csv").exists():
+        raise FrameloomError(
+            f"{out / 'captions.csv'} exists; a folder keeps one caption table, remove it first"
+        )
+    lines = []
+    for row in table_rows(table, base):
+        row = rebase(row, out)
+        record = {"path": row.pop("path"), "text": row.pop("text", "") or ""}
+        record.update({k: v for k, v in row.items() if k not in ("aspect_ratio", "resolution")})
+        lines.append(json.dumps(record, ensure_ascii=False))
+    file = out / "captions.jsonl"
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, file)
+    return WriteResult([file], len(lines))
+
+
+__all__ = [
+    "CAPTION_TABLES",
+    "MEDIA_SUFFIXES",
+    "list_folder",
+    "read_caption_tables",
+    "read_folder",
+    "write_folder",
+]

@@ -50,6 +50,9 @@ class _SelfAttention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+        # The attention kernel, (q, k, v (B, h, N, hd), attn_mask=...) -> (B, h, N, hd). A plain attribute so that
+        # frameloom.parallel can route it through sequence parallelism from outside; this file stays 1-device.
+        self.attention_fn = F.scaled_dot_product_attention
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         B, N, D = x.shape
@@ -59,7 +62,7 @@ class _SelfAttention(nn.Module):
         q = apply_rope(self.q_norm(q.float()), rope).to(v.dtype)
         k = apply_rope(self.k_norm(k.float()), rope).to(v.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # 3 x (B, h, N, hd)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, hd)
+        out = self.attention_fn(q, k, v, attn_mask=attn_mask)  # (B, h, N, hd)
         out = out.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
         return self.proj(out)
 

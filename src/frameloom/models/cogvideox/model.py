@@ -1,0 +1,85 @@
+"""The CogVideoX denoiser adapter: frameloom's ``(B, C, T, H, W)`` layout onto
+``CogVideoXTransformer3DModel``'s ``(B, T, C, H, W)`` call, with the rotary embeddings of the latent grid.
+
+The rotary embeddings are computed exactly as diffusers' CogVideoX pipelines do
+(``_prepare_rotary_positional_embeddings``): CogVideoX 1.0 (no temporal patch) crops a centred region of
+the base grid (``sample_height/width // patch_size``) to the actual grid; CogVideoX 1.5
+(``patch_size_t`` set) uses the "slice" grid over the base size and ``ceil(T / patch_size_t)`` frames.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from frameloom.models.diffusers_family import DiffusersDenoiser
+
+__all__ = ["CogVideoXDenoiser", "rotary_embeddings"]
+
+
+def rotary_embeddings(config, latent_frames: int, latent_h: int, latent_w: int, device) -> tuple | None:
+    """(cos, sin) for a latent grid of ``latent_frames x latent_h x latent_w``, or None without RoPE."""
+    if not config.use_rotary_positional_embeddings:
+        return None
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    p, p_t = config.patch_size, config.patch_size_t
+    grid_h, grid_w = latent_h // p, latent_w // p
+    base_w, base_h = config.sample_width // p, config.sample_height // p
+    if p_t is None:
+        crops = get_resize_crop_region_for_grid((grid_h, grid_w), base_w, base_h)
+        return get_3d_rotary_pos_embed(
+            embed_dim=config.attention_head_dim,
+            crops_coords=crops,
+            grid_size=(grid_h, grid_w),
+            temporal_size=latent_frames,
+            device=device,
+        )
+    return get_3d_rotary_pos_embed(
+        embed_dim=config.attention_head_dim,
+        crops_coords=None,
+        grid_size=(grid_h, grid_w),
+        temporal_size=(latent_frames + p_t - 1) // p_t,
+        grid_type="slice",
+        max_size=(base_h, base_w),
+        device=device,
+    )
+
+
+class CogVideoXDenoiser(DiffusersDenoiser):
+    """``forward(x_t (B, C_in, T, H, W), t (B,) integer timesteps, text_emb (B, L, D), text_mask)``
+    -> v prediction ``(B, C_out, T, H, W)``. ``text_mask`` is ignored: CogVideoX attends to all L tokens.
+
+    For I2V models ``C_in = 2 C_out`` (noisy latent and image-conditioning latent, concatenated on channels by
+    the objective / sampler). CogVideoX 1.5 needs ``T`` divisible by ``patch_size_t`` (the objective pads).
+    """
+
+    @property
+    def config(self):
+        return self.transformer.config
+
+    @property
+    def is_i2v(self) -> bool:
+        return self.config.in_channels == 2 * (self.config.out_channels or self.config.in_channels)
+
+    def forward(
+        self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor, text_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        dtype = next(self.transformer.parameters()).dtype
+        _, _, frames, h, w = x_t.shape
+        # 1. Layout: (B, C, T, H, W) -> (B, T, C, H, W), the transformer's.
+        hidden = x_t.permute(0, 2, 1, 3, 4).to(dtype)
+        # 2. Conditioning: rotary embeddings of this grid; CogVideoX 1.5 I2V's "ofs" embedding input is 2.0.
+        rotary = rotary_embeddings(self.config, frames, h, w, x_t.device)
+        ofs = hidden.new_full((1,), 2.0) if self.config.ofs_embed_dim else None
+        # 3. The transformer, on integer timesteps (B,).
+        out = self.transformer(
+            hidden_states=hidden,
+            encoder_hidden_states=text_emb.to(dtype),
+            timestep=t,
+            ofs=ofs,
+            image_rotary_emb=rotary,
+            return_dict=False,
+        )[0]  # (B, T, C_out, H, W)
+        # 4. Back to frameloom's layout.
+        return out.permute(0, 2, 1, 3, 4)

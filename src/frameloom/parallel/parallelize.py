@@ -1,0 +1,109 @@
+"""The one `parallelize` step: a single-device model in, the trained form out, in a fixed order.
+
+1. sequence parallelism (the attention kernel and the sequence split; changes what a block computes on),
+2. activation checkpointing per block (inside each block, so it recomputes the sharded sequence),
+3. torch.compile per block (compiles the checkpointed forward),
+4. DDP or FSDP2 (outermost: its hooks gather/reduce around everything above).
+
+The order is torchtitan's (TP/CP -> AC -> compile -> FSDP). Activation offload is a context the trainer
+opens around the forward (`Parallelized.activation_context`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from frameloom.config.schema import ParallelConfig
+from frameloom.parallel.data_parallel import apply_ddp, apply_fsdp
+from frameloom.parallel.env import DistEnv
+from frameloom.parallel.memory import apply_activation_checkpointing, compile_blocks, offload_activations
+from frameloom.parallel.mesh import build_mesh, data_parallel_mesh, sp_group
+from frameloom.parallel.plan import ParallelPlan, plan_parallel
+from frameloom.parallel.sequence import apply_sequence_parallel
+
+
+@dataclass
+class Parallelized:
+    """The parallelized model and what the training loop needs to drive it.
+
+    `module` is the model with its original parameter names (FSDP2 shards in place; DDP wraps), used for
+    state dicts, EMA and the optimizer; `forward` is what to call (the DDP wrapper or the module itself).
+    """
+
+    module: nn.Module
+    forward: nn.Module
+    plan: ParallelPlan
+    config: ParallelConfig
+    env: DistEnv
+    mesh: Any = None
+    checkpointed_blocks: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        """`single`, `ddp` or `fsdp`."""
+        if self.plan.world_size == 1:
+            return "single"
+        return self.config.data_parallel
+
+    @property
+    def sharded(self) -> bool:
+        return self.kind == "fsdp"
+
+    @property
+    def loss_scale(self) -> float:
+        """Backward multiplier that turns the data-parallel mean over sp ranks into the needed sum."""
+        return float(self.plan.sp)
+
+    def gradient_sync(self, enabled: bool):
+        """Context for one micro-step: DDP skips its all-reduce until the last micro-step of accumulation.
+
+        FSDP2 reduce-scatters every micro-step (gradients stay sharded: the point of ZeRO)."""
+        if self.kind == "ddp" and not enabled:
+            return self.forward.no_sync()
+        return contextlib.nullcontext()
+
+    def activation_context(self):
+        return offload_activations(self.config.offload_activations, pin_memory=self.env.device.type == "cuda")
+
+
+def parallelize(
+    model: nn.Module,
+    p: ParallelConfig,
+    env: DistEnv,
+    *,
+    batch_size: int = 1,
+    compile_backend: str = "inductor",
+) -> Parallelized:
+    """Apply the configured parallelism and memory savers to `model` (already on `env.device`)."""
+    plan = plan_parallel(p, env.world_size, batch_size)
+    mesh = build_mesh(plan, env.device.type) if env.distributed else None
+    # 1. sequence parallel
+    group = sp_group(mesh)
+    if group is not None:
+        apply_sequence_parallel(model, group)
+    # 2. activation checkpointing
+    n_ckpt = apply_activation_checkpointing(model, p)
+    # 3. compile
+    if p.compile:
+        compile_blocks(model, backend=compile_backend)
+    # 4. data parallel
+    forward: nn.Module = model
+    if env.distributed:
+        if p.data_parallel == "fsdp":
+            apply_fsdp(model, data_parallel_mesh(plan, env.device.type), p, env.device)
+        else:
+            forward = apply_ddp(model, env.device)
+    return Parallelized(
+        module=model, forward=forward, plan=plan, config=p, env=env, mesh=mesh, checkpointed_blocks=n_ckpt
+    )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under a DDP wrapper (itself otherwise)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model

@@ -1,0 +1,403 @@
+"""Scale-out with 2 CPU processes (gloo) against single-process references on the same data.
+
+One spawn of 2 processes (`launch`) runs every distributed check of this file and saves what it saw; the tests
+compare that with references computed here in one process:
+- DDP x 2 == 1 process with grad_accum 2 (losses and weights to 1e-6 relative);
+- FSDP2 ZeRO-2, ZeRO-3, ZeRO-3 + CPU offload == DDP (same tolerance);
+- Ulysses sp 2 == sp 1: forward output and gradients of the DiT (1e-5 relative: the attention sums run in
+  another order after the all-to-all), and 3 training steps (losses and weights, 1e-5);
+- `frameloom cache` and `frameloom sample` work split over 2 processes == 1 process.
+Activation checkpointing (full / selective / with activation offload) is checked in one process: it must leave
+losses and gradients bit-identical.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors import safe_open
+
+from frameloom.checkpoint import io as ckpt
+from frameloom.config import load_config
+from frameloom.config.schema import ParallelConfig
+from frameloom.data import synthetic
+from frameloom.errors import FrameloomError
+from frameloom.parallel.memory import select_checkpointed
+from frameloom.parallel.plan import check_sequence_split, plan_parallel
+from frameloom.pipeline import run_cache
+from frameloom.train.trainer import Trainer
+from tiny import TINY
+
+RTOL = 1e-6
+
+# ---------------------------------------------------------------- a torchrun-like launcher for tests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn, world: int, port: int, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)  # 2 processes on a small machine: no oversubscription
+    from frameloom.parallel import destroy_distributed
+
+    try:
+        fn(rank, *args)
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        destroy_distributed()
+
+
+def launch(fn, *args, world: int = 2) -> None:
+    """Run `fn(rank, *args)` in `world` fresh processes with torchrun's environment variables."""
+    mp.start_processes(_entry, args=(fn, world, free_port(), args), nprocs=world, start_method="spawn")
+
+
+# ---------------------------------------------------------------- shared data and configs
+
+
+def make_dataset(root: Path) -> Path:
+    """24 tiny clips in root/data with their cache, and the tiny text encoder beside root/runs/*."""
+    data = root / "data"
+    synthetic.write_synthetic_set(data, num_clips=24, seed=0, height=8, width=8, num_frames=4, progress=False)
+    manifest = data / "manifest.parquet"
+    run_cache(config(manifest, root / "runs" / "cache"), progress=False)
+    return manifest
+
+
+def config(manifest: Path, run_dir: Path, *extra: str):
+    return load_config(
+        None,
+        [
+            *TINY,
+            f"data.manifest={manifest}",
+            f"run_dir={run_dir}",
+            "train.ema_decay=0.9",
+            "checkpoint.every=0",
+            *extra,
+        ],
+    )
+
+
+def weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(model, EMA) of the newest checkpoint, whole tensors whatever its layout."""
+    loaded = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
+    return loaded["model"], loaded["ema"]
+
+
+def assert_close_dicts(a: dict, b: dict, rtol: float, atol: float = 1e-7) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
+
+
+DP_RUNS = {
+    "ddp": ["parallel.data_parallel=ddp"],
+    "zero2": ["parallel.data_parallel=fsdp", "parallel.zero=2"],
+    "zero3": ["parallel.data_parallel=fsdp", "parallel.zero=3"],
+    "zero3_offload": ["parallel.data_parallel=fsdp", "parallel.zero=3", "parallel.cpu_offload=true"],
+}
+STEPS = 3
+
+
+# ---------------------------------------------------------------- what the 2 processes do
+
+
+def _sp_model_check(rank: int) -> dict:
+    """Ulysses on the bare DiT: output and summed gradients vs the same model unsplit (same seed, both ranks)."""
+    import torch.distributed as dist
+
+    from frameloom.models.dit.model import VideoDiT
+    from frameloom.parallel.sequence import apply_sequence_parallel
+
+    def build():
+        torch.manual_seed(0)
+        m = VideoDiT(in_channels=3, patch_size=(1, 2, 2), hidden_size=32, depth=2, num_heads=2, text_dim=8,
+                     positional_conditioning=True)  # fmt: skip
+        for p in m.parameters():  # adaLN-Zero starts at exact zeros; make every path carry gradient
+            torch.nn.init.normal_(p, std=0.05)
+        return m
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 2, 4, 4, generator=g)  # 2 x 2 x 2 = 8 tokens per sample
+    t = torch.rand(2, generator=g)
+    text = torch.randn(2, 5, 8, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    ref = build()
+    out_ref = ref(x, t, text, mask)
+    (out_ref.square().mean()).backward()
+    sp = build()
+    apply_sequence_parallel(sp, dist.new_group([0, 1]))
+    out_sp = sp(x, t, text, mask)
+    (out_sp.square().mean()).backward()
+    grads = {}
+    for (name, p_ref), (_, p_sp) in zip(ref.named_parameters(), sp.named_parameters()):
+        gsum = p_sp.grad.clone()
+        dist.all_reduce(gsum)  # each rank holds its tokens' share of the gradient
+        grads[name] = (p_ref.grad, gsum)
+    return {"out": (out_ref.detach(), out_sp.detach()), "grads": grads}
+
+
+def _worker(rank: int, root: str) -> None:
+    root = Path(root)
+    manifest = root / "data" / "manifest.parquet"
+    result: dict = {}
+    for name, extra in DP_RUNS.items():
+        trainer = Trainer(config(manifest, root / "runs" / f"dp-{name}", f"train.steps={STEPS}", *extra))
+        result[name] = {"losses": trainer.fit().losses, "kind": trainer.par.kind}
+    trainer = Trainer(config(manifest, root / "runs" / "sp2", f"train.steps={STEPS}", "parallel.sp_size=2"))
+    result["sp_train"] = {"losses": trainer.fit().losses, "data_world": trainer.data_world}
+    result["sp_model"] = _sp_model_check(rank)
+    # frameloom cache: each rank its rows, into a fresh store
+    run_cache(config(manifest, root / "runs" / "x", f"data.cache_dir={root / 'cache2'}"), progress=False,
+              shard=(rank, 2))  # fmt: skip
+    # frameloom sample: each rank its (prompt, seed) pairs
+    from frameloom.sampling.generate import sample_command
+
+    result["sample"] = sample_command(
+        str(root / "runs" / "dp-ddp"), prompts=["a red square", "a blue circle", "green"], seeds=[0, 1],
+        out=str(root / "sample2"),
+    )  # fmt: skip
+    torch.save(result, root / f"result-{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("parallel")
+    make_dataset(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_procs(data_root):
+    root = data_root
+    launch(_worker, str(root))
+    return root, [torch.load(root / f"result-{r}.pt", weights_only=False) for r in range(2)]
+
+
+def reference(root: Path, name: str, *extra: str):
+    """A single-process run over the same data (run dirs share the parent of the tiny text encoder)."""
+    trainer = Trainer(config(root / "data" / "manifest.parquet", root / "runs" / name, *extra))
+    return trainer.fit().losses, root / "runs" / name
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_ddp_two_processes_equal_one_with_grad_accum(two_procs):
+    root, results = two_procs
+    losses, run = reference(root, "ref-accum2", f"train.steps={STEPS}", "train.grad_accum=2")
+    assert results[0]["ddp"]["kind"] == "ddp"
+    # the logged loss is the all-reduced mean: the same on both ranks, and the mean of the 2 micro-batches
+    assert results[0]["ddp"]["losses"] == results[1]["ddp"]["losses"]
+    torch.testing.assert_close(
+        torch.tensor(results[0]["ddp"]["losses"]), torch.tensor(losses), rtol=RTOL, atol=0
+    )
+    model, ema = weights(root / "runs" / "dp-ddp")  # a sharded (dcp) checkpoint, read whole
+    assert ckpt.read_meta(ckpt.latest_checkpoint(root / "runs" / "dp-ddp"))["format"] == "sharded"
+    ref_model, ref_ema = weights(run)
+    assert_close_dicts(model, ref_model, RTOL)
+    assert_close_dicts(ema, ref_ema, RTOL)
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload"])
+def test_fsdp_equals_ddp(two_procs, name):
+    root, results = two_procs
+    assert results[0][name]["kind"] == "fsdp"
+    torch.testing.assert_close(
+        torch.tensor(results[0][name]["losses"]), torch.tensor(results[0]["ddp"]["losses"]), rtol=RTOL, atol=0
+    )
+    model, ema = weights(root / "runs" / f"dp-{name}")
+    ddp_model, ddp_ema = weights(root / "runs" / "dp-ddp")
+    assert_close_dicts(model, ddp_model, RTOL)
+    assert_close_dicts(ema, ddp_ema, RTOL)
+
+
+def test_sequence_parallel_model_output_and_grads(two_procs):
+    """sp 2 vs sp 1 on the bare DiT (8 tokens, 2 heads, per-token adaLN): output and gradients to 1e-5."""
+    _, results = two_procs
+    for r in range(2):
+        out_ref, out_sp = results[r]["sp_model"]["out"]
+        torch.testing.assert_close(out_sp, out_ref, rtol=1e-5, atol=1e-6)
+        for name, (g_ref, g_sp) in results[r]["sp_model"]["grads"].items():
+            assert g_ref.abs().max() > 0, name  # every parameter gets a gradient: the check is not vacuous
+            torch.testing.assert_close(g_sp, g_ref, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_sequence_parallel_training_equals_one_process(two_procs):
+    """sp 2 (both ranks read the same batch) trains like one process with the same batch: 1e-5."""
+    root, results = two_procs
+    assert results[0]["sp_train"]["data_world"] == 1
+    losses, run = reference(root, "ref-sp1", f"train.steps={STEPS}")
+    torch.testing.assert_close(
+        torch.tensor(results[0]["sp_train"]["losses"]), torch.tensor(losses), rtol=1e-5, atol=0
+    )
+    model, _ = weights(root / "runs" / "sp2")
+    ref_model, _ = weights(run)
+    assert_close_dicts(model, ref_model, 1e-5, atol=1e-6)
+
+
+def test_cache_two_processes_equal_one(two_procs):
+    root, _ = two_procs
+    one, two = root / "data" / ".frameloom_cache", root / "cache2"
+    files_one = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    files_two = sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file())
+    assert files_one and files_one == files_two
+    for rel in files_one:  # same tensors and metadata (not bytes: safetensors orders metadata keys freely)
+        with safe_open(str(one / rel), "pt") as f1, safe_open(str(two / rel), "pt") as f2:
+            assert f1.metadata() == f2.metadata() and sorted(f1.keys()) == sorted(f2.keys()), rel
+            for key in f1.keys():
+                assert torch.equal(f1.get_tensor(key), f2.get_tensor(key)), (rel, key)
+
+
+def test_sample_two_processes_equal_one(two_procs):
+    from frameloom.data.video import decode_clip  # noqa: F401  (PyAV decoding below)
+    from frameloom.sampling.generate import sample_command
+
+    root, results = two_procs
+    prompts, seeds = ["a red square", "a blue circle", "green"], [0, 1]
+    paths = sample_command(
+        str(root / "runs" / "dp-ddp"), prompts=prompts, seeds=seeds, out=str(root / "sample1")
+    )
+    assert (
+        [p.name for p in results[0]["sample"]]
+        == [p.name for p in paths]
+        == [p.name for p in results[1]["sample"]]
+    )
+    assert len(paths) == 6
+    for p in paths:
+        assert (root / "sample2" / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+# ---------------------------------------------------------------- single process: memory savers, errors
+
+
+def _grads_after_step(root: Path, name: str, *extra: str):
+    trainer = Trainer(
+        config(root / "data" / "manifest.parquet", root / "runs" / name, "train.steps=1", *extra)
+    )
+    batch = next(iter(trainer._loader()))
+    loss = trainer._micro_step(batch, 0)
+    return trainer, float(loss), {n: p.grad.clone() for n, p in trainer.module.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def ac_baseline(data_root):
+    _, loss, grads = _grads_after_step(data_root, "ac-none")
+    return loss, grads
+
+
+@pytest.mark.parametrize(
+    "extra,blocks",
+    [
+        (["parallel.activation_checkpointing=full"], 2),
+        (["parallel.activation_checkpointing=selective", "parallel.checkpoint_blocks=1"], 1),
+        (["parallel.activation_checkpointing=selective", "parallel.checkpoint_every=2"], 1),
+        (["parallel.activation_checkpointing=selective", "parallel.opensora_grad_ckpt=[1, 0]"], 1),
+        (["parallel.activation_checkpointing=selective", "parallel.checkpoint_blocks=1",
+          "parallel.offload_activations=true"], 1),
+    ],
+    ids=["full", "first1", "every2", "opensora", "first1+offload"],
+)  # fmt: skip
+def test_activation_checkpointing_leaves_loss_and_grads_unchanged(data_root, ac_baseline, extra, blocks):
+    loss, grads = ac_baseline
+    ckpt_trainer, loss_ck, grads_ck = _grads_after_step(data_root, "ac-" + "-".join(extra), *extra)
+    assert ckpt_trainer.par.checkpointed_blocks == blocks
+    assert loss_ck == loss
+    for name in grads:  # recomputation runs the same ops on the same inputs: bit-identical
+        assert torch.equal(grads_ck[name], grads[name]), name
+    # parameter names unchanged (checkpoints and EMA keys do not depend on the memory savers)
+    assert list(dict(ckpt_trainer.module.named_parameters())) == list(grads)
+
+
+def test_compile_over_checkpointing_keeps_output_grads_and_names():
+    """The fixed order checkpoint -> compile (eager backend: dynamo tracing without a C++ toolchain)."""
+    from frameloom.models.dit.model import VideoDiT
+    from frameloom.parallel.memory import apply_activation_checkpointing, compile_blocks
+
+    def build():
+        torch.manual_seed(0)
+        m = VideoDiT(in_channels=3, patch_size=(1, 2, 2), hidden_size=32, depth=2, num_heads=2, text_dim=8)
+        for p in m.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+        return m
+
+    g = torch.Generator().manual_seed(1)
+    x, t, text = (
+        torch.randn(2, 3, 2, 4, 4, generator=g),
+        torch.rand(2, generator=g),
+        torch.randn(2, 5, 8, generator=g),
+    )
+    ref, opt = build(), build()
+    assert apply_activation_checkpointing(opt, ParallelConfig(activation_checkpointing="full")) == 2
+    compile_blocks(opt, backend="eager")
+    out_ref, out = ref(x, t, text), opt(x, t, text)
+    out_ref.square().mean().backward()
+    out.square().mean().backward()
+    torch.testing.assert_close(out, out_ref, rtol=1e-6, atol=1e-7)
+    names = [n for n, _ in ref.named_parameters()]
+    assert [n for n, _ in opt.named_parameters()] == names and list(opt.state_dict()) == list(
+        ref.state_dict()
+    )
+    for (n, p), q in zip(ref.named_parameters(), opt.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7, msg=n)
+    torch._dynamo.reset()
+
+
+def test_select_checkpointed_blocks():
+    def sel(counts, **kw):
+        return select_checkpointed(counts, ParallelConfig(activation_checkpointing="selective", **kw))
+
+    assert sel([5], checkpoint_blocks=2) == [[True, True, False, False, False]]
+    assert sel([5], checkpoint_every=2) == [[False, True, False, True, False]]
+    # Open-Sora (double, single) on a double/single model: first 1 of 3 double, first 2 of 4 single
+    assert sel([3, 4], opensora_grad_ckpt=[1, 2]) == [[True, False, False], [True, True, False, False]]
+    # first N counts over all lists in forward order
+    assert sel([2, 3], checkpoint_blocks=3) == [[True, True], [True, False, False]]
+    with pytest.raises(FrameloomError, match="one block list"):
+        sel([4], opensora_grad_ckpt=[1, 1])
+    full = select_checkpointed([2, 1], ParallelConfig(activation_checkpointing="full"))
+    assert full == [[True, True], [True]]
+
+
+def test_plan_layout_and_errors():
+    plan = plan_parallel(ParallelConfig(data_parallel="fsdp", dp_replicate=2, sp_size=2), 16, 1)
+    assert plan.mesh_shape == (2, 4, 2)
+    # rank = (r * dp_shard + s) * sp + p: rank 13 = (1 * 4 + 2) * 2 + 1 -> dp index 6, sp rank 1
+    assert (plan.dp_rank(13), plan.sp_rank(13), plan.data_rank(13), plan.data_world) == (6, 1, 6, 8)
+    ddp = plan_parallel(ParallelConfig(sp_size=2, video_sync_group=2), 8, 4)
+    assert ddp.mesh_shape == (4, 1, 2) and ddp.data_world == 2 and ddp.data_rank(7) == 1  # (7 // 2) // 2
+    with pytest.raises(FrameloomError, match="sp_size=3 does not divide the world size 4"):
+        plan_parallel(ParallelConfig(sp_size=3), 4, 1)
+    with pytest.raises(FrameloomError, match="dp_replicate x parallel.sp_size = 3 x 1"):
+        plan_parallel(ParallelConfig(data_parallel="fsdp", dp_replicate=3), 4, 1)
+    with pytest.raises(FrameloomError, match="video_sync_group=3"):
+        plan_parallel(ParallelConfig(video_sync_group=3), 4, 1)
+    with pytest.raises(FrameloomError, match="parallel.zero must be 2 or 3"):
+        plan_parallel(ParallelConfig(zero=1), 1, 1)
+    with pytest.raises(FrameloomError, match="needs exactly one"):
+        plan_parallel(ParallelConfig(activation_checkpointing="selective"), 1, 1)
+    with pytest.raises(FrameloomError, match="fsdp only"):
+        plan_parallel(ParallelConfig(cpu_offload=True), 2, 1)
+    with pytest.raises(FrameloomError, match="does not divide the 15 video tokens"):
+        check_sequence_split(15, 2, 2)
+    with pytest.raises(FrameloomError, match="3 attention heads"):
+        check_sequence_split(16, 3, 2)
