@@ -32,17 +32,18 @@ def test_every_command_has_help(command, capsys):
 
 
 @pytest.mark.parametrize(
-    "argv",
+    "argv, needle",
     [
-        ["inspect", "m.parquet"],
-        ["convert", "m.parquet", "--to", "opensora", "--out", "x.csv"],
-        ["export", "run", "--format", "lora", "--out", "x"],
+        (["inspect", "missing.parquet"], "missing.parquet"),
+        (["convert", "missing.parquet", "--to", "opensora", "--out", "x.csv"], "missing.parquet"),
+        (["export", "no-such-run", "--format", "lora", "--out", "x"], "no-such-run"),
     ],
 )
-def test_later_commands_say_not_implemented(argv, capsys):
+def test_missing_inputs_are_one_clear_line(argv, needle, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert "not implemented yet" in err and "\n" not in err
+    assert err.startswith(f"frameloom {argv[0]}: error: ") and needle in err and "\n" not in err
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):

@@ -44,6 +44,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from frameloom.checkpoint.io import (
     CheckpointError,
     _fsync_dir,
+    capture_rng,
     checkpoint_dir,
     read_meta,
     step_name,
@@ -137,10 +138,8 @@ def save_training_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
     barrier()
-    from frameloom.checkpoint.io import capture_rng
-
-    state = dict(state, rng=all_gather_objects(capture_rng()), world_size=dist.get_world_size() if
-                 is_distributed() else 1)  # fmt: skip
+    rngs = all_gather_objects(capture_rng())  # one per rank, restored by rank on a same-size resume
+    state = dict(state, rng=rngs, world_size=len(rngs))
     meta: dict[str, Any] = {"step": step, "format": fmt}
     future = None
     if fmt == FULL:

@@ -75,8 +75,9 @@ class DataConfig:
     drop_short_ratio: float = 1.0
     """opensora_plan: a video with fewer than num_frames (resampled) frames is dropped with this probability."""
     group_data: bool = False
-    """opensora_plan: group samples by shape "T x H x W" into megabatches and drop shapes with fewer than
-    4 x train.batch_size x train.grad_accum x megabatch samples (Open-Sora-Plan's --group_data)."""
+    """Open-Sora-Plan's --group_data, accepted for its configs: frameloom always batches by shape "T x H x W"
+    in megabatches, and opensora_plan always drops shapes with fewer than 4 x train.batch_size x
+    train.grad_accum x megabatch samples (v1.3 applies that filter with or without the flag)."""
     megabatch: int = 8
     """Consecutive batches of one shape in an epoch's order (the unit whose order is shuffled). Plays the role
     of Open-Sora-Plan's world size; the order never depends on the number of processes."""

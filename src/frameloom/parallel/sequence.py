@@ -183,12 +183,12 @@ def pad_text(emb: torch.Tensor, mask: torch.Tensor, multiple: int) -> tuple[torc
 def diffusers_context_parallel(model: nn.Module, plan, device_type: str) -> nn.Module:
     """The hook for diffusers families: Ulysses through diffusers' own context-parallel support.
 
-    Models that declare a `_cp_plan` (in diffusers 0.42: Wan, LTX-Video, Flux, HunyuanVideo, ...; not
-    CogVideoX) accept `model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=sp, mesh=...))`,
+    Models that declare a `_cp_plan` (in diffusers 0.42.1: Wan, LTX-Video, LTX-2, Flux, QwenImage, ...; not
+    CogVideoX or HunyuanVideo) accept `model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=sp, mesh=...))`,
     which splits and gathers the sequence where the plan says and runs attention through an all-to-all
     backend. diffusers wants a mesh with "ring" and "ulysses" axes; we give it `(dp, ring=1, ulysses=sp)` laid
     out like frameloom's mesh, so its sp groups are ours. The attention backend must support context
-    parallelism (e.g. `model.set_attention_backend("_native_cudnn")` or "flash"; see docs/parallel.md).
+    parallelism ("native", "flash", "_native_cudnn", "sage", ... in 0.42.1; see docs/parallel.md).
     A family's `parallelize` step calls this; a model without a plan is a clear error.
     """
     try:
