@@ -4,11 +4,12 @@ mode, side by side in one run; printed as JSON.
 Every configuration runs in a fresh pair of processes (gloo on CPU, NCCL with --device cuda) so that its peak
 is its own: on CPU the peak is the growth of the resident set (ru_maxrss minus the RSS before the model is
 built), on CUDA `torch.cuda.max_memory_allocated`. Each process trains `--steps` AdamW steps on a synthetic
-batch (timing: the median of the steps after the first). Next to each measurement, `state_bytes` is the
-model-state arithmetic (fp32 weights 4P + gradients 4P + AdamW moments 8P, P parameters, n processes):
-DDP 16P; ZeRO-2 16P / n + 4P (the gathered weights are kept from forward to backward); ZeRO-3 16P / n (plus
-about two blocks' gathered weights in flight); ZeRO-3 + offload: 16P / n moved to host memory (on a CPU-only
-machine "offload" moves nothing, so it measures only its copies).
+batch (timing: the median of the steps after the first). Besides the peak, each row has the model state
+this process holds after a step, measured (local weights + gradients + AdamW moments, shards under FSDP) and
+expected (fp32 weights 4P + gradients 4P + AdamW 8P with P parameters and n processes: DDP 16P, FSDP2 16P/n;
+ZeRO-2 also holds the gathered weights from forward to backward, ZeRO-3 about two blocks' worth), and the
+activations autograd saved for backward (parameters excluded). On a CPU-only machine "offload" moves
+nothing (it measures only its copies), and the RSS peak also holds the full model built before sharding.
 
 Usage: python benchmarks/parallel_memory.py [--hidden 256 --depth 6 --frames 4 --size 32 --batch 2]
        [--steps 3] [--device cpu|cuda] [--modes ddp,zero2,zero3,zero3_offload] [--ckpt none,full,selective]
@@ -74,13 +75,16 @@ def _worker(
     t = torch.rand(args.batch, generator=g).to(env.device)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, saved, state = [], _SavedBytes(), 0
     for _ in range(args.steps):
         t0 = time.perf_counter()
+        saved.reset()
         with par.activation_context(), torch.autocast(env.device.type, torch.bfloat16, enabled=cuda):
-            loss = (par.forward(x, t, text, mask).float() - x).square().mean()
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+                loss = (par.forward(x, t, text, mask).float() - x).square().mean()
             loss.backward()
         opt.step()
+        state = _state_bytes(par.module, opt)  # weights + gradients + optimizer state held by this process
         opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
@@ -92,11 +96,50 @@ def _worker(
     result = {
         "rank": rank,
         "peak_bytes": peak,
+        "state_bytes": state,
+        "saved_bytes": saved.total,
         "step_s": statistics.median(times[1:] or times),
         "params": params,
     }
     torch.save(result, Path(out) / f"{mode}-{ckpt}-{rank}.pt")
     destroy_distributed()
+
+
+class _SavedBytes:
+    """Bytes of the activations autograd keeps for backward (outside recomputed regions; parameters, which
+    FSDP gathers and frees itself, are not counted), deduplicated by storage."""
+
+    def __init__(self) -> None:
+        self.total, self.seen = 0, set()
+
+    def reset(self) -> None:
+        self.total, self.seen = 0, set()
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, torch.nn.Parameter):
+            key = t.untyped_storage().data_ptr()
+            if key not in self.seen:
+                self.seen.add(key)
+                self.total += t.untyped_storage().nbytes()
+        return t
+
+    def unpack(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+def _local_bytes(t: torch.Tensor | None) -> int:
+    if t is None or not isinstance(t, torch.Tensor):
+        return 0
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
+
+
+def _state_bytes(module: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Local (this process's shard of) weights + gradients + optimizer moments, exactly."""
+    total = sum(_local_bytes(p) + _local_bytes(p.grad) for p in module.parameters())
+    for st in opt.state.values():
+        total += sum(_local_bytes(v) for k, v in st.items() if k != "step")
+    return total
 
 
 def _free_port() -> int:
@@ -108,7 +151,7 @@ def _free_port() -> int:
 def state_bytes(mode: str, params: int, world: int) -> int:
     """Model-state arithmetic per process (see the module docstring)."""
     full = 16 * params
-    return {"ddp": full, "zero2": full // world + 4 * params}.get(mode, full // world)
+    return full if mode == "ddp" else full // world
 
 
 def main() -> None:
@@ -137,8 +180,10 @@ def main() -> None:
                     "mode": mode,
                     "checkpointing": ckpt,
                     "peak_mib_per_process": round(max(r["peak_bytes"] for r in per_rank) / 2**20, 1),
+                    "state_mib_measured": round(max(r["state_bytes"] for r in per_rank) / 2**20, 1),
+                    "state_mib_expected": round(state_bytes(mode, params, args.world) / 2**20, 1),
+                    "saved_activations_mib": round(max(r["saved_bytes"] for r in per_rank) / 2**20, 1),
                     "step_s": round(max(r["step_s"] for r in per_rank), 3),
-                    "state_mib_per_process": round(state_bytes(mode, params, args.world) / 2**20, 1),
                 })  # fmt: skip
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     tokens = args.frames * (args.size // 2) ** 2
@@ -149,6 +194,9 @@ def main() -> None:
         "tokens_per_sample": tokens,
         "batch_per_process": args.batch,
         "peak_memory": "cuda max_memory_allocated" if args.device == "cuda" else "RSS growth (ru_maxrss - RSS before model)",
+        "state_mib_measured": "local weights + gradients + AdamW moments after the step (shards under FSDP)",
+        "state_mib_expected": "16P (DDP), 16P/n (FSDP2; ZeRO-2 also holds the gathered weights in a step)",
+        "saved_activations_mib": "tensors autograd keeps for backward, parameters excluded",
         "results": rows,
     }, indent=1))  # fmt: skip
 

@@ -35,6 +35,18 @@ COGVIDEOX_SCHEDULER = dict(
 TINY_CLIP = dict(num_frames=5, height=16, width=16)
 
 
+def tiny_text_parts(out: Path, *, umt5: bool = False) -> dict:
+    """``tokenizer`` (ByT5) and ``text_encoder`` (2 layers, d_model 32, seed 0; UMT5 for Wan) of a pipeline
+    directory, built by frameloom's ``build_tiny_t5`` in ``out/.t5``."""
+    from transformers import ByT5Tokenizer, T5EncoderModel, UMT5EncoderModel
+
+    t5_dir = build_tiny_t5(out / ".t5", seed=0, umt5=umt5)
+    model_cls = UMT5EncoderModel if umt5 else T5EncoderModel
+    return dict(
+        tokenizer=ByT5Tokenizer.from_pretrained(t5_dir), text_encoder=model_cls.from_pretrained(t5_dir)
+    )
+
+
 def build_tiny_cogvideox(
     out: str | Path, *, version: str = "1.0", i2v: bool = False, seed: int = 0, vae_seed: int = 0
 ) -> Path:
@@ -51,7 +63,6 @@ def build_tiny_cogvideox(
         CogVideoXPipeline,
         CogVideoXTransformer3DModel,
     )
-    from transformers import ByT5Tokenizer, T5EncoderModel
 
     out = Path(out)
     is_15 = version == "1.5"
@@ -87,11 +98,9 @@ def build_tiny_cogvideox(
             temporal_compression_ratio=2,  # the tiny VAE halves time once: the pipeline must agree
             invert_scale_latents=bool(i2v and is_15),
         )
-    t5_dir = build_tiny_t5(out / ".t5", seed=0)
     pipe_cls = CogVideoXImageToVideoPipeline if i2v else CogVideoXPipeline
     pipe = pipe_cls(
-        tokenizer=ByT5Tokenizer.from_pretrained(t5_dir),
-        text_encoder=T5EncoderModel.from_pretrained(t5_dir),
+        **tiny_text_parts(out),
         vae=vae,
         transformer=transformer,
         scheduler=CogVideoXDDIMScheduler(**COGVIDEOX_SCHEDULER),
@@ -124,6 +133,58 @@ def family_config(family: str, pretrained: Path, manifest: Path, run_dir: Path, 
     ]
 
 
+def solid_image(path: Path, size: int, value: int) -> Path:
+    """A ``size x size`` RGB png of one grey ``value`` (an I2V conditioning image for validation)."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(path)
+    return path
+
+
+def assert_lora_trained_only_the_adapter(trained: dict, base: dict) -> None:
+    """A LoRA run's transformer state ``trained`` vs the pretrained ``base``: every LoRA B moved from its zero
+    init, and every base weight is bit-equal (PEFT renames adapted weights ``<module>.base_layer.<name>``)."""
+    lora_b = [v for k, v in trained.items() if "lora_B" in k]
+    assert lora_b and all(torch.count_nonzero(v) > 0 for v in lora_b)
+    for key, value in base.items():
+        module, _, name = key.rpartition(".")
+        assert torch.equal(trained.get(key, trained.get(f"{module}.base_layer.{name}")), value), key
+
+
+def assert_full_run_exports(run: Path, pretrained: Path, pipe_cls: type, out: Path) -> None:
+    """A full fine-tune ``run`` moved the transformer (``proj_out``) away from ``pretrained``, and
+    ``export --format diffusers`` writes a directory whose ``pipe_cls.from_pretrained`` holds exactly the
+    trained transformer."""
+    from frameloom.export import export_run, load_run_denoiser
+
+    _, model, _ = load_run_denoiser(run)
+    base = pipe_cls.from_pretrained(pretrained).transformer
+    assert not torch.equal(base.proj_out.weight, model.transformer.proj_out.weight)
+    export_run(run, fmt="diffusers", out=out)
+    exported = pipe_cls.from_pretrained(out).transformer.state_dict()
+    for key, value in model.transformer.state_dict().items():
+        assert torch.equal(exported[key], value), key
+
+
+def assert_pipeline_text_matches_prompt_strings(pipe, model, encoder, prompt: str, **call) -> None:
+    """The family pipeline gives the same latents for ``prompt`` as a string (its own text path) and as
+    frameloom's embeddings in ``model.pipeline_text`` form (what validation passes), negative prompt "".
+    float32 on CPU, atol 1e-5 on latents of magnitude 2-5; measured: CogVideoX and LTX-Video exactly equal,
+    Wan 9.5e-7 (UMT5 runs masked over the caption alone in frameloom, over max_length padding in the
+    pipeline)."""
+
+    def latents(**text):
+        g = torch.Generator().manual_seed(0)
+        return pipe(**text, **call, guidance_scale=3.0, output_type="latent", generator=g).frames
+
+    negative = model.pipeline_text(*encoder.encode([""]))
+    ours = latents(
+        **model.pipeline_text(*encoder.encode([prompt])), **{f"negative_{k}": v for k, v in negative.items()}
+    )
+    torch.testing.assert_close(ours, latents(prompt=prompt, negative_prompt=""), atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------- Wan 2.1
 
 #: Wan's tiny VAE compresses like the real one (time /4, space /8) and its transformer patches 2x2: 5 frames
@@ -132,31 +193,6 @@ WAN_CLIP = dict(num_frames=5, height=32, width=32)
 #: Non-trivial per-channel statistics, so the latent normalization is exercised.
 WAN_LATENTS_MEAN = [0.1, -0.2, 0.3, 0.05]
 WAN_LATENTS_STD = [1.5, 0.8, 1.2, 2.0]
-
-
-def _tiny_umt5(seed: int = 0):
-    """A random 2-layer UMT5 encoder (d_model 32) and a ByT5 byte tokenizer (no vocabulary file)."""
-    from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
-
-    config = UMT5Config(
-        vocab_size=384,
-        d_model=32,
-        d_kv=16,
-        d_ff=64,
-        num_layers=2,
-        num_heads=2,
-        relative_attention_num_buckets=8,
-        dropout_rate=0.0,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = UMT5EncoderModel(config)
-    return model, ByT5Tokenizer(extra_ids=125)
 
 
 def build_tiny_wan(
@@ -203,10 +239,8 @@ def build_tiny_wan(
             latents_mean=WAN_LATENTS_MEAN,
             latents_std=WAN_LATENTS_STD,
         )
-    text_encoder, tokenizer = _tiny_umt5(seed=0)
     parts = dict(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
+        **tiny_text_parts(out, umt5=True),
         vae=vae,
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
@@ -259,7 +293,6 @@ def build_tiny_ltx(out: str | Path, *, seed: int = 0, vae_seed: int = 0, scaling
     """
     from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline
     from diffusers import LTXVideoTransformer3DModel as LTXTransformer
-    from transformers import ByT5Tokenizer, T5EncoderModel
 
     out = Path(out)
     with torch.random.fork_rng(devices=[]):
@@ -294,10 +327,8 @@ def build_tiny_ltx(out: str | Path, *, seed: int = 0, vae_seed: int = 0, scaling
         )
         vae.latents_mean.copy_(torch.linspace(-0.3, 0.4, 8))
         vae.latents_std.copy_(torch.linspace(0.5, 2.0, 8))
-    t5_dir = build_tiny_t5(out / ".t5", seed=0)
     pipe = LTXPipeline(
-        tokenizer=ByT5Tokenizer.from_pretrained(t5_dir),
-        text_encoder=T5EncoderModel.from_pretrained(t5_dir),
+        **tiny_text_parts(out),
         vae=vae,
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(**LTX_SCHEDULER),

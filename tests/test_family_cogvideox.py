@@ -2,7 +2,7 @@
 fine-tuning through the trainer, validation with the diffusers pipeline, the cache with the real encoders,
 and `frameloom sample` on a family run. Tiny random models are saved as diffusers directories (families.py).
 
-FSDP2 with 2 processes is not tested here yet: it lands with the scale-out issue's parallel layer (#5).
+FSDP2 with 2 processes: tests/test_family_parallel.py (every family).
 """
 
 from __future__ import annotations
@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from families import COGVIDEOX_SCHEDULER, build_tiny_cogvideox, family_config
+from families import (
+    COGVIDEOX_SCHEDULER,
+    TINY_CLIP,
+    assert_pipeline_text_matches_prompt_strings,
+    build_tiny_cogvideox,
+    family_config,
+    solid_image,
+)
 from frameloom.config import load_config
 from frameloom.data import synthetic
 from frameloom.errors import FrameloomError
@@ -203,6 +210,24 @@ def test_id_token_is_prepended_and_keyed(cog10, manifest, tmp_path):
     torch.testing.assert_close(tok.encode([""])[0], plain.encode([""])[0])  # the empty prompt stays empty
 
 
+def test_validation_prompt_embeddings_are_the_pipelines(cog10, manifest, tmp_path):
+    """Validation hands CogVideoXPipeline frameloom's 16-token (max_text_seq_length) unmasked T5 output: the
+    video equals the one the pipeline makes from the prompt string."""
+    from diffusers import CogVideoXPipeline
+
+    cfg = _cfg(cog10, manifest, tmp_path / "run")
+    model = cog.build_denoiser(cfg.model, 0, 0)
+    assert_pipeline_text_matches_prompt_strings(
+        CogVideoXPipeline.from_pretrained(cog10),
+        model,
+        cog.load_text_encoder(cfg, torch.device("cpu")),
+        "a red ball",
+        **TINY_CLIP,
+        num_inference_steps=2,
+        max_sequence_length=16,
+    )
+
+
 def test_missing_directory_is_one_clear_error(cog10, manifest, tmp_path):
     with pytest.raises(FrameloomError, match="not a directory"):
         cog.build_denoiser(_cfg(tmp_path / "nope", manifest, tmp_path / "r").model, 0, 0)
@@ -231,10 +256,7 @@ def _params(model) -> dict[str, torch.Tensor]:
 )
 def test_lora_and_full_steps_train(version, i2v, rank, manifest, tmp_path):
     pre = build_tiny_cogvideox(tmp_path / "pre", version=version, i2v=i2v)
-    image = tmp_path / "img.png"
-    from PIL import Image
-
-    Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(image)
+    image = solid_image(tmp_path / "img.png", 16, 128)
     cfg = _cfg(
         pre,
         manifest,
@@ -274,6 +296,48 @@ def test_cache_reused_with_same_vae_and_invalidated_when_vae_changes(cog10, mani
     shutil.copytree(build_tiny_cogvideox(tmp_path / "seed1", vae_seed=1) / "vae", other / "vae")
     changed = run_cache(_cfg(other, manifest, tmp_path / "run2", f"data.cache_dir={cache}"), progress=False)
     assert (changed.encoded, changed.reused, changed.text_encoded) == (4, 0, 0)
+
+
+def test_cached_run_releases_the_encoders_and_reloads_them_for_validation(
+    cog10, manifest, tmp_path, monkeypatch
+):
+    """With a complete cache the trainer needs only the empty-prompt embedding: T5 and the VAE leave memory
+    after construction (nothing keeps them alive), validation loads them again and drops them after."""
+    import gc
+    import weakref
+
+    from frameloom import pipeline
+
+    loaded: list[weakref.ref] = []  # every T5 model and VAE the trainer loads, weakly
+
+    def spy(load, part):
+        def wrapper(*args, **kwargs):
+            encoder = load(*args, **kwargs)
+            loaded.append(weakref.ref(getattr(encoder, part)))
+            return encoder
+
+        return wrapper
+
+    monkeypatch.setattr(pipeline, "load_text_encoder", spy(pipeline.load_text_encoder, "model"))
+    monkeypatch.setattr(pipeline, "load_codec", spy(pipeline.load_codec, "vae"))
+    extra = ("model.lora.rank=4", "validation.every=2", "validation.prompts=[a red ball]")
+    cfg = _cfg(cog10, manifest, tmp_path / "run", f"data.cache_dir={tmp_path / 'cache'}", *extra)
+    run_cache(cfg, progress=False)
+    loaded.clear()
+
+    trainer = Trainer(cfg)
+    assert trainer.cached and trainer.text_encoder is None and trainer.codec is None
+    gc.collect()
+    assert len(loaded) == 2 and all(ref() is None for ref in loaded)  # freed, not just unreferenced here
+    assert trainer.empty_emb.shape == (16, 32)  # what training still needs: "" as 16 T5 embeddings
+    trainer.fit()  # 2 steps from the cache, then validation at step 2
+    assert len(list((tmp_path / "run" / "samples" / "step-00000002").glob("*.mp4"))) == 1
+    assert len(loaded) == 4 and trainer.text_encoder is None and trainer.codec is None
+    gc.collect()
+    assert all(ref() is None for ref in loaded)
+    # Without the cache the encoders stay: every batch is encoded on the fly.
+    on_the_fly = Trainer(_cfg(cog10, manifest, tmp_path / "run2", "data.use_cache=never"))
+    assert not on_the_fly.cached and on_the_fly.text_encoder is not None and on_the_fly.codec is not None
 
 
 def test_frameloom_sample_on_a_family_run(cog10, manifest, tmp_path):

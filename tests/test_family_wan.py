@@ -5,12 +5,23 @@ the loss by hand, I2V conditioning against diffusers' own pipeline code, LoRA an
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from families import WAN_CLIP, WAN_LATENTS_MEAN, WAN_LATENTS_STD, build_tiny_wan, family_config
+from families import (
+    WAN_CLIP,
+    WAN_LATENTS_MEAN,
+    WAN_LATENTS_STD,
+    assert_full_run_exports,
+    assert_lora_trained_only_the_adapter,
+    assert_pipeline_text_matches_prompt_strings,
+    build_tiny_wan,
+    family_config,
+    solid_image,
+)
 from frameloom import pipeline as pl
 from frameloom.config import load_config
 from frameloom.data import synthetic
@@ -20,7 +31,7 @@ from frameloom.models.registry import get_family
 from frameloom.models.wan.adapter import fixed_length_text
 from frameloom.models.wan.family import comfyui_module, sample_latents
 from frameloom.models.wan.i2v import first_frame_mask, pack_image_embeds, unpack_image_embeds
-from frameloom.models.wan.schedule import flow_match_sigmas
+from frameloom.sampling.family_sampling import flow_match_sigmas
 from frameloom.train.trainer import train
 
 TEXT_LEN = 16  # model.text_max_length of the tiny runs (Wan 2.1 itself: 512)
@@ -126,6 +137,11 @@ def test_text_matches_the_pipelines_prompt_embeddings(wan_dir, manifest, tmp_pat
     pipe = WanPipeline.from_pretrained(wan_dir)
     ref, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, max_sequence_length=TEXT_LEN)
     torch.testing.assert_close(fixed_length_text(emb, mask, TEXT_LEN), ref, atol=1e-6, rtol=0)
+    # What validation hands the pipeline instead of the string gives the same video.
+    model = get_family("wan").build_denoiser(cfg.model, 0, 0)
+    assert_pipeline_text_matches_prompt_strings(
+        pipe, model, encoder, prompt, **WAN_CLIP, num_inference_steps=2, max_sequence_length=TEXT_LEN
+    )
 
 
 # ------------------------------------------------------------------------------------------------ loss
@@ -222,6 +238,37 @@ def test_i2v_condition_matches_the_pipeline_and_the_loss_by_hand(wan_i2v_dir, ma
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
 
 
+def test_i2v_validation_writes_an_mp4_without_ftfy(wan_i2v_dir, manifest, tmp_path, monkeypatch):
+    """diffusers 0.42's WanImageToVideoPipeline cleans prompt *strings* with ftfy unconditionally; validation
+    hands it frameloom's prompt embeddings instead, so it runs where ftfy is not installed."""
+    import diffusers.pipelines.wan.pipeline_wan_i2v as wan_i2v
+
+    from frameloom.sampling.video_io import read_mp4
+
+    # ftfy absent, whether or not this environment has it: `import ftfy` fails and the pipeline module has
+    # no `ftfy` (its prompt_clean would raise NameError on a string prompt).
+    monkeypatch.setitem(sys.modules, "ftfy", None)
+    monkeypatch.delattr(wan_i2v, "ftfy", raising=False)
+    with pytest.raises(NameError):
+        wan_i2v.prompt_clean("a red ball")
+    image = solid_image(tmp_path / "first.png", 32, 200)
+    cfg = wan_cfg(
+        wan_i2v_dir,
+        manifest,
+        tmp_path / "run",
+        "model.lora.rank=4",
+        "model.id_token=TOK",
+        "validation.prompts=[a red ball]",
+        f"model.config={{validation_images: [{image}]}}",
+    )
+    family = get_family("wan")
+    model = family.build_denoiser(cfg.model, 4, 32).eval()
+    encoder, codec = pl.load_text_encoder(cfg, "cpu"), pl.load_codec(cfg, "cpu")
+    paths = family.validate(model, encoder, codec, cfg, tmp_path / "samples")
+    assert [p.name for p in paths] == ["000-a_red_ball-seed0.mp4"]
+    assert read_mp4(paths[0]).shape == (WAN_CLIP["num_frames"], 32, 32, 3)
+
+
 def test_image_embeds_round_trip_through_channels():
     emb = torch.randn(2, 5, 16)
     packed = pack_image_embeds(emb, (2, 4, 4))  # 80 values in ceil(80 / 32) = 3 channels of 2 x 4 x 4
@@ -279,30 +326,18 @@ def test_lora_steps_train_only_the_adapter(lora_run, wan_dir):
     assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     _, model, _ = load_run_denoiser(run)
     base = WanTransformer3DModel.from_pretrained(wan_dir, subfolder="transformer").state_dict()
-    trained = model.transformer.state_dict()
-    lora_b = [v for k, v in trained.items() if "lora_B" in k]
-    assert lora_b and all(torch.count_nonzero(v) > 0 for v in lora_b)  # B started at 0 and moved
+    assert_lora_trained_only_the_adapter(model.transformer.state_dict(), base)
     assert len(list((run / "samples" / "step-00000002").glob("*.mp4"))) == 1  # validation via WanPipeline
-    for key, value in base.items():  # every base weight is untouched (PEFT renames adapted ones base_layer)
-        module, _, name = key.rpartition(".")
-        assert torch.equal(trained.get(key, trained.get(f"{module}.base_layer.{name}")), value), key
 
 
 @pytest.mark.slow
 def test_full_steps_and_diffusers_export(wan_dir, manifest, tmp_path):
-    from diffusers import WanPipeline, WanTransformer3DModel
+    from diffusers import WanPipeline
 
     run = tmp_path / "full"
     result = train(wan_cfg(wan_dir, manifest, run, "model.lora.rank=0"))
     assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
-    _, model, _ = load_run_denoiser(run)
-    base = WanTransformer3DModel.from_pretrained(wan_dir, subfolder="transformer")
-    assert not torch.equal(base.proj_out.weight, model.transformer.proj_out.weight)
-
-    export_run(run, fmt="diffusers", out=tmp_path / "export")
-    pipe = WanPipeline.from_pretrained(tmp_path / "export")
-    for key, value in model.transformer.state_dict().items():
-        assert torch.equal(pipe.transformer.state_dict()[key], value), key
+    assert_full_run_exports(run, wan_dir, WanPipeline, tmp_path / "export")
 
 
 # ------------------------------------------------------------------------------------------------ export + parity

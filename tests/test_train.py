@@ -71,7 +71,9 @@ def test_resume_is_bit_exact(dataset, tmp_path):
 
 def test_half_written_checkpoint_is_ignored(dataset, tmp_path):
     run = tmp_path / "run"
-    train(config(dataset, run, "train.steps=3"))
+    first = Trainer(config(dataset, run, "train.steps=3"))
+    first.substituted_samples = 7  # as if 7 samples had failed to decode: the count is checkpoint state
+    first.fit()
     good = ckpt.latest_checkpoint(run)
     # a save killed midway: a temp folder with a partial file, and a step folder with no meta.json
     partial = run / "checkpoints" / ".tmp-step-00000006-999"
@@ -83,6 +85,7 @@ def test_half_written_checkpoint_is_ignored(dataset, tmp_path):
     result = trainer.fit()
     assert result.step == 4 and len(result.losses) == 1
     assert not partial.exists()
+    assert trainer.substituted_samples == 7  # resumed, not restarted at 0
 
 
 def test_keep_last_prunes(dataset, tmp_path):

@@ -4,22 +4,28 @@ A diffusers directory (``model.pretrained``) holds ``model_index.json`` and one 
 ``transformer/`` (trained), ``vae/``, ``text_encoder/``, ``tokenizer/`` and ``scheduler/`` (frozen or
 config only). This module:
 
-- checks the directory and names everything missing in one ``FrameloomError`` (``check_pretrained``);
-- loads the parts: frozen ones in eval mode with no gradients (``frozen``, ``load_vae_codec``), the
-  transformer in ``model.dtype`` with LoRA applied when ``model.lora.rank > 0`` (``load_trainable_transformer``;
-  the base may stay in bf16 while the LoRA weights train in ``model.lora.dtype``, fp32 by default);
+- checks the directory and names everything missing in one ``FrameloomError`` (``check_pretrained``) and
+  reads its configs (``read_model_index``, ``part_config``);
+- loads the parts: frozen ones in eval mode with no gradients (``frozen``, ``load_vae_codec``,
+  ``load_text_encoder``), the transformer in ``model.dtype`` with LoRA applied when ``model.lora.rank > 0``
+  (``load_trainable_transformer``; the base may stay in bf16 while the LoRA weights train in
+  ``model.lora.dtype``, fp32 by default), and checks the widths the trainer passes (``check_widths``);
 - prepends ``model.id_token`` to every caption when encoding (``IdTokenTextEncoder``; its identity includes
   the token, so the text cache keys on it);
+- builds the flow-matching objective of the flow families from ``objective.*`` (``flow_objective``);
 - defines ``DiffusersDenoiser``, the base class of every family adapter: it holds the diffusers model as
   ``.transformer`` (what export, validation and LoRA code reach for) and maps frameloom's layout
   ``forward(x_t (B, C, T, H, W), t (B,), text_emb (B, L, D), text_mask (B, L)) -> (B, C_out, T, H, W)``
-  onto the model's own call in ``forward``;
+  onto the model's own call in ``forward``; ``pipeline_text`` gives frameloom's text embeddings in the form
+  the family pipeline's ``encode_prompt`` returns;
 - builds the family's diffusers pipeline around the in-training weights (``build_pipeline``) for validation.
+
+What a family folder adds is only what differs: its adapter, objective rules, encoder mode and sampler
+(docs/families.md, "Shared modules").
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -30,23 +36,34 @@ from torch import nn
 
 from frameloom.config.schema import Config, LoraConfig, ModelConfig
 from frameloom.errors import FrameloomError
-from frameloom.models.text import TextEncoder
+from frameloom.models.text import T5TextEncoder, TextEncoder, derive_identity
 
 __all__ = [
     "DTYPES",
+    "PARTS",
     "DiffusersDenoiser",
     "IdTokenTextEncoder",
     "add_id_token",
     "build_pipeline",
     "check_pretrained",
+    "check_widths",
+    "component_class",
+    "flow_objective",
     "frozen",
+    "load_pretrained_denoiser",
+    "load_text_encoder",
     "load_trainable_transformer",
     "load_vae_codec",
     "parse_dtype",
+    "part_config",
     "pipeline_class",
     "read_model_index",
+    "unwrap_text_encoder",
     "with_id_token",
 ]
+
+#: The parts every family directory has (I2V variants add theirs, e.g. Wan's image encoder and processor).
+PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
 DTYPES = {
     "float32": torch.float32,
@@ -96,13 +113,23 @@ def check_pretrained(model_cfg: ModelConfig, parts: tuple[str, ...]) -> Path:
     return root
 
 
-def read_model_index(root: str | os.PathLike) -> dict[str, Any]:
-    """``model_index.json`` of a diffusers directory as a dict."""
-    path = Path(root) / "model_index.json"
+def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise FrameloomError(f"cannot read {path}: {exc}") from None
+
+
+def read_model_index(root: str | os.PathLike) -> dict[str, Any]:
+    """``model_index.json`` of a diffusers directory as a dict."""
+    return _read_json(Path(root) / "model_index.json")
+
+
+def part_config(root: str | os.PathLike, part: str) -> dict[str, Any]:
+    """The config of one part as a dict: ``<root>/<part>/config.json``, or ``scheduler_config.json`` for the
+    scheduler; a missing or broken file is one clear error."""
+    name = "scheduler_config.json" if part == "scheduler" else "config.json"
+    return _read_json(Path(root) / part / name)
 
 
 def pipeline_class(root: str | os.PathLike) -> type:
@@ -116,10 +143,11 @@ def pipeline_class(root: str | os.PathLike) -> type:
     return cls
 
 
-def _component_class(root: Path, part: str) -> type:
+def component_class(root: str | os.PathLike, part: str) -> type:
     """The class of one pipeline part, from ``model_index.json`` (``[library, class]``)."""
     import importlib
 
+    root = Path(root)
     entry = read_model_index(root).get(part)
     if not entry or len(entry) != 2:
         raise FrameloomError(f"{root / 'model_index.json'}: no entry for {part!r}")
@@ -139,20 +167,48 @@ def frozen(module: nn.Module) -> nn.Module:
 # the parts
 
 
-def load_vae_codec(cfg: Config, device: torch.device | str, subfolder: str = "vae"):
-    """The family's VAE as a frozen ``DiffusersVAECodec`` in ``model.encoder_dtype``, with
-    ``model.vae_tiling``/``model.vae_slicing``."""
+def load_vae_codec(
+    cfg: Config, device: torch.device | str, codec_cls: type | None = None, parts: tuple[str, ...] = PARTS
+):
+    """The family's VAE as a frozen codec (``codec_cls``, default ``DiffusersVAECodec``; its
+    ``from_pretrained(root, subfolder=, dtype=, device=, tiling=, slicing=)``) in ``model.encoder_dtype``,
+    with ``model.vae_tiling``/``model.vae_slicing``, after checking the directory has ``parts``."""
     from frameloom.models.codecs import DiffusersVAECodec
 
-    root = check_pretrained(cfg.model, (subfolder,))
-    return DiffusersVAECodec.from_pretrained(
+    root = check_pretrained(cfg.model, parts)
+    return (codec_cls or DiffusersVAECodec).from_pretrained(
         root,
-        subfolder=subfolder,
+        subfolder="vae",
         dtype=parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype"),
         device=device,
         tiling=cfg.model.vae_tiling,
         slicing=cfg.model.vae_slicing,
     )
+
+
+def load_text_encoder(
+    cfg: Config,
+    device: torch.device | str,
+    encoder_cls: type[T5TextEncoder] = T5TextEncoder,
+    *,
+    max_length: int | None = None,
+    parts: tuple[str, ...] = PARTS,
+    **encoder_kw,
+) -> TextEncoder:
+    """``<pretrained>/text_encoder`` (T5 or UMT5) + ``tokenizer/`` as a frozen ``encoder_cls`` (the family's
+    encoding mode; ``encoder_kw`` to its constructor) in ``model.encoder_dtype``, over ``max_length`` tokens
+    (default ``model.text_max_length``), with ``model.id_token`` prepended."""
+    root = check_pretrained(cfg.model, parts)
+    encoder = encoder_cls.from_pretrained(
+        root,
+        max_length=max_length or cfg.model.text_max_length,
+        dtype=parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype"),
+        device=device,
+        subfolder="text_encoder",
+        tokenizer_subfolder="tokenizer",
+        **encoder_kw,
+    )
+    return with_id_token(encoder, cfg.model.id_token)
 
 
 def load_trainable_transformer(model_cfg: ModelConfig, subfolder: str = "transformer") -> nn.Module:
@@ -164,7 +220,7 @@ def load_trainable_transformer(model_cfg: ModelConfig, subfolder: str = "transfo
     from frameloom.models.lora import apply_lora
 
     root = check_pretrained(model_cfg, (subfolder,))
-    cls = _component_class(root, subfolder)
+    cls = component_class(root, subfolder)
     dtype = parse_dtype(model_cfg.dtype, "model.dtype")
     try:
         transformer = cls.from_pretrained(
@@ -177,6 +233,47 @@ def load_trainable_transformer(model_cfg: ModelConfig, subfolder: str = "transfo
     else:
         transformer.requires_grad_(True)
     return transformer.train()
+
+
+def check_widths(latent: tuple[int, int], text: tuple[int, int]) -> None:
+    """``latent = (VAE latent channels, what the transformer expects)``, ``text = (text encoder width, what
+    the transformer expects)``; a given size of 0 is not checked (export and sampling rebuild the denoiser
+    from the directory alone)."""
+    if latent[0] and latent[0] != latent[1]:
+        raise FrameloomError(f"the VAE has {latent[0]} latent channels, the transformer expects {latent[1]}")
+    if text[0] and text[0] != text[1]:
+        raise FrameloomError(f"the text encoder has dim {text[0]}, the transformer expects {text[1]}")
+
+
+def load_pretrained_denoiser(build_denoiser, family: str, path: str | os.PathLike, **model_kw) -> nn.Module:
+    """The ``load_denoiser`` hook of a diffusers family: a diffusers directory (or its ``transformer/``
+    folder) -> ``build_denoiser`` with full weights and no LoRA; ``model_kw`` are further ``model.*`` keys."""
+    root = Path(path)
+    pretrained = root if (root / "model_index.json").is_file() else root.parent
+    return build_denoiser(ModelConfig(family=family, pretrained=str(pretrained), **model_kw), 0, 0)
+
+
+def flow_objective(cfg: Config, default_shift: float | str, flow_cls: type | None = None, **extra):
+    """Flow matching from ``objective.*`` for a flow family: ``objective.name`` must be ``flow``; the shift is
+    ``objective.shift``, or the family's ``default_shift`` (its scheduler's) when that is left at 1;
+    ``flow_cls`` (default ``FlowMatching``) gets ``extra`` too."""
+    from frameloom.objectives.flow import FlowMatching
+
+    o = cfg.objective
+    if o.name != "flow":
+        raise FrameloomError(
+            f"model.family {cfg.model.family} trains with objective.name=flow, not {o.name!r}"
+        )
+    try:
+        return (flow_cls or FlowMatching)(
+            timestep_sampling=o.timestep_sampling,
+            logit_mean=o.logit_mean,
+            logit_std=o.logit_std,
+            shift=float(o.shift) if o.shift != 1.0 else default_shift,
+            **extra,
+        )
+    except ValueError as exc:
+        raise FrameloomError(f"objective: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -204,8 +301,7 @@ class IdTokenTextEncoder(TextEncoder):
         self.dim = inner.dim
         self.max_length = inner.max_length
         self.device = inner.device
-        spec = json.dumps({"inner": inner.identity, "id_token": id_token}, sort_keys=True)
-        self.identity = hashlib.sha256(spec.encode()).hexdigest()
+        self.identity = derive_identity(inner.identity, id_token=id_token)
 
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(texts, str):
@@ -273,6 +369,12 @@ class DiffusersDenoiser(nn.Module):
                     return blocks
             raise
 
+    def pipeline_text(self, emb: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """frameloom's text embeddings ``(B, L, D)`` + mask ``(B, L)`` as the family pipeline's prompt
+        arguments (what its ``encode_prompt`` returns; the negative ones take a ``negative_`` prefix).
+        Default: ``prompt_embeds`` as they are (CogVideoX: the fixed-length, unmasked T5 output)."""
+        return {"prompt_embeds": emb}
+
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained LoRA weights, ``{module.lora_A.weight, module.lora_B.weight}`` (see models/lora.py)."""
         from frameloom.models.lora import get_lora_state_dict
@@ -291,23 +393,27 @@ class DiffusersDenoiser(nn.Module):
 # pipelines
 
 
-def _unwrap_text_encoder(text_encoder: Any) -> Any:
+def unwrap_text_encoder(text_encoder: Any) -> Any:
+    """The encoder inside an ``IdTokenTextEncoder`` (itself otherwise): it encodes without the id token."""
     return text_encoder.inner if isinstance(text_encoder, IdTokenTextEncoder) else text_encoder
 
 
-def build_pipeline(root: str | os.PathLike, transformer: nn.Module, text_encoder: Any, codec: Any):
+def build_pipeline(
+    root: str | os.PathLike, transformer: nn.Module, text_encoder: Any, codec: Any, **parts: Any
+):
     """The family's diffusers pipeline around already-loaded parts (no second copy of any weight):
     ``transformer`` (the in-training one, LoRA layers included), the frozen text encoder's model and
-    tokenizer, the codec's VAE, and the scheduler from ``<root>/scheduler``."""
+    tokenizer, the codec's VAE, the scheduler from ``<root>/scheduler``, and any further ``parts`` the
+    pipeline class takes (Wan I2V: ``image_encoder``, ``image_processor``)."""
     root = Path(root)
     cls = pipeline_class(root)
-    scheduler_cls = _component_class(root, "scheduler")
-    scheduler = scheduler_cls.from_pretrained(str(root), subfolder="scheduler")
-    te = _unwrap_text_encoder(text_encoder)
+    scheduler = component_class(root, "scheduler").from_pretrained(str(root), subfolder="scheduler")
+    te = unwrap_text_encoder(text_encoder)
     return cls(
         tokenizer=te.tokenizer,
         text_encoder=te.model,
         vae=codec.vae,
         transformer=transformer,
         scheduler=scheduler,
+        **parts,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -49,29 +50,38 @@ def _dit() -> Family:
     return Family("dit", build_denoiser, load_denoiser)
 
 
-def _cogvideox() -> Family:
-    from frameloom.models.cogvideox.family import family
+def _diffusers_family(name: str) -> Family:
+    """A family loaded from a diffusers directory: the hooks its module `frameloom.models.<name>.family`
+    defines under their names (`load_codec`, ..., `sample_videos`, `validate`, `comfyui_module`;
+    docs/families.md). The pipeline class is the one `model_index.json` names."""
+    import importlib
 
-    return family()
+    m = importlib.import_module(f"frameloom.models.{name}.family")
+    return Family(
+        name,
+        m.build_denoiser,
+        m.load_denoiser,
+        load_codec=m.load_codec,
+        load_text_encoder=m.load_text_encoder,
+        build_objective=m.build_objective,
+        sample=m.sample_videos,
+        validate=m.validate,
+        pipeline_class=_pipeline_class,
+        comfyui_module=m.comfyui_module,
+    )
 
 
-def _wan() -> Family:
-    from frameloom.models.wan.family import family
+def _pipeline_class(cfg: Config) -> type:
+    from frameloom.models import diffusers_family as df
 
-    return family()
-
-
-def _ltx_video() -> Family:
-    from frameloom.models.ltx_video.family import family
-
-    return family()
+    return df.pipeline_class(df.check_pretrained(cfg.model, df.PARTS))
 
 
 FAMILIES: dict[str, Callable[[], Family]] = {
     "dit": _dit,
-    "cogvideox": _cogvideox,
-    "wan": _wan,
-    "ltx_video": _ltx_video,
+    "cogvideox": partial(_diffusers_family, "cogvideox"),
+    "wan": partial(_diffusers_family, "wan"),
+    "ltx_video": partial(_diffusers_family, "ltx_video"),
 }
 
 

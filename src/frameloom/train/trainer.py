@@ -143,10 +143,16 @@ class Trainer:
         self.text_encoder = dist_env.main_first(lambda: pipeline.load_text_encoder(cfg, self.device))
         self.dataset, self.cached = self._build_dataset()
         self.empty_emb, self.empty_mask = self._empty_prompt()
+        # What the model needs of the encoders; with a complete cache, training reads latents and embeddings
+        # only, so the VAE and text encoder leave memory until validation reloads them (`_encoders`).
+        self.latent_channels, self.text_dim = self.codec.latent_channels, self.text_encoder.dim
+        self.latent_grid = self.codec.latent_size(cfg.data.num_frames, cfg.data.height, cfg.data.width)
+        if self.cached:
+            self._release_encoders()
 
         # 2. The denoiser, its EMA, optimizer and schedule.
         family = get_family(cfg.model.family)
-        self.model = family.build_denoiser(cfg.model, self.codec.latent_channels, self.text_encoder.dim)
+        self.model = family.build_denoiser(cfg.model, self.latent_channels, self.text_dim)
         self.model.to(self.device).train()
         self._check_sequence_split(self.model)
         self.par: Parallelized | None = None
@@ -197,12 +203,29 @@ class Trainer:
         length = int(mask[0].sum())
         return emb[0, :length].float().cpu(), mask[0, :length].cpu()
 
+    def _release_encoders(self) -> None:
+        """Drop the codec and text encoder (a cached run trains without them); `_encoders` reloads them."""
+        import gc
+
+        self.codec = self.text_encoder = None
+        gc.collect()  # free the modules now (reference cycles), not at some later collection
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _encoders(self) -> tuple[Any, Any]:
+        """(text encoder, codec), loaded again if released (validation of a cached run)."""
+        if self.text_encoder is None:
+            self.text_encoder = pipeline.load_text_encoder(self.cfg, self.device)
+        if self.codec is None:
+            self.codec = pipeline.load_codec(self.cfg, self.device)
+        return self.text_encoder, self.codec
+
     def _check_sequence_split(self, model: torch.nn.Module) -> None:
         """Ulysses splits the video tokens and heads over sp ranks: both must divide (checked before training)."""
         sp = self.plan.sp
         if sp == 1 or not hasattr(model, "patch") or not hasattr(model, "num_heads"):
             return
-        t, h, w = self.codec.latent_size(self.cfg.data.num_frames, self.cfg.data.height, self.cfg.data.width)
+        t, h, w = self.latent_grid
         pt, ph, pw = model.patch
         check_sequence_split((t // pt) * (h // ph) * (w // pw), model.num_heads, sp)
 
@@ -312,6 +335,7 @@ class Trainer:
             "sampler": self.sampler.state_dict_at(self.batches_consumed),
             "step": self.step,
             "skipped_steps": self.skipped_steps,
+            "substituted_samples": self.substituted_samples,  # this process's count (rank 0's is saved)
         }
 
     def checkpoint_format(self) -> str:
@@ -383,6 +407,7 @@ class Trainer:
             ckpt.restore_rng(state["rng"])
         self.step = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
+        self.substituted_samples = int(state.get("substituted_samples", 0))  # absent before it was saved
         return path
 
     # ------------------------------------------------------------------ the loop
@@ -498,13 +523,15 @@ class Trainer:
             model.eval()
             out_dir = self.run_dir / "samples" / ckpt.step_name(self.step)
             family = get_family(self.cfg.model.family)
+            text_encoder, codec = self._encoders()
             if family.validate is not None:  # the family's diffusers pipeline around the in-training weights
-                paths = family.validate(model, self.text_encoder, self.codec, self.cfg, out_dir)
+                paths = family.validate(model, text_encoder, codec, self.cfg, out_dir)
             else:
                 prompts = self.cfg.validation.prompts
-                paths = generate_to_files(
-                    model, self.text_encoder, self.codec, self.cfg, prompts, out_dir=out_dir
-                )
+                paths = generate_to_files(model, text_encoder, codec, self.cfg, prompts, out_dir=out_dir)
+            del text_encoder, codec
+            if self.cached:  # back out of memory until the next validation
+                self._release_encoders()
             model.train(was_training)
         dist_env.barrier()
         return paths
@@ -522,7 +549,7 @@ class Trainer:
         if self.rank != 0:
             return None
         family = get_family(self.cfg.model.family)
-        model = family.build_denoiser(self.cfg.model, self.codec.latent_channels, self.text_encoder.dim)
+        model = family.build_denoiser(self.cfg.model, self.latent_channels, self.text_dim)
         model.load_state_dict(weights)
         return model.to(self.device)
 

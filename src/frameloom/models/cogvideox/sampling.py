@@ -20,33 +20,11 @@ from pathlib import Path
 import torch
 
 from frameloom.config.schema import Config
-from frameloom.errors import FrameloomError
+from frameloom.models.cogvideox.objective import image_condition
 from frameloom.objectives.ddpm import DDPMSchedule, ddim_step, ddim_timesteps, x0_from_v
+from frameloom.sampling.family_sampling import validate_with_pipeline, validation_images
 
-__all__ = ["ddim_sample", "load_images", "sample_videos", "validate"]
-
-
-def load_images(paths: Sequence[str], height: int, width: int) -> torch.Tensor:
-    """Images as ``(N, 3, H, W)`` floats in [-1, 1], resized (bilinear) to ``height x width``."""
-    import numpy as np
-    from PIL import Image
-
-    out = []
-    for p in paths:
-        if not Path(p).is_file():
-            raise FrameloomError(f"I2V conditioning image not found: {p}")
-        img = Image.open(p).convert("RGB").resize((width, height), Image.BILINEAR)
-        out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1)
-    return torch.stack(out)
-
-
-def _image_paths(cfg: Config, n: int) -> list[str]:
-    paths = list(cfg.model.config.get("validation_images") or [])
-    if not paths:
-        raise FrameloomError(
-            "an image-to-video model needs model.config.validation_images (one image per prompt)"
-        )
-    return [paths[i % len(paths)] for i in range(n)]
+__all__ = ["ddim_sample", "sample_videos", "validate"]
 
 
 @torch.no_grad()
@@ -106,7 +84,7 @@ def sample_videos(
     extra = (-t_lat) % p_t if p_t else 0
     channels = config.out_channels or config.in_channels
     if getattr(model, "is_i2v", False) and images is None:
-        images = load_images(_image_paths(cfg, len(prompts)), cfg.data.height, cfg.data.width)
+        images = validation_images(cfg, len(prompts))
     neg = text_encoder.encode([cfg.sample.negative_prompt])
     out = []
     for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
@@ -116,8 +94,6 @@ def sample_videos(
         emb, mask = text_encoder.encode([prompt])
         image_cond = None
         if images is not None:
-            from frameloom.models.cogvideox.objective import image_condition
-
             latent = codec.encode(
                 images[i : i + 1].unsqueeze(2).to(device), generator=g
             ).float()  # (1, C, 1, h, w)
@@ -149,45 +125,10 @@ def _image_scale(codec) -> float:
 @torch.no_grad()
 def validate(model: torch.nn.Module, text_encoder, codec, cfg: Config, out_dir: str | Path) -> list[Path]:
     """Generate ``validation.prompts`` with diffusers' CogVideoX pipeline around the in-training transformer
-    (LoRA layers active), one mp4 per prompt in ``out_dir``; returns the paths."""
-    from frameloom.models.diffusers_family import add_id_token, build_pipeline
-    from frameloom.sampling.generate import slug
-    from frameloom.sampling.video_io import write_mp4
-
-    pipe = build_pipeline(model.pretrained, model.transformer, text_encoder, codec)
-    pipe.set_progress_bar_config(disable=True)
-    prompts = list(cfg.validation.prompts)
-    images = None
-    if getattr(model, "is_i2v", False):
-        images = load_images(_image_paths(cfg, len(prompts)), cfg.data.height, cfg.data.width)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    te_dtype = getattr(text_encoder, "dtype", torch.float32)
-    tr_dtype = next(model.transformer.parameters()).dtype
-    device = next(model.transformer.parameters()).device
-    paths = []
-    for i, prompt in enumerate(prompts):
-        kwargs = dict(
-            prompt=add_id_token(prompt, cfg.model.id_token),
-            negative_prompt=cfg.sample.negative_prompt or None,
-            num_frames=cfg.data.num_frames,
-            height=cfg.data.height,
-            width=cfg.data.width,
-            num_inference_steps=cfg.sample.steps,
-            guidance_scale=cfg.sample.guidance,
-            generator=torch.Generator().manual_seed(cfg.sample.seed),
-            output_type="pt",
-            max_sequence_length=text_encoder.max_length,
-        )
-        if images is not None:
-            kwargs["image"] = (images[i : i + 1] + 1) / 2  # the pipeline takes [0, 1] images
-        # A bf16 base with an fp32 text encoder: let autocast reconcile the dtypes.
-        with torch.autocast(device.type, dtype=tr_dtype, enabled=te_dtype != tr_dtype):
-            frames = pipe(**kwargs).frames[0]  # (T, 3, H, W) in [0, 1]
-        video = frames.permute(1, 0, 2, 3).float() * 2 - 1
-        paths.append(
-            write_mp4(
-                video, out_dir / f"{i:03d}-{slug(prompt)}-seed{cfg.sample.seed}.mp4", fps=cfg.sample.fps
-            )
-        )
-    return paths
+    (LoRA layers active), one mp4 per prompt in ``out_dir``; I2V takes ``model.config.validation_images``."""
+    if not getattr(model, "is_i2v", False):
+        return validate_with_pipeline(model, text_encoder, codec, cfg, out_dir)
+    images = validation_images(cfg, len(cfg.validation.prompts))
+    return validate_with_pipeline(  # the pipeline takes [0, 1] images
+        model, text_encoder, codec, cfg, out_dir, extra=lambda i: {"image": (images[i : i + 1] + 1) / 2}
+    )

@@ -10,7 +10,7 @@ Conventions bridged (read from diffusers' ``LTXPipeline``):
   set it to the clips' frame rate);
 - time: ``timestep = 1000 * sigma``; prediction: the velocity ``noise - x0``;
 - text: real token embeddings plus the mask (``encoder_attention_mask``): masked positions get a -10000
-  bias, so zero padding of any length gives the pipeline's result (wan/text.py, ``PaddedT5TextEncoder``);
+  bias, so zero padding of any length gives the pipeline's result (models/text.py, ``PaddedT5TextEncoder``);
 - latents: ``(z - latents_mean) * scaling_factor / latents_std`` (``DiffusersVAECodec``);
   VAEs with ``timestep_conditioning`` (LTX-Video 0.9.1+) decode at ``decode_timestep`` (0, the pipeline's
   default, which also adds no decode noise).
@@ -32,8 +32,8 @@ from torch import nn
 from frameloom.config.schema import LoraConfig
 from frameloom.models.codecs import DiffusersVAECodec
 from frameloom.models.diffusers_family import DiffusersDenoiser
-from frameloom.models.wan.schedule import resolution_mu
 from frameloom.objectives.flow import FlowMatching
+from frameloom.sampling.family_sampling import resolution_mu
 
 __all__ = ["LTXDenoiser", "LTXVideoCodec", "ResolutionShiftedFlow", "pack_latents", "unpack_latents"]
 
@@ -77,6 +77,11 @@ class LTXDenoiser(DiffusersDenoiser):
         ct, cs, _ = vae_compression
         self.frame_rate = float(frame_rate)
         self.rope_scale = (ct / self.frame_rate, cs, cs)
+
+    def pipeline_text(self, emb: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``LTXPipeline``'s ``prompt_embeds`` and ``prompt_attention_mask`` (the padded positions are masked
+        out, so their values, zero here, never reach the output)."""
+        return {"prompt_embeds": emb, "prompt_attention_mask": mask}
 
     def forward(
         self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor, text_mask: torch.Tensor | None

@@ -6,7 +6,7 @@ Objective: flow matching (``noise - x0``, transformer timestep ``1000 t``), time
 ``objective.timestep_sampling`` (LTX-Video's trainer: logit-normal(0, 1)) and shifted by ``e^mu`` for the
 clip's latent token count with the scheduler's ``base/max_shift`` and ``base/max_image_seq_len``, the same
 ``mu`` the pipeline samples with; ``objective.shift`` other than 1 fixes the shift instead. The text is T5
-over ``model.text_max_length`` (128 in the pipeline) padded ids without a mask (wan/text.py).
+over ``model.text_max_length`` (128 in the pipeline) padded ids without a mask (``PaddedT5TextEncoder``).
 ``model.config.frame_rate`` (default 25) sets the RoPE time scale (ltx_video/adapter.py).
 """
 
@@ -18,59 +18,46 @@ import numpy as np
 import torch
 
 from frameloom.config.schema import Config, ModelConfig
-from frameloom.errors import FrameloomError
 from frameloom.models import diffusers_family as df
 from frameloom.models.ltx_video.adapter import LTXDenoiser, LTXVideoCodec, ResolutionShiftedFlow
-from frameloom.models.wan.sampling import flow_sample_latents, validate_with_pipeline
-from frameloom.models.wan.schedule import flow_match_sigmas, load_scheduler_config, resolution_mu
-from frameloom.models.wan.text import PaddedT5TextEncoder, load_t5_like
+from frameloom.models.text import PaddedT5TextEncoder
+from frameloom.sampling.family_sampling import (
+    decode_latents,
+    flow_match_sigmas,
+    flow_sample_latents,
+    resolution_mu,
+    validate_with_pipeline,
+)
 
 __all__ = [
     "build_denoiser",
     "build_objective",
-    "family",
     "load_codec",
     "load_denoiser",
     "load_text_encoder",
     "sample_latents",
     "sample_videos",
+    "sampling_sigmas",
     "validate",
 ]
 
-PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+#: LTX-Video's original (and ComfyUI's) module names are diffusers' names: the LoRA key map is the identity.
+comfyui_module = None
 
 
 def load_codec(cfg: Config, device: torch.device) -> LTXVideoCodec:
     """The frozen ``AutoencoderKLLTXVideo`` codec in ``model.encoder_dtype`` (tiling/slicing as configured)."""
-    root = df.check_pretrained(cfg.model, PARTS)
-    return LTXVideoCodec.from_pretrained(
-        root,
-        subfolder="vae",
-        dtype=df.parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype"),
-        device=device,
-        tiling=cfg.model.vae_tiling,
-        slicing=cfg.model.vae_slicing,
-    )
+    return df.load_vae_codec(cfg, device, LTXVideoCodec)
 
 
 def load_text_encoder(cfg: Config, device: torch.device):
     """T5 over ``model.text_max_length`` padded ids, unmasked (as ``LTXPipeline``), with ``model.id_token``."""
-    root = df.check_pretrained(cfg.model, PARTS)
-    encoder = load_t5_like(
-        root,
-        PaddedT5TextEncoder,
-        max_length=cfg.model.text_max_length,
-        dtype=df.parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype"),
-        device=device,
-    )
-    return df.with_id_token(encoder, cfg.model.id_token)
+    return df.load_text_encoder(cfg, device, PaddedT5TextEncoder)
 
 
 def _vae_compression(root: Path) -> tuple[int, int, int]:
     """``(t, s, s)`` of the VAE without loading its weights: the ratios diffusers derives from its config."""
-    import json
-
-    cfg = json.loads((root / "vae" / "config.json").read_text())
+    cfg = df.part_config(root, "vae")
     scaling = cfg.get("spatio_temporal_scaling") or (True, True, True, False)
     levels = sum(bool(s) for s in scaling)
     s = cfg.get("spatial_compression_ratio") or int(cfg.get("patch_size", 4)) * 2**levels
@@ -81,19 +68,16 @@ def _vae_compression(root: Path) -> tuple[int, int, int]:
 def build_denoiser(model_cfg: ModelConfig, latent_channels: int, text_dim: int) -> LTXDenoiser:
     """The pretrained transformer (LoRA when ``model.lora.rank > 0``) in frameloom's layout.
 
-    ``latent_channels``/``text_dim`` are checked against the transformer when given (> 0).
+    ``latent_channels``/``text_dim`` are checked against the transformer when given (> 0); a token carries
+    ``C * p_t * p * p`` values.
     """
-    root = df.check_pretrained(model_cfg, PARTS)
+    root = df.check_pretrained(model_cfg, df.PARTS)
     transformer = df.load_trainable_transformer(model_cfg)
     config = transformer.config
-    if latent_channels and latent_channels * config.patch_size_t * config.patch_size**2 != config.in_channels:
-        raise FrameloomError(
-            f"the VAE has {latent_channels} latent channels, the transformer takes {config.in_channels} per token"
-        )
-    if text_dim and text_dim != config.caption_channels:
-        raise FrameloomError(
-            f"the text encoder has dim {text_dim}, the transformer expects {config.caption_channels}"
-        )
+    per_token = config.patch_size_t * config.patch_size**2
+    df.check_widths(
+        latent=(latent_channels, config.in_channels // per_token), text=(text_dim, config.caption_channels)
+    )
     return LTXDenoiser(
         transformer,
         root,
@@ -105,9 +89,7 @@ def build_denoiser(model_cfg: ModelConfig, latent_channels: int, text_dim: int) 
 
 def load_denoiser(path: str) -> LTXDenoiser:
     """A diffusers directory (or its ``transformer/`` folder) -> the full-weights denoiser, no LoRA."""
-    root = Path(path)
-    pretrained = root if (root / "model_index.json").is_file() else root.parent
-    return build_denoiser(ModelConfig(family="ltx_video", pretrained=str(pretrained)), 0, 0)
+    return df.load_pretrained_denoiser(build_denoiser, "ltx_video", path)
 
 
 def _shift_settings(config: dict) -> dict:
@@ -122,33 +104,23 @@ def _shift_settings(config: dict) -> dict:
 
 def build_objective(cfg: Config) -> ResolutionShiftedFlow:
     """Flow matching shifted by ``e^mu(tokens)`` (module docstring)."""
-    root = df.check_pretrained(cfg.model, PARTS)
-    o = cfg.objective
-    if o.name != "flow":
-        raise FrameloomError(f"model.family ltx_video trains with objective.name=flow, not {o.name!r}")
-    import json
-
-    tcfg = json.loads((root / "transformer" / "config.json").read_text())
+    root = df.check_pretrained(cfg.model, df.PARTS)
+    tcfg = df.part_config(root, "transformer")
     p, p_t = int(tcfg.get("patch_size", 1)), int(tcfg.get("patch_size_t", 1))
-    config = load_scheduler_config(root)
-    try:
-        return ResolutionShiftedFlow(
-            timestep_sampling=o.timestep_sampling,
-            logit_mean=o.logit_mean,
-            logit_std=o.logit_std,
-            shift=float(o.shift) if o.shift != 1.0 else "auto",
-            patch=(p_t, p, p),
-            **_shift_settings(config),
-        )
-    except ValueError as exc:
-        raise FrameloomError(f"objective: {exc}") from None
+    return df.flow_objective(
+        cfg,
+        "auto",
+        ResolutionShiftedFlow,
+        patch=(p_t, p, p),
+        **_shift_settings(df.part_config(root, "scheduler")),
+    )
 
 
 def sampling_sigmas(root: str | Path, steps: int, latent_grid: tuple[int, int, int], shift: float = 1.0):
     """``LTXPipeline``'s grid: ``linspace(1, 1/n, n)`` shifted by ``e^mu`` for ``T H W`` latent tokens (the
     pipeline counts latent positions, not patches) and stretched to ``shift_terminal``; ``shift != 1``
     replaces the dynamic shift by that static one."""
-    config = load_scheduler_config(root)
+    config = df.part_config(root, "scheduler")
     t, h, w = latent_grid
     if shift != 1.0:
         fixed = {**config, "use_dynamic_shifting": False, "shift": float(shift)}
@@ -159,7 +131,7 @@ def sampling_sigmas(root: str | Path, steps: int, latent_grid: tuple[int, int, i
 
 @torch.no_grad()
 def sample_latents(model: LTXDenoiser, text_encoder, codec, cfg: Config, prompts, seeds) -> torch.Tensor:
-    """Normalized latents ``(N, C, t, h, w)`` (wan/sampling.py) on the pipeline's grid."""
+    """Normalized latents ``(N, C, t, h, w)`` (sampling/family_sampling.py) on the pipeline's grid."""
     grid = codec.latent_size(cfg.data.num_frames, cfg.data.height, cfg.data.width)
     return flow_sample_latents(
         model,
@@ -176,36 +148,13 @@ def sample_latents(model: LTXDenoiser, text_encoder, codec, cfg: Config, prompts
 @torch.no_grad()
 def sample_videos(model, text_encoder, codec, cfg: Config, prompts, seeds) -> torch.Tensor:
     """Videos ``(N, 3, T, H, W)`` in [-1, 1] (the family ``sample`` hook)."""
-    latents = sample_latents(model, text_encoder, codec, cfg, prompts, seeds)
-    return torch.cat([codec.decode(x[None]).float().clamp(-1, 1).cpu() for x in latents])
+    return decode_latents(codec, sample_latents(model, text_encoder, codec, cfg, prompts, seeds))
 
 
 @torch.no_grad()
 def validate(model: LTXDenoiser, text_encoder, codec, cfg: Config, out_dir) -> list[Path]:
-    """``validation.prompts`` through ``LTXPipeline`` around the in-training transformer (LoRA active)."""
-    pipe = df.build_pipeline(model.pretrained, model.transformer, text_encoder, codec)
+    """``validation.prompts`` through ``LTXPipeline`` around the in-training transformer (LoRA active), at
+    the adapter's frame rate (RoPE time scale)."""
     return validate_with_pipeline(
-        pipe, model, text_encoder, cfg, out_dir, lambda i: {"frame_rate": model.frame_rate}
-    )
-
-
-def pipeline_class(cfg: Config) -> type:
-    """``LTXPipeline`` (``model_index.json``'s class)."""
-    return df.pipeline_class(df.check_pretrained(cfg.model, PARTS))
-
-
-def family():
-    from frameloom.models.registry import Family
-
-    return Family(
-        "ltx_video",
-        build_denoiser,
-        load_denoiser,
-        load_codec=load_codec,
-        load_text_encoder=load_text_encoder,
-        build_objective=build_objective,
-        sample=sample_videos,
-        validate=validate,
-        pipeline_class=pipeline_class,
-        comfyui_module=None,  # LTX-Video's original (and ComfyUI's) module names are diffusers' names
+        model, text_encoder, codec, cfg, out_dir, extra=lambda i: {"frame_rate": model.frame_rate}
     )

@@ -62,6 +62,10 @@ class WanDenoiser(DiffusersDenoiser):
             self.mask_channels = int(cfg.in_channels) - 2 * self.latent_channels
             self.image_dim = int(cfg.image_dim)
 
+    def pipeline_text(self, emb: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The Wan pipelines' ``prompt_embeds``: zero-padded to ``text_len``, no mask."""
+        return {"prompt_embeds": fixed_length_text(emb, mask, self.text_len)}
+
     def forward(
         self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor, text_mask: torch.Tensor | None
     ) -> torch.Tensor:

@@ -12,7 +12,6 @@ are the VAE's, normalized per channel ``(z - latents_mean) / latents_std``. I2V 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -20,74 +19,56 @@ import torch
 from frameloom.config.schema import Config, ModelConfig
 from frameloom.errors import FrameloomError
 from frameloom.models import diffusers_family as df
+from frameloom.models.codecs import DiffusersVAECodec
 from frameloom.models.wan.adapter import WanDenoiser
-from frameloom.models.wan.i2v import ConditionedFlow, WanI2VCodec
-from frameloom.models.wan.sampling import flow_sample_latents, validate_with_pipeline
-from frameloom.models.wan.schedule import flow_match_sigmas, load_scheduler_config, scheduler_shift
-from frameloom.models.wan.text import WanTextEncoder, load_t5_like
-from frameloom.objectives.flow import FlowMatching
+from frameloom.models.wan.i2v import ConditionedFlow, WanI2VCodec, pack_image_embeds
+from frameloom.models.wan.text import WanTextEncoder
+from frameloom.sampling.family_sampling import (
+    decode_latents,
+    flow_match_sigmas,
+    flow_sample_latents,
+    scheduler_shift,
+    validate_with_pipeline,
+    validation_images,
+)
 
 __all__ = [
     "build_denoiser",
     "build_objective",
     "comfyui_module",
-    "family",
     "is_i2v",
     "load_codec",
     "load_denoiser",
     "load_text_encoder",
+    "sample_latents",
     "sample_videos",
     "validate",
 ]
 
-PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 I2V_PARTS = ("image_encoder", "image_processor")
-
-
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FrameloomError(f"cannot read {path}: {exc}") from None
 
 
 def is_i2v(root: str | Path) -> bool:
     """Whether ``root`` holds Wan I2V: its transformer takes image tokens (``image_dim`` set)."""
-    return _json(Path(root) / "transformer" / "config.json").get("image_dim") is not None
+    return df.part_config(root, "transformer").get("image_dim") is not None
 
 
-def _root(model_cfg: ModelConfig) -> Path:
-    root = df.check_pretrained(model_cfg, PARTS)
-    if is_i2v(root):
-        df.check_pretrained(model_cfg, PARTS + I2V_PARTS)
-    return root
+def _parts(model_cfg: ModelConfig) -> tuple[str, ...]:
+    """The parts the directory must have: I2V adds the image encoder and processor."""
+    root = df.check_pretrained(model_cfg, df.PARTS)
+    return df.PARTS + I2V_PARTS if is_i2v(root) else df.PARTS
 
 
 def load_codec(cfg: Config, device: torch.device):
     """T2V: the frozen ``AutoencoderKLWan`` codec; I2V: ``WanI2VCodec`` (VAE + CLIP image encoder)."""
-    root = _root(cfg.model)
-    if not is_i2v(root):
-        return df.load_vae_codec(cfg, device)
-    return WanI2VCodec.from_pretrained(
-        root,
-        dtype=df.parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype"),
-        device=device,
-        tiling=cfg.model.vae_tiling,
-        slicing=cfg.model.vae_slicing,
-    )
+    parts = _parts(cfg.model)
+    codec_cls = WanI2VCodec if parts != df.PARTS else DiffusersVAECodec
+    return df.load_vae_codec(cfg, device, codec_cls, parts=parts)
 
 
 def load_text_encoder(cfg: Config, device: torch.device):
     """UMT5 with Wan's prompt cleaning (wan/text.py), ``model.text_max_length`` tokens, ``model.id_token``."""
-    root = _root(cfg.model)
-    encoder = load_t5_like(
-        root,
-        WanTextEncoder,
-        max_length=cfg.model.text_max_length,
-        dtype=df.parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype"),
-        device=device,
-    )
-    return df.with_id_token(encoder, cfg.model.id_token)
+    return df.load_text_encoder(cfg, device, WanTextEncoder, parts=_parts(cfg.model))
 
 
 def build_denoiser(model_cfg: ModelConfig, latent_channels: int, text_dim: int) -> WanDenoiser:
@@ -96,20 +77,13 @@ def build_denoiser(model_cfg: ModelConfig, latent_channels: int, text_dim: int) 
 
     ``latent_channels``/``text_dim`` are checked against the transformer when given (> 0).
     """
-    root = _root(model_cfg)
+    root = df.check_pretrained(model_cfg, _parts(model_cfg))
     transformer = df.load_trainable_transformer(model_cfg)
     config = transformer.config
-    if latent_channels and latent_channels != config.out_channels:
-        raise FrameloomError(
-            f"the VAE has {latent_channels} latent channels, the transformer predicts {config.out_channels}"
-        )
-    if text_dim and text_dim != config.text_dim:
-        raise FrameloomError(
-            f"the text encoder has dim {text_dim}, the transformer expects {config.text_dim}"
-        )
+    df.check_widths(latent=(latent_channels, config.out_channels), text=(text_dim, config.text_dim))
     image_tokens = None
     if config.image_dim is not None:
-        vision = _json(root / "image_encoder" / "config.json")
+        vision = df.part_config(root, "image_encoder")
         vision = vision.get("vision_config", vision)
         image_tokens = (int(vision["image_size"]) // int(vision["patch_size"])) ** 2 + 1
         if int(vision["hidden_size"]) != config.image_dim:
@@ -122,55 +96,25 @@ def build_denoiser(model_cfg: ModelConfig, latent_channels: int, text_dim: int) 
 
 
 def load_denoiser(path: str) -> WanDenoiser:
-    """A diffusers directory (or its ``transformer/`` folder) -> the full-weights denoiser, no LoRA."""
-    root = Path(path)
-    pretrained = root if (root / "model_index.json").is_file() else root.parent
-    return build_denoiser(ModelConfig(family="wan", pretrained=str(pretrained), text_max_length=512), 0, 0)
-
-
-def _flow(cfg: Config, default_shift: float) -> FlowMatching:
-    o = cfg.objective
-    if o.name != "flow":
-        raise FrameloomError(
-            f"model.family {cfg.model.family} trains with objective.name=flow, not {o.name!r}"
-        )
-    try:
-        return FlowMatching(
-            timestep_sampling=o.timestep_sampling,
-            logit_mean=o.logit_mean,
-            logit_std=o.logit_std,
-            shift=float(o.shift) if o.shift != 1.0 else default_shift,
-        )
-    except ValueError as exc:
-        raise FrameloomError(f"objective: {exc}") from None
+    """A diffusers directory (or its ``transformer/`` folder) -> the full-weights denoiser, no LoRA, with Wan
+    2.1's 512 text positions."""
+    return df.load_pretrained_denoiser(build_denoiser, "wan", path, text_max_length=512)
 
 
 def build_objective(cfg: Config):
     """Flow matching with the scheduler config's shift; I2V: only the latent channels are noised."""
-    root = _root(cfg.model)
-    flow = _flow(cfg, scheduler_shift(load_scheduler_config(root)))
+    root = df.check_pretrained(cfg.model, _parts(cfg.model))
+    flow = df.flow_objective(cfg, scheduler_shift(df.part_config(root, "scheduler")))
     if not is_i2v(root):
         return flow
-    channels = int(_json(root / "vae" / "config.json").get("z_dim", 16))
-    return ConditionedFlow(flow, channels)
+    return ConditionedFlow(flow, int(df.part_config(root, "vae").get("z_dim", 16)))
 
 
 def _sigmas(model: WanDenoiser, cfg: Config) -> torch.Tensor:
-    config = load_scheduler_config(model.pretrained)
+    config = df.part_config(model.pretrained, "scheduler")
     if cfg.sample.shift != 1.0:  # an explicit sampling shift replaces the scheduler's
         config = {**config, "shift": float(cfg.sample.shift), "flow_shift": float(cfg.sample.shift)}
     return flow_match_sigmas(cfg.sample.steps, config)
-
-
-def _validation_images(cfg: Config, n: int) -> torch.Tensor:
-    from frameloom.models.cogvideox.sampling import load_images  # the shared image reader of I2V families
-
-    paths = list(cfg.model.config.get("validation_images") or [])
-    if not paths:
-        raise FrameloomError(
-            "an image-to-video model needs model.config.validation_images (one image per prompt)"
-        )
-    return load_images([paths[i % len(paths)] for i in range(n)], cfg.data.height, cfg.data.width)
 
 
 @torch.no_grad()
@@ -188,10 +132,8 @@ def sample_latents(
     grid = codec.latent_size(cfg.data.num_frames, cfg.data.height, cfg.data.width)
     conditions = None
     if model.i2v:
-        from frameloom.models.wan.i2v import pack_image_embeds
-
         if images is None:
-            images = _validation_images(cfg, len(prompts))
+            images = validation_images(cfg, len(prompts))
         cond, image = codec.condition(images.to(codec.device), cfg.data.num_frames)
         conditions = torch.cat([cond.float(), pack_image_embeds(image.float(), grid)], dim=1)
     return flow_sample_latents(
@@ -209,50 +151,30 @@ def sample_latents(
 
 @torch.no_grad()
 def sample_videos(model, text_encoder, codec, cfg: Config, prompts, seeds, images=None) -> torch.Tensor:
-    """Videos ``(N, 3, T, H, W)`` in [-1, 1] (the family ``sample`` hook; wan/sampling.py)."""
-    latents = sample_latents(model, text_encoder, codec, cfg, prompts, seeds, images)
-    return torch.cat([codec.decode(x[None]).float().clamp(-1, 1).cpu() for x in latents])
-
-
-def build_pipeline(model: WanDenoiser, text_encoder, codec):
-    """``WanPipeline`` / ``WanImageToVideoPipeline`` around the in-training transformer and the loaded parts."""
-    if not model.i2v:
-        return df.build_pipeline(model.pretrained, model.transformer, text_encoder, codec)
-    from diffusers import WanImageToVideoPipeline
-
-    te = getattr(text_encoder, "inner", text_encoder)
-    scheduler_cls = df._component_class(Path(model.pretrained), "scheduler")
-    return WanImageToVideoPipeline(
-        tokenizer=te.tokenizer,
-        text_encoder=te.model,
-        vae=codec.vae,
-        scheduler=scheduler_cls.from_pretrained(str(model.pretrained), subfolder="scheduler"),
-        image_processor=codec.image_processor,
-        image_encoder=codec.image_encoder,
-        transformer=model.transformer,
-    )
+    """Videos ``(N, 3, T, H, W)`` in [-1, 1] (the family ``sample`` hook)."""
+    return decode_latents(codec, sample_latents(model, text_encoder, codec, cfg, prompts, seeds, images))
 
 
 @torch.no_grad()
 def validate(model: WanDenoiser, text_encoder, codec, cfg: Config, out_dir) -> list[Path]:
-    """``validation.prompts`` through the Wan pipeline around the in-training transformer (LoRA active)."""
-    pipe = build_pipeline(model, text_encoder, codec)
-    images = _validation_images(cfg, len(cfg.validation.prompts)) if model.i2v else None
+    """``validation.prompts`` through ``WanPipeline`` / ``WanImageToVideoPipeline`` around the in-training
+    transformer (LoRA active); I2V takes ``model.config.validation_images`` and the codec's CLIP parts."""
+    if not model.i2v:
+        return validate_with_pipeline(model, text_encoder, codec, cfg, out_dir)
+    from PIL import Image
 
-    def extra(i: int) -> dict:
-        if images is None:
-            return {}
-        from PIL import Image
-
-        u8 = ((images[i] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-        return {"image": Image.fromarray(u8)}
-
-    return validate_with_pipeline(pipe, model, text_encoder, cfg, out_dir, extra)
-
-
-def pipeline_class(cfg: Config) -> type:
-    """``WanPipeline`` or ``WanImageToVideoPipeline`` (``model_index.json``'s class)."""
-    return df.pipeline_class(_root(cfg.model))
+    images = validation_images(cfg, len(cfg.validation.prompts))
+    u8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return validate_with_pipeline(
+        model,
+        text_encoder,
+        codec,
+        cfg,
+        out_dir,
+        extra=lambda i: {"image": Image.fromarray(u8[i])},  # the pipeline's image processor takes PIL
+        image_encoder=codec.image_encoder,
+        image_processor=codec.image_processor,
+    )
 
 
 # diffusers module path -> the original Wan / ComfyUI path (the inverse of diffusers' Wan LoRA conversion,
@@ -296,21 +218,4 @@ def comfyui_module(path: str) -> str:
         return _COMFY_TOP[path]
     raise FrameloomError(
         f"no ComfyUI name for the Wan module {path!r} (choose other model.lora.target_modules)"
-    )
-
-
-def family():
-    from frameloom.models.registry import Family
-
-    return Family(
-        "wan",
-        build_denoiser,
-        load_denoiser,
-        load_codec=load_codec,
-        load_text_encoder=load_text_encoder,
-        build_objective=build_objective,
-        sample=sample_videos,
-        validate=validate,
-        pipeline_class=pipeline_class,
-        comfyui_module=comfyui_module,
     )

@@ -177,17 +177,19 @@ class WanI2VCodec(LatentCodec):
         cls,
         root: str | Path,
         *,
+        subfolder: str = "vae",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         tiling: bool = False,
         slicing: bool = False,
     ) -> WanI2VCodec:
-        """``<root>/vae``, ``<root>/image_encoder`` (CLIPVisionModel), ``<root>/image_processor``."""
+        """``<root>/<subfolder>`` (the VAE), ``<root>/image_encoder`` (CLIPVisionModel),
+        ``<root>/image_processor``."""
         from transformers import CLIPImageProcessor, CLIPVisionModel
 
         root = Path(root)
         vae = DiffusersVAECodec.from_pretrained(
-            root, subfolder="vae", dtype=dtype, tiling=tiling, slicing=slicing
+            root, subfolder=subfolder, dtype=dtype, tiling=tiling, slicing=slicing
         )
         try:
             image_encoder = CLIPVisionModel.from_pretrained(

@@ -1,0 +1,312 @@
+"""Sampling the pretrained (diffusers) families the way their own pipelines do, and validation through those
+pipelines. Family-neutral: the family folders only say which grid, which condition and which pipeline.
+
+1. Time grids of the flow-matching families (Wan, LTX-Video). frameloom's own sampler integrates on an
+   explicit grid of times; for a pretrained family that grid must be the one its pipeline uses, or
+   "frameloom's sample" and "the pipeline's sample" would differ by more than rounding. The grid is what
+   diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps`` computes (read from diffusers 0.42,
+   re-derived here):
+
+   a. Training grid: ``N = num_train_timesteps`` (1000) times ``t_i = i / N``, ``i = N..1``; without dynamic
+      shifting they are shifted once (``static_shift``), so ``sigma_min = shift(1 / N)``, ``sigma_max = 1``.
+   b. Inference grid for ``n`` steps: ``linspace(sigma_max, sigma_min, n)`` (through ``N * sigma``, in
+      float64), shifted again: ``static_shift`` with the config's ``shift``, or with dynamic shifting the
+      exponential time shift ``e^mu / (e^mu + 1/t - 1)`` (the same map with ``shift = e^mu``); LTX-Video's
+      pipeline passes its own ``linspace(1, 1/n, n)`` instead (float32).
+   c. ``shift_terminal``: stretch so the last sigma equals it, ``1 - (1 - t) * (1 - terminal) / (1 - t_last)``.
+   d. Append ``0``. The model is called with ``timestep = 1000 * sigma``; each step is ``x += (s_next - s) v``.
+
+   Wan ships a ``UniPCMultistepScheduler`` (``flow_shift``, ``use_flow_sigmas``): a multistep solver with its
+   own grid. frameloom samples it with Euler on the grid above with ``shift = flow_shift`` (what
+   ``FlowMatchEulerDiscreteScheduler.from_config(unipc_config, shift=flow_shift)`` does); the pipeline with
+   UniPC then differs from frameloom's sample by the solver, not the model. LTX-Video's resolution-dependent
+   shift (``calculate_shift`` in diffusers' LTX pipeline): ``mu`` is linear in the latent token count between
+   ``(base_image_seq_len, base_shift)`` and ``(max_image_seq_len, max_shift)``.
+
+2. ``flow_sample_latents``: the pipelines' noise (``randn((1, C, t, h, w), generator=Generator().manual_seed(
+   seed))`` per prompt, a batch of one from a CPU generator; LTX packs that same tensor into tokens), then
+   ``euler_sample`` on the grid: per step one batched forward of ``[uncond; cond]``,
+   ``v = v_u + g (v_c - v_u)``; I2V conditions are appended to ``x`` as channels at every call.
+   (CogVideoX's DDIM loop is in models/cogvideox/sampling.py.)
+
+3. ``validate_with_pipeline``: ``validation.prompts`` through the family's diffusers pipeline built around
+   the in-training transformer (models/diffusers_family.py, ``build_pipeline``), one mp4 each. The prompts
+   go in as embeddings computed by frameloom's own encoder (``model.pipeline_text`` puts them in the form
+   the pipeline's ``encode_prompt`` returns), so the pipeline never runs its text path: the embeddings are
+   the ones training saw (``model.id_token`` included) and optional text-cleaning packages the pipeline
+   would call (Wan I2V's ``ftfy``) are not needed.
+
+4. I2V conditioning images: ``model.config.validation_images`` (``validation_images``, ``load_images``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from frameloom.config.schema import Config
+from frameloom.errors import FrameloomError
+from frameloom.sampling.flow_euler import euler_sample
+
+__all__ = [
+    "decode_latents",
+    "exponential_time_shift",
+    "flow_match_sigmas",
+    "flow_sample_latents",
+    "load_images",
+    "resolution_mu",
+    "scheduler_shift",
+    "static_shift",
+    "stretch_to_terminal",
+    "validate_with_pipeline",
+    "validation_images",
+    "write_videos",
+]
+
+# --------------------------------------------------------------------------------------------------------
+# 1. time grids (pure functions)
+
+_UNSUPPORTED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas")
+
+
+def static_shift(sigma, shift: float):
+    """SD3's shift ``s * t / (1 + (s - 1) * t)`` (diffusers ``FlowMatchEulerDiscreteScheduler``, ``shift``)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def exponential_time_shift(mu: float, sigma):
+    """Flux/LTX's dynamic shift ``e^mu / (e^mu + (1 / t - 1))``, i.e. ``static_shift`` with ``s = e^mu``."""
+    return math.exp(mu) / (math.exp(mu) + (1 / sigma - 1))
+
+
+def stretch_to_terminal(sigmas, terminal: float):
+    """Stretch a decreasing grid so its last value is ``terminal`` (LTX-Video's ``shift_terminal``):
+    ``1 - (1 - t) / c`` with ``c = (1 - t_last) / (1 - terminal)``."""
+    one_minus = 1 - sigmas
+    scale = one_minus[-1] / (1 - terminal)
+    return 1 - one_minus / scale
+
+
+def resolution_mu(
+    seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """The log-shift ``mu`` for ``seq_len`` latent tokens: the line through ``(base_seq_len, base_shift)`` and
+    ``(max_seq_len, max_shift)`` (diffusers' ``calculate_shift``; LTX-Video's config: 1024 -> 0.95,
+    4096 -> 2.05). Extrapolated, not clamped, outside that range, as the pipeline does."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return seq_len * m + (base_shift - m * base_seq_len)
+
+
+def scheduler_shift(config: dict[str, Any]) -> float:
+    """The static shift of a flow-matching scheduler config: ``shift`` (FlowMatchEuler) or ``flow_shift``
+    (UniPC / DPM-Solver with ``use_flow_sigmas``, what Wan 2.1 ships: 3.0 for 480p, 5.0 for 720p)."""
+    if config.get("use_flow_sigmas") and config.get("flow_shift") is not None:
+        return float(config["flow_shift"])
+    return float(config.get("shift", 1.0) or 1.0)
+
+
+def flow_match_sigmas(
+    num_steps: int,
+    config: dict[str, Any],
+    *,
+    mu: float | None = None,
+    sigmas: np.ndarray | list[float] | None = None,
+) -> torch.Tensor:
+    """The ``num_steps + 1`` sigmas (float32, from ~1 down to 0) a pipeline integrates on (module docstring).
+
+    ``config`` is the scheduler config (``shift``/``flow_shift``, ``use_dynamic_shifting``,
+    ``shift_terminal``, ``num_train_timesteps``); ``mu`` is required with dynamic shifting; ``sigmas``
+    replaces step b's linspace (LTX-Video's pipeline passes ``linspace(1, 1/n, n)``). The arithmetic follows
+    the scheduler's dtypes (float64 for its own linspace, float32 for passed sigmas) so the grids agree to the
+    last bit.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    for key in _UNSUPPORTED:
+        if config.get(key):
+            raise FrameloomError(f"scheduler config: {key}=true is not supported by frameloom's flow sampler")
+    if config.get("time_shift_type", "exponential") != "exponential":
+        raise FrameloomError("scheduler config: only time_shift_type 'exponential' is supported")
+    n_train = int(config.get("num_train_timesteps", 1000))
+    dynamic = bool(config.get("use_dynamic_shifting", False))
+    shift = scheduler_shift(config)
+    if dynamic and mu is None:
+        raise ValueError("this scheduler uses dynamic shifting: pass mu (see resolution_mu)")
+
+    if sigmas is None:
+        # a. The training grid's ends, in float32 as the scheduler's __init__ computes them.
+        train = torch.from_numpy(np.linspace(1, n_train, n_train, dtype=np.float32)[::-1].copy()) / n_train
+        if not dynamic:
+            train = static_shift(train, shift)
+        sigma_max, sigma_min = train[0].item(), train[-1].item()
+        # b. The inference grid (float64 through timesteps, as set_timesteps does).
+        grid = np.linspace(sigma_max * n_train, sigma_min * n_train, num_steps) / n_train
+    else:
+        grid = np.asarray(sigmas).astype(np.float32)
+        if grid.shape != (num_steps,):
+            raise ValueError(f"sigmas must have {num_steps} entries, got {grid.shape}")
+    grid = exponential_time_shift(mu, grid) if dynamic else static_shift(grid, shift)
+    # c. Stretch to the terminal sigma, then d. append 0.
+    terminal = config.get("shift_terminal")
+    if terminal:
+        grid = stretch_to_terminal(grid, float(terminal))
+    out = torch.from_numpy(np.asarray(grid)).to(torch.float32)
+    return torch.cat([out, torch.zeros(1)])
+
+
+# --------------------------------------------------------------------------------------------------------
+# 2. frameloom's flow sampler on the pipeline's grid
+
+
+@torch.no_grad()
+def flow_sample_latents(
+    model: torch.nn.Module,
+    text_encoder,
+    prompts: Sequence[str],
+    *,
+    seeds: Sequence[int],
+    latent_shape: tuple[int, int, int, int],
+    sigmas: torch.Tensor,
+    guidance: float,
+    negative_prompt: str = "",
+    conditions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Latents ``(N, C, t, h, w)`` for ``prompts[i]`` from ``seeds[i]`` (module docstring, section 2).
+
+    ``latent_shape`` is ``(C, t, h, w)``; ``conditions`` ``(N, K, t, h, w)`` are channels appended to ``x``
+    at every model call (Wan I2V's ``[cond | image]``).
+    """
+    device = next(model.parameters()).device
+    neg_emb, neg_mask = text_encoder.encode([negative_prompt])
+    out = []
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        # 1. The pipeline's noise for a batch of one.
+        noise = torch.randn((1, *latent_shape), generator=torch.Generator().manual_seed(int(seed))).to(device)
+        emb, mask = text_encoder.encode([prompt])
+        cond = None if conditions is None else conditions[i : i + 1].to(device, noise.dtype)
+
+        def model_fn(x, t, text, text_mask, cond=cond):
+            if cond is not None:  # the classifier-free batch is [uncond; cond]: repeat the conditions
+                x = torch.cat([x, cond.expand(x.shape[0], *cond.shape[1:])], dim=1)
+            return model(x, t, text, text_mask).float()
+
+        # 2. Euler on the pipeline's grid with classifier-free guidance (skipped at g <= 1, as the pipelines).
+        x = euler_sample(
+            model_fn,
+            noise,
+            sigmas.to(device),
+            cond=(emb.to(device), mask.to(device)),
+            uncond=(neg_emb.to(device), neg_mask.to(device)),
+            guidance=guidance if guidance > 1.0 else 1.0,
+        )
+        out.append(x)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode_latents(codec, latents: torch.Tensor) -> torch.Tensor:
+    """Normalized latents ``(N, C, t, h, w)`` -> videos ``(N, 3, T, H, W)`` in [-1, 1] on the CPU, one at a
+    time (as the pipelines decode a batch of one)."""
+    return torch.cat([codec.decode(x[None]).float().clamp(-1, 1).cpu() for x in latents])
+
+
+# --------------------------------------------------------------------------------------------------------
+# 3. validation through the family's pipeline
+
+
+def write_videos(videos: torch.Tensor, prompts: Sequence[str], seed: int, cfg: Config, out_dir: str | Path):
+    """One mp4 per prompt (``NNN-<slug>-seedS.mp4``) from videos ``(N, 3, T, H, W)`` in [-1, 1]."""
+    from frameloom.sampling.generate import slug
+    from frameloom.sampling.video_io import write_mp4
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        write_mp4(video, out_dir / f"{i:03d}-{slug(p)}-seed{seed}.mp4", fps=cfg.sample.fps)
+        for i, (p, video) in enumerate(zip(prompts, videos))
+    ]
+
+
+@torch.no_grad()
+def validate_with_pipeline(
+    model: torch.nn.Module,
+    text_encoder,
+    codec,
+    cfg: Config,
+    out_dir: str | Path,
+    *,
+    extra: Callable[[int], dict] | None = None,
+    **parts: Any,
+) -> list[Path]:
+    """``validation.prompts`` through the family's diffusers pipeline around the in-training transformer
+    (LoRA layers active), one mp4 each in ``out_dir``; returns the paths (module docstring, section 3).
+
+    ``parts`` are pipeline parts beyond the transformer, text encoder, VAE and scheduler (Wan I2V's image
+    encoder and processor); ``extra(i)`` adds per-prompt pipeline arguments (an I2V image, LTX's frame rate).
+    The negative prompt is encoded without ``model.id_token``, as the pipeline would encode the string.
+    """
+    from frameloom.models.diffusers_family import build_pipeline, unwrap_text_encoder
+
+    pipe = build_pipeline(model.pretrained, model.transformer, text_encoder, codec, **parts)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = list(cfg.validation.prompts)
+    te_dtype = getattr(text_encoder, "dtype", torch.float32)
+    tr_dtype = next(model.transformer.parameters()).dtype
+    device = next(model.transformer.parameters()).device
+    negative = model.pipeline_text(*unwrap_text_encoder(text_encoder).encode([cfg.sample.negative_prompt]))
+    videos = []
+    for i, prompt in enumerate(prompts):
+        kwargs = dict(
+            **model.pipeline_text(*text_encoder.encode([prompt])),  # the id token is the encoder's
+            **{f"negative_{k}": v for k, v in negative.items()},
+            num_frames=cfg.data.num_frames,
+            height=cfg.data.height,
+            width=cfg.data.width,
+            num_inference_steps=cfg.sample.steps,
+            guidance_scale=cfg.sample.guidance,
+            generator=torch.Generator().manual_seed(cfg.sample.seed),
+            output_type="pt",
+            **(extra(i) if extra is not None else {}),
+        )
+        # A bf16 base with an fp32 text encoder: let autocast reconcile the dtypes.
+        with torch.autocast(device.type, dtype=tr_dtype, enabled=te_dtype != tr_dtype):
+            frames = pipe(**kwargs).frames[0]  # (T, 3, H, W) in [0, 1]
+        videos.append(frames.permute(1, 0, 2, 3).float() * 2 - 1)
+    return write_videos(torch.stack(videos), prompts, cfg.sample.seed, cfg, out_dir)
+
+
+# --------------------------------------------------------------------------------------------------------
+# 4. I2V conditioning images
+
+
+def load_images(paths: Sequence[str], height: int, width: int) -> torch.Tensor:
+    """Images as ``(N, 3, H, W)`` floats in [-1, 1], resized (bilinear) to ``height x width``."""
+    from PIL import Image
+
+    out = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise FrameloomError(f"I2V conditioning image not found: {p}")
+        img = Image.open(p).convert("RGB").resize((width, height), Image.BILINEAR)
+        out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1)
+    return torch.stack(out)
+
+
+def validation_images(cfg: Config, n: int) -> torch.Tensor:
+    """``model.config.validation_images`` for ``n`` prompts (cycled), ``(n, 3, H, W)`` in [-1, 1] at the
+    run's size: the conditioning images of image-to-video sampling and validation."""
+    paths = list(cfg.model.config.get("validation_images") or [])
+    if not paths:
+        raise FrameloomError(
+            "an image-to-video model needs model.config.validation_images (one image per prompt)"
+        )
+    return load_images([paths[i % len(paths)] for i in range(n)], cfg.data.height, cfg.data.width)
