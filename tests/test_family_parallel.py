@@ -13,7 +13,7 @@ Tolerances (float32 on CPU; FSDP reduce-scatters the two ranks' gradients, the r
 losses rtol 1e-6 (measured <= 7.4e-8 relative), final weights of the checkpoint (model state, LoRA and base)
 rtol 1e-5, atol 1e-6 (measured max abs difference 1.2e-7 for full fine-tunes, 0 for LoRA: Adam's first steps
 are ~lr * sign(g)). The bf16-base case: losses rtol 1e-5 (measured 2.1e-8).
-Time: ~60 s for the spawn (7 runs per rank) + ~20 s of references on a busy 2-core machine: marked slow.
+Time: 58-86 s in all (spawn of 7 runs per rank 35-60 s, references ~20 s) on a busy 2-core machine: slow.
 """
 
 from __future__ import annotations
