@@ -7,9 +7,8 @@ less communication, the memory of the full parameters of all blocks during a ste
 
 LoRA (PEFT adapters, base weights frozen) works under both: DDP reduces only parameters with
 `requires_grad`, and FSDP2 shards frozen and trainable parameters of a block together (one flat group per
-block) and reduces gradients only for the trainable ones. FSDP2 needs one dtype per group, so the frozen
-base and its adapters must share a dtype inside a block (keep both fp32 and let the mixed-precision policy
-cast to bf16 for compute, or load both in bf16).
+block) and reduces gradients only for the trainable ones. A bf16 frozen base with fp32 adapters inside one
+block works (tested in tests/test_family_parallel.py against one process).
 """
 
 from __future__ import annotations
