@@ -481,3 +481,80 @@ def test_temporal():
     a = policy.assign(0)
     assert names(policy, a) == ["121x64x96", "121x64x96", "57x64x96", None]
     assert reasons(a)[3] == "too_short"
+
+
+# ----------------------------------------------------------------------------- reachable (row, bucket) pairs
+
+
+def reachable_names(policy) -> dict[int, set[str]]:
+    rows, buckets = policy.reachable()
+    out: dict[int, set[str]] = {}
+    for r, b in zip(rows.tolist(), buckets.tolist()):
+        out.setdefault(r, set()).add(policy.table.names[b])
+    return out
+
+
+def test_opensora_reachable_by_hand():
+    # 1080 x 1920 at 24 fps, T = 200 (768px: area >= 0.8 P; h/w 0.5625 -> 16:9).
+    row = [(1080, 1920, 200, 24.0)]
+    # p = 1, no q: the first count <= 200 at 768px, always; nothing else.
+    policy = build_policy(config(*CONFIG), cols(row))
+    assert reachable_names(policy) == {0: {"768px/129/16:9"}}
+    # q = 0.4 moves on from 129 to 65 (p = 1 at both): both; p = 0.5 at 65 can reject -> 256px's 129 too.
+    cfg = config(
+        "data.bucket=opensora",
+        "data.bucket_config={768px: {129: [[1.0, 0.4], 1], 65: [0.5, 1]}, 256px: {129: [1.0, 1]}}",
+    )
+    assert reachable_names(build_policy(cfg, cols(row))) == {
+        0: {"768px/129/16:9", "768px/65/16:9", "256px/129/16:9"}
+    }
+    # q = 1: always moves on (129 never decided); p = 0: never accepted (drops to 256px); a 40-frame video
+    # has no count <= 40 at 768px and none at 256px: no pair at all.
+    cfg = config(
+        "data.bucket=opensora",
+        "data.bucket_config={768px: {129: [[1.0, 1.0], 1], 65: [0.0, 1]}, 256px: {65: [1.0, 1]}}",
+    )
+    policy = build_policy(cfg, cols([*row, (1080, 1920, 40, 24.0)]))
+    assert reachable_names(policy) == {0: {"256px/65/16:9"}}
+
+
+def test_opensora_reachable_is_the_union_of_every_epochs_assignment():
+    # 300 random rows (images, unknown fps, tiny sizes) under probabilities 0, 1 and between, with (p, q)
+    # pairs: every pair some epoch assigns is reachable, and over 400 epochs every reachable pair turns up
+    # (the least likely path here has probability 0.3 * 0.4 = 0.12 per epoch).
+    rng = np.random.default_rng(0)
+    n = 300
+    c = Columns(
+        frames=rng.integers(0, 80, n).astype(np.int32),
+        height=rng.integers(8, 400, n).astype(np.int32),
+        width=rng.integers(0, 400, n).astype(np.int32),
+        fps=rng.choice([24.0, 30.0, 60.0, np.nan], n),
+        is_image=rng.random(n) < 0.1,
+    )
+    c.frames[c.is_image] = 1
+    cfg = config(
+        "data.bucket=opensora",
+        "data.fps_max=24",
+        "data.bucket_config={256px: {1: [0.5, 4], 17: [[0.7, 0.4], 2], 9: [1.0, 2], 33: [0.0, 1]},"
+        " 144p: {1: [1.0, 4], 17: [[1.0, 1.0], 2], 5: [0.6, 2]}, 64px: {5: [1.0, 3], 9: [[0.3, 0.0], 2]}}",
+    )
+    policy = build_policy(cfg, c)
+    rows, buckets = policy.reachable()
+    reach = set(zip(rows.tolist(), buckets.tolist()))
+    assert len(reach) == len(rows)  # no pair twice
+    assert list(zip(rows.tolist(), buckets.tolist())) == sorted(reach)
+    seen = set()
+    for epoch in range(400):
+        b = policy.assign(epoch).bucket
+        kept = np.flatnonzero(b >= 0)
+        seen |= set(zip(kept.tolist(), b[kept].tolist()))
+    assert seen == reach
+    assert len({r for r, _ in reach}) < len(reach)  # some rows reach several buckets
+
+
+def test_static_policies_reach_their_one_bucket():
+    cfg = config("data.bucket=temporal", "data.num_frames=121", "data.height=64", "data.width=96")
+    policy = build_policy(cfg, cols([(64, 96, 121, 24.0), (64, 96, 8, 24.0), (64, 96, 60, 24.0)]))
+    rows, buckets = policy.reachable()
+    assert rows.tolist() == [0, 1, 2]
+    assert [policy.table.names[b] for b in buckets] == ["121x64x96", "1x64x96", "57x64x96"]

@@ -361,3 +361,50 @@ def test_positional_conditioning_makes_modulation_per_token():
     plain = VideoDiT(**kwargs)
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("pos_cond")})
     assert not torch.allclose(model(x, t, text), plain(x, t, text))
+
+
+def test_pooled_text_is_standardized_by_the_text_statistics():
+    """(pooled - mean) / std feeds pooled_proj: a model with statistics (m, s) equals one with (0, 1) whose
+    first pooled_proj layer absorbed them (W' = W / s, b' = b - W' m)."""
+    from frameloom.models.dit.model import pool_text
+
+    torch.manual_seed(0)
+    kwargs = dict(in_channels=3, patch_size=(1, 2, 2), hidden_size=32, depth=1, num_heads=2, text_dim=2)
+    model = VideoDiT(**kwargs, pooled_text=True)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    # statistics of two pooled captions [1, 2] and [3, 6]: mean [2, 4], unbiased std [sqrt 2, 2 sqrt 2]
+    model.set_text_statistics(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
+    assert torch.allclose(model.text_mean, torch.tensor([2.0, 4.0]))
+    assert torch.allclose(model.text_std, torch.tensor([2**0.5, 2 * 2**0.5]))
+    folded = VideoDiT(**kwargs, pooled_text=True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    w, b = state["pooled_proj.0.weight"], state["pooled_proj.0.bias"]
+    state["pooled_proj.0.weight"] = w / model.text_std
+    state["pooled_proj.0.bias"] = b - (w / model.text_std) @ model.text_mean
+    state["text_mean"], state["text_std"] = torch.zeros(2), torch.ones(2)
+    folded.load_state_dict(state)
+    x, t = torch.randn(1, 3, 2, 4, 4), torch.tensor([0.7])
+    text, mask = torch.randn(1, 3, 2), torch.tensor([[True, True, False]])
+    assert torch.allclose(model(x, t, text, mask), folded(x, t, text, mask), atol=1e-5)
+    assert torch.allclose(pool_text(text, mask), text[:, :2].mean(1))
+    # the statistics are buffers: saved and loaded with the weights
+    assert {"text_mean", "text_std"} <= set(model.state_dict())
+
+
+def test_positional_conditioning_sees_the_pooled_prompt():
+    """With pooled_text, the per-token conditioning depends on (position, prompt) jointly."""
+    torch.manual_seed(0)
+    kwargs = dict(in_channels=3, patch_size=(1, 2, 2), hidden_size=32, depth=1, num_heads=2, text_dim=8)
+    model = VideoDiT(**kwargs, pooled_text=True, positional_conditioning=True)
+    assert model.pos_cond[0].in_features == 32 + 8
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x, t = torch.randn(1, 3, 2, 4, 4), torch.tensor([0.5])
+    a, b = torch.randn(1, 2, 8), torch.randn(1, 2, 8)
+    zero_pos = {
+        k: (torch.zeros_like(v) if k.startswith("pos_cond.2") else v) for k, v in model.state_dict().items()
+    }
+    plain = VideoDiT(**kwargs, pooled_text=True, positional_conditioning=True)
+    plain.load_state_dict(zero_pos)  # pos_cond's output layer zeroed: no per-token term
+    assert not torch.allclose(model(x, t, a) - plain(x, t, a), model(x, t, b) - plain(x, t, b))

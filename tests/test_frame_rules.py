@@ -268,6 +268,11 @@ def test_fps_suffix():
     assert opensora_clip_fps(30.0, 2) == 15
     assert opensora_clip_fps(29.97, 1) == 29
     assert opensora_clip_fps(60.0, 3) == 20
+    # A float stride fps / target_fps reports the target: 25 / (25 / 24) = 24 (Python's 25 // (25 / 24) is
+    # 23.0, a float-error artefact); 29.97 to 12 fps: 12; 30 to 12: stride 2.5, 30 / 2.5 = 12.
+    assert opensora_clip_fps(25.0, 25 / 24) == 24
+    assert opensora_clip_fps(29.97, 29.97 / 12) == 12
+    assert opensora_clip_fps(30.0, 2.5) == 12
     assert fps_suffix("a cat", 15) == "a cat 15 FPS."
     assert fps_suffix("", 15) == ""  # unconditional stays unconditional
     row = {"fps": 60.0}

@@ -186,3 +186,22 @@ def test_validation_samples_are_written(dataset, tmp_path):
     for step in (2, 4):
         files = list((run / "samples" / f"step-{step:08d}").glob("*.mp4"))
         assert len(files) == 1 and files[0].stat().st_size > 0
+
+
+def test_text_statistics_come_from_the_training_captions(dataset, tmp_path):
+    """A pooled-text DiT standardizes with the mean/std of the manifest captions' pooled embeddings."""
+    from frameloom.data.manifest import read_manifest
+    from frameloom.models.dit.model import pool_text
+
+    cfg = config(
+        dataset,
+        tmp_path / "run",
+        "model.config={patch_size: [1, 4, 4], hidden_size: 32, depth: 2, num_heads: 2, pooled_text: true}",
+        "data.use_cache=never",  # keep the text encoder loaded (a cached run releases it)
+    )
+    trainer = Trainer(cfg)
+    texts = read_manifest(dataset).column("text").to_pylist()  # 24 rows: all of them are used
+    emb, mask = trainer.text_encoder.encode(texts)
+    pooled = pool_text(emb.float(), mask)
+    assert torch.allclose(trainer.module.text_mean, pooled.mean(0), atol=1e-5)
+    assert torch.allclose(trainer.module.text_std, pooled.std(0), atol=1e-5)

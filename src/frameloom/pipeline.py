@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from frameloom.config.schema import Config
+from frameloom.data.captions import CaptionRules, row_caption
 from frameloom.data.manifest import read_manifest
 from frameloom.data.video import ClipSpec, decode_clip
 from frameloom.errors import FrameloomError
@@ -63,6 +64,36 @@ def clip_spec(cfg: Config) -> ClipSpec:
         frame_policy=d.frame_policy,
         sp_size=cfg.parallel.sp_size if d.frame_policy == "opensora_plan" else 1,
     )
+
+
+def caption_rules(cfg: Config) -> CaptionRules:
+    """The config's caption rules (``data.caption_aesthetic``, ``data.caption_fps_suffix``), checked."""
+    return CaptionRules(aesthetic=cfg.data.caption_aesthetic, fps_suffix=bool(cfg.data.caption_fps_suffix))
+
+
+def bucket_policy(cfg: Config):
+    """The ``data.bucket`` policy bound to the manifest's columns (``data/buckets.py``); None for ``none``.
+
+    Built once per run and shared by the cache (which entries exist) and the sampler (which it reads)."""
+    from frameloom.data.buckets import build_policy, read_columns
+
+    if cfg.data.bucket == "none":
+        return None
+    return build_policy(cfg, read_columns(manifest_path(cfg)))
+
+
+def uncacheable(cfg: Config) -> list[str]:
+    """Why this run's training input cannot come from the cache (empty: it can).
+
+    The cache holds one clip and one caption per (row, bucket); a per-epoch random temporal window or a
+    per-epoch random aesthetic phrase changes them every epoch, so such runs decode and encode on the fly
+    (docs/datasets.md, "Caching")."""
+    reasons = []
+    if cfg.data.temporal_crop == "random":
+        reasons.append("data.temporal_crop=random draws a new window every epoch")
+    if cfg.data.caption_aesthetic == "random":
+        reasons.append("data.caption_aesthetic=random draws a new phrase every epoch")
+    return reasons
 
 
 def manifest_path(cfg: Config) -> Path:
@@ -132,19 +163,33 @@ def open_store(cfg: Config):
 
 
 def run_cache(cfg: Config, *, progress: bool = True, shard: tuple[int, int] = (0, 1)):
-    """`frameloom cache`: encode every row's clip and caption into the content-keyed store."""
+    """`frameloom cache`: encode every row's clip and caption into the content-keyed store.
+
+    With a bucket policy each row is encoded at the spec of every bucket it can land in (any epoch), and
+    captions carry the run's caption rules, so the trainer reads exactly what it would encode on the fly.
+    A run whose clips or captions change per epoch (``uncacheable``) is refused with the reason."""
     from frameloom.cache.builder import build_cache
     from frameloom.parallel.env import main_first
 
+    reasons = uncacheable(cfg)
+    if reasons:
+        raise FrameloomError(
+            f"nothing to cache: {'; '.join(reasons)}, and the cache holds one clip and caption per sample; "
+            "training encodes such runs on the fly (use data.temporal_crop=start and "
+            "data.caption_aesthetic=off|fixed to train from the cache)"
+        )
+    spec, rules, policy = clip_spec(cfg), caption_rules(cfg), bucket_policy(cfg)
     device = resolve_device(cfg.train.device)
     return build_cache(
         manifest_path(cfg),
-        spec=clip_spec(cfg),
+        spec=spec,
         codec=load_codec(cfg, device),
         text_encoder=main_first(lambda: load_text_encoder(cfg, device)),  # under torchrun: built by rank 0
         store=open_store(cfg),
         progress=progress,
         shard=shard,
+        buckets=policy,
+        caption_rules=rules,
     )
 
 
@@ -156,16 +201,28 @@ class ClipDataset(Dataset):
     decode is replaced by ``substitute_index``'s pick from its bucket (a pure function of seed, epoch, row
     and attempt), logged with its path; the item says ``substituted: 1`` so the trainer can count it.
     Rows are read one at a time from the columnar manifest (no list of row dicts).
+
+    The item's draw ``(seed, row, epoch)`` decides the ``random`` temporal window (a new one each epoch, the
+    same one in a resumed run) and the ``random`` aesthetic phrase; the caption is ``keys.caption``'s text
+    with ``caption_rules`` applied at the spec the clip is decoded with (as the cache builds it).
     """
 
     MAX_SUBSTITUTES = 8
 
-    def __init__(self, manifest: str | Path, spec: ClipSpec, *, seed: int = 0):
+    def __init__(
+        self,
+        manifest: str | Path,
+        spec: ClipSpec,
+        *,
+        seed: int = 0,
+        caption_rules: CaptionRules | None = None,
+    ):
         self.manifest = Path(manifest)
         self.table = read_manifest(self.manifest)  # decode_clip reads cut/crop/rotation too
         self.spec = spec
         self.root = self.manifest.resolve().parent
         self.seed = seed
+        self.caption_rules = caption_rules
         self.planner = None  # sampler.EpochPlanner when a bucket policy is active
 
     def use_buckets(self, planner, *, seed: int) -> None:
@@ -202,14 +259,10 @@ class ClipDataset(Dataset):
         current = index
         for attempt in range(self.MAX_SUBSTITUTES + 1):
             row = self.row(current)
+            spec = self._spec(row, bucket)
+            draw = (self.seed, current, epoch)
             try:
-                video = decode_clip(
-                    row,
-                    self._spec(row, bucket),
-                    root=self.root,
-                    output="float",
-                    draw=(self.seed, current, epoch),
-                )
+                video = decode_clip(row, spec, root=self.root, output="float", draw=draw)
             except DecodeError as exc:
                 replacement = substitute_index(self.seed, epoch, index, attempt, self._members(epoch, bucket))
                 logging.getLogger("frameloom.data").warning(
@@ -223,6 +276,6 @@ class ClipDataset(Dataset):
                     raise
                 current = replacement
                 continue
-            text = row["text"] or ""
+            text = row_caption(row, self.caption_rules, spec, draw)
             return {"video": video, "text": text, "index": current, "substituted": int(current != index)}
         raise DecodeError(str(self.row(index)["path"]), f"it and {self.MAX_SUBSTITUTES} substitutes failed")

@@ -23,14 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from frameloom.cache.keys import KEY_VERSION, caption, row_video_key, text_key
 from frameloom.cache.store import CacheStore
 from frameloom.data import video as video_io  # looked up at call time: decode_clip may be patched in tests
+from frameloom.data.buckets import BucketPolicy
+from frameloom.data.captions import CaptionRules
 from frameloom.data.manifest import iter_rows, read_manifest, resolve_path
 from frameloom.data.video import ClipSpec, DecodeError
+from frameloom.errors import FrameloomError
 from frameloom.models.codecs import LatentCodec
 from frameloom.models.text import TextEncoder
 
@@ -129,6 +133,36 @@ def _cache_texts(
     bar.close()
 
 
+def _work_items(
+    rows: list[dict[str, Any]],
+    rank: int,
+    world: int,
+    spec: ClipSpec,
+    spec_for_row: Callable[[dict[str, Any]], ClipSpec] | None,
+    buckets: BucketPolicy | None,
+) -> list[tuple[dict[str, Any], ClipSpec]]:
+    """(row, clip spec) pairs this shard (rows ``rank::world``) encodes.
+
+    With a bucket policy: one pair per reachable (row, bucket), ordered by the bucket's shape (stable, so
+    manifest order within a shape): consecutive clips then share a shape and fill whole codec batches.
+    """
+    if buckets is None:
+        return [(row, spec_for_row(row) if spec_for_row is not None else spec) for row in rows[rank::world]]
+    if len(buckets.cols) != len(rows):
+        raise ValueError(f"the bucket policy covers {len(buckets.cols)} rows, the manifest has {len(rows)}")
+    pair_rows, pair_buckets = buckets.reachable()  # (P,), (P,)
+    mine = pair_rows % world == rank
+    pair_rows, pair_buckets = pair_rows[mine], pair_buckets[mine]
+    table = buckets.table
+    # lexsort: the last key is the primary one; stable, so rows stay in manifest order within a shape
+    order = np.lexsort((pair_rows, table.width[pair_buckets], table.height[pair_buckets],
+                        table.num_frames[pair_buckets]))  # fmt: skip
+    return [
+        (rows[i], buckets.clip_spec(spec, rows[i].get("fps"), b))
+        for i, b in zip(pair_rows[order].tolist(), pair_buckets[order].tolist())
+    ]
+
+
 def build_cache(
     manifest_path: str | os.PathLike,
     *,
@@ -141,36 +175,52 @@ def build_cache(
     empty_prompt: bool = True,
     shard: tuple[int, int] = (0, 1),
     spec_for_row: Callable[[dict[str, Any]], ClipSpec] | None = None,
+    buckets: BucketPolicy | None = None,
+    caption_rules: CaptionRules | None = None,
 ) -> CacheReport:
     """Encode the latents and caption embeddings of a manifest's rows that are not cached yet.
 
-    ``spec_for_row`` (e.g. a bucket policy) gives a row its own clip spec; otherwise every row uses ``spec``.
-    Clips are encoded in batches of up to ``batch_size`` consecutive clips of equal shape. Rows whose file is
-    missing or fails to decode (``DecodeError``) are listed in ``report.failed``; any other error (e.g. in the
-    codec) propagates, and everything stored before it stays valid for the next run. The empty prompt ``""``
-    is always cached too (by rank 0) when ``empty_prompt``, for caption dropout and classifier-free guidance.
+    ``spec_for_row`` gives a row its own clip spec; otherwise every row uses ``spec``. With ``buckets`` (a
+    bucket policy bound to this manifest's columns) a row is encoded once per bucket it can land in, in
+    any epoch (``BucketPolicy.reachable``), at that bucket's spec (``policy.clip_spec(spec, fps, bucket)``);
+    rows no epoch puts in a bucket are not encoded, as training never reads them. ``caption_rules`` are
+    applied to every caption (``keys.caption``) with the row's spec; they must give one text per row
+    (not the ``random`` aesthetic mode).
+
+    Clips are encoded in batches of up to ``batch_size`` consecutive clips of equal shape (with ``buckets``,
+    the work is ordered by shape first). Rows whose file is missing or fails to decode (``DecodeError``) are
+    listed in ``report.failed``; any other error (e.g. in the codec) propagates, and everything stored
+    before it stays valid for the next run. The empty prompt ``""`` is always cached too (by rank 0) when
+    ``empty_prompt``, for caption dropout and classifier-free guidance.
     """
     rank, world = shard
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if buckets is not None and spec_for_row is not None:
+        raise ValueError("give spec_for_row or buckets, not both")
+    if caption_rules is not None and caption_rules.per_epoch:
+        raise FrameloomError(
+            "data.caption_aesthetic=random draws a phrase per epoch: one cached caption per row cannot hold "
+            "it (training encodes such captions on the fly)"
+        )
     started = time.perf_counter()
     report = CacheReport()
     manifest_path = Path(manifest_path)
     root = manifest_path.resolve().parent
-    rows = list(iter_rows(read_manifest(manifest_path)))[rank::world]
+    all_rows = list(iter_rows(read_manifest(manifest_path)))
+    work = _work_items(all_rows, rank, world, spec, spec_for_row, buckets)
     store.cleanup_temp()  # temp files of killed runs on this host (or old ones) are never read; drop them
 
-    # 1. Video latents, in manifest order, batched by shape.
+    # 1. Video latents, in manifest order (by bucket shape first, with buckets), batched by shape.
     file_ids: dict[str, str] = {}
     seen: set[str] = set()  # keys written (or queued) by this run: duplicates count as reused
     pending = _Pending()
     pending_shape: tuple[int, ...] | None = None
-    bar = tqdm(total=len(rows), desc="cache clips", unit="clip", disable=not progress)
-    for row in rows:
+    bar = tqdm(total=len(work), desc="cache clips", unit="clip", disable=not progress)
+    for row, row_spec in work:
         bar.update(1)
-        row_spec = spec_for_row(row) if spec_for_row is not None else spec
         path = str(resolve_path(manifest_path, row["path"]))
         try:
             key = row_video_key(row, manifest_path, row_spec, codec.identity, file_ids)
@@ -204,7 +254,7 @@ def build_cache(
     # 2. Caption embeddings (plus "" once, on rank 0). The empty prompt is encoded in a batch of its own, as the
     # trainer and sampler encode it: its embedding then does not depend on which captions shared its batch
     # (ulp-level differences otherwise), so the cache is the same for any number of processes.
-    texts = [caption(row) for row in rows]
+    texts = [caption(row, caption_rules, row_spec) for row, row_spec in work]
     if (empty_prompt and rank == 0) or "" in texts:
         _cache_texts([""], text_encoder, store, batch_size, report, progress)
     _cache_texts([t for t in texts if t != ""], text_encoder, store, batch_size, report, progress)

@@ -21,6 +21,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from frameloom.data.captions import CaptionRules, row_caption
 from frameloom.data.manifest import resolve_path
 from frameloom.data.video import ClipSpec
 
@@ -101,10 +102,12 @@ def text_key(text: str, encoder_identity: str) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
-def caption(row: Mapping[str, Any]) -> str:
-    """The caption a row is trained with: its ``text`` column, ``""`` when empty (an unconditional sample)."""
-    text = row.get("text")
-    return "" if text is None else str(text)
+def caption(row: Mapping[str, Any], rules: CaptionRules | None = None, spec: ClipSpec | None = None) -> str:
+    """The caption a row is trained with: its ``text`` column, ``""`` when empty (an unconditional sample),
+    with the run's caption rules applied (``captions.row_caption``; ``spec`` is the clip spec the row is
+    decoded with, for the fps suffix). The text key is on this final text, so changing a rule re-encodes
+    exactly the captions whose text it changes."""
+    return row_caption(row, rules, spec)
 
 
 def row_video_key(

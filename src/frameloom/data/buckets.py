@@ -420,6 +420,16 @@ class BucketPolicy:
         """Source frames per clip frame for a row at ``fps``; None: the base ClipSpec's own rule."""
         return None
 
+    def reachable(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every (row, bucket) pair some epoch can assign, as two (P,) arrays sorted by row then bucket.
+
+        What the latent cache must hold to serve every epoch: a static policy assigns each row one bucket
+        (or none) for the whole run, so that is its only pair.
+        """
+        bucket = self.assign(0).bucket
+        rows = np.flatnonzero(bucket >= 0)
+        return rows.astype(np.int64), bucket[rows].astype(np.int64)
+
     def clip_spec(self, base: ClipSpec, fps: float | None, bucket: int) -> ClipSpec:
         """The ClipSpec that decodes a row of frame rate ``fps`` at bucket ``bucket``'s shape."""
         frames, height, width = self.table.shape(bucket)
@@ -610,6 +620,72 @@ class OpenSoraPolicy(BucketPolicy):
         reason[out & seen_frames] = REASON_CODE["rejected"]
         reason[out & ~seen_area] = REASON_CODE["too_small"]
         return Assignment(bucket, reason)
+
+    def reachable(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every (row, bucket) pair ``assign`` can give in some epoch (see ``BucketPolicy.reachable``).
+
+        ``assign``'s walk with every random decision taken both ways where both are possible: a keep draw
+        (``u <= p``) can accept when p > 0 and reject when p < 1 (the row then drops to the next lower
+        resolution); a move draw (``u <= q``) can move on to the next smaller frame count when q > 0 and
+        stay when q < 1. (A probability of exactly 0 is read as never: its draw succeeds only for u == 0,
+        one chance in 2**53.) A row with p = q = 1 everywhere reaches one bucket; ``(p, q)`` pairs and
+        p < 1 give it several.
+        """
+        c = self.cols
+        n = len(c)
+        T = self.usable()
+        area = c.area
+        out_rows: list[np.ndarray] = []
+        out_buckets: list[np.ndarray] = []
+
+        def add(mask: np.ndarray, r: int, t: int) -> None:
+            rows = np.flatnonzero(mask)
+            if rows.size:
+                aspect = c.height[rows] / c.width[rows]  # (n,) float64 h / w
+                out_rows.append(rows)
+                out_buckets.append(self.base[r][t] + closest_ratio(aspect, self.ratios[r]))
+
+        arrive = c.width > 0  # rows that can still be without a bucket when resolution r is visited
+        for r, (_res, pixels, _sizes, entries) in enumerate(self.resolutions):
+            act = arrive & (area >= pixels * AREA_APPROX)
+            moves_on = arrive & ~act  # below the 0.8 area rule: straight to the next resolution
+            # 1. Images (T == 1): frame count 1, accepted when u < p.
+            image = act & (T == 1)
+            image_entry = [e for e in entries if e[0] == 1]
+            if image_entry:
+                p = image_entry[0][1]
+                if p > 0:
+                    add(image, r, 1)
+                if p < 1:
+                    moves_on |= image
+            else:
+                moves_on |= image
+            # 2. Videos: enter at the largest count <= T, then accept / reject / move on, entry by entry.
+            video = act & (T != 1)
+            videos = [e for e in entries if e[0] != 1]
+            if videos:
+                ascending = np.array([e[0] for e in videos[::-1]])
+                first = len(videos) - np.searchsorted(ascending, T, side="right")  # (N,) index into `videos`
+                here = np.zeros(n, bool)  # rows that can arrive at entry j
+                for j, (t, p, q, _batch) in enumerate(videos):
+                    here |= video & (first == j)
+                    decides = q is None or q < 1
+                    if decides and p > 0:
+                        add(here, r, t)
+                    if decides and p < 1:
+                        moves_on |= here  # rejected: the next lower resolution
+                    if q is None or q <= 0:
+                        here = np.zeros(n, bool)  # nobody moves on to the next frame count
+                moves_on |= here | (video & (first == len(videos)))  # past the last count, or no count <= T
+            else:
+                moves_on |= video
+            arrive = moves_on
+        if not out_rows:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        rows = np.concatenate(out_rows).astype(np.int64)
+        buckets = np.concatenate(out_buckets).astype(np.int64)
+        order = np.lexsort((buckets, rows))
+        return rows[order], buckets[order]
 
 
 class OpenSoraPlanPolicy(BucketPolicy):

@@ -20,10 +20,15 @@ Where frameloom differs, on purpose (docs/datasets.md):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from frameloom.errors import FrameloomError
+
+if TYPE_CHECKING:
+    from frameloom.data.video import ClipSpec
 
 LOW_AESTHETIC = 4.25
 """Scores at or below this get a low-aesthetic phrase (Open-Sora-Plan)."""
@@ -78,10 +83,15 @@ class CaptionError(FrameloomError, ValueError):
 
 def opensora_clip_fps(source_fps: float, stride: float) -> int:
     """The frame rate Open-Sora reports for a clip: ``source_fps // stride`` (floor), e.g. 30 // 2 = 15,
-    29.97 // 1 = 29."""
+    29.97 // 1 = 29.
+
+    Computed as ``floor(source_fps / stride + 1e-6)``: with a float stride ``fps / target_fps`` (Open-Sora-Plan's
+    rule) Python's ``//`` gives 25 // (25 / 24) = 23.0, one below the 24 fps the clip has; the 1e-6 absorbs
+    that float error (integer strides, Open-Sora's own rule, give the same result either way).
+    """
     if stride <= 0:
         raise CaptionError(f"stride must be positive, got {stride}")
-    return int(float(source_fps) // float(stride))
+    return math.floor(float(source_fps) / float(stride) + 1e-6)
 
 
 def fps_suffix(text: str, fps: float) -> str:
@@ -154,14 +164,69 @@ def apply_caption_rules(
     return text
 
 
+@dataclass(frozen=True)
+class CaptionRules:
+    """A run's caption rules (``data.caption_aesthetic``, ``data.caption_fps_suffix``), applied by
+    ``row_caption`` wherever a row's caption becomes text for the encoder: the cache builder, the cached
+    dataset's text keys and the on-the-fly dataset, so cached and uncached runs encode the same text."""
+
+    aesthetic: str = "off"
+    fps_suffix: bool = False
+
+    def __post_init__(self) -> None:
+        if self.aesthetic not in AESTHETIC_MODES:
+            raise CaptionError(
+                f"data.caption_aesthetic must be one of {', '.join(AESTHETIC_MODES)}, got {self.aesthetic!r}"
+            )
+
+    @property
+    def active(self) -> bool:
+        return self.aesthetic != "off" or self.fps_suffix
+
+    @property
+    def per_epoch(self) -> bool:
+        """Whether a row's text changes from epoch to epoch (``random`` aesthetic mode): one cached
+        embedding per row cannot hold it."""
+        return self.aesthetic == "random"
+
+
+def row_caption(
+    row: Mapping[str, Any],
+    rules: CaptionRules | None = None,
+    spec: ClipSpec | None = None,
+    draw: tuple[int, int, int] | None = None,
+) -> str:
+    """The text a row is trained with: its ``text`` column (``""`` when empty) with ``rules`` applied.
+
+    ``spec`` is the clip spec the row is decoded with (its bucket's, under a bucket policy): the fps suffix
+    reports ``source fps // clip_stride(source fps, spec)``. ``draw = (seed, sample index, epoch)`` is needed
+    by the ``random`` aesthetic mode only.
+    """
+    value = row.get("text")
+    text = "" if value is None else str(value)
+    if rules is None or not rules.active:
+        return text
+    stride = 1.0
+    fps = float(row.get("fps") or 0.0)
+    if rules.fps_suffix and spec is not None and fps > 0 and not row.get("is_image"):
+        from frameloom.data.video import clip_stride  # video imports av/torch; keep this module light
+
+        stride = clip_stride(fps, spec)
+    return apply_caption_rules(
+        text, row, aesthetic=rules.aesthetic, fps_suffix_on=rules.fps_suffix, stride=stride, draw=draw
+    )
+
+
 __all__ = [
     "AESTHETIC_MODES",
     "HIGH_AESTHETIC",
     "LOW_AESTHETIC",
     "CaptionError",
+    "CaptionRules",
     "add_aesthetic",
     "aesthetic_phrases",
     "apply_caption_rules",
     "fps_suffix",
     "opensora_clip_fps",
+    "row_caption",
 ]

@@ -335,32 +335,38 @@ class BucketBatchSampler:
             self._pos.anchor = (0, 0, 0)
 
 
-def build_sampler(cfg: Any, dataset: Any, rank: int = 0, world_size: int = 1):
+def build_sampler(
+    cfg: Any, dataset: Any, rank: int = 0, world_size: int = 1, policy: BucketPolicy | None = None
+):
     """The trainer's sampler for ``cfg.data.bucket``; tells a dataset with ``use_buckets`` about the policy.
 
-    ``none``: ``ResumableBatchSampler`` over ``len(dataset)``. Otherwise the policy is built from the
-    manifest's columns and a ``BucketBatchSampler`` yields ``SampleRef`` lists to a dataset that decodes at
-    bucket shapes (``ClipDataset.use_buckets``), plain indices to one that cannot (the latent cache).
+    ``none``: ``ResumableBatchSampler`` over ``len(dataset)``. Otherwise the policy (``policy``, or built
+    from the manifest's columns) drives a ``BucketBatchSampler`` that yields ``SampleRef`` lists to a dataset
+    with ``use_buckets`` (``ClipDataset`` decodes at the bucket's shape, ``CachedClipDataset`` reads the
+    bucket's entry), plain indices to one without.
     """
     batch = cfg.train.batch_size
     if cfg.data.bucket == "none":
         refs = hasattr(dataset, "use_buckets")
         if refs:
             dataset.use_buckets(None, seed=cfg.seed)
+        # refs carry the epoch for per-epoch draws; a dataset without any (the cache) gets plain row indices
+        refs = refs and getattr(dataset, "draws_per_epoch", True)
         return ResumableBatchSampler(
             len(dataset), batch, seed=cfg.seed, rank=rank, world_size=world_size, refs=refs
         )
     from frameloom.pipeline import manifest_path
 
-    policy = build_policy(cfg, read_columns(manifest_path(cfg)))
+    if policy is None:
+        policy = build_policy(cfg, read_columns(manifest_path(cfg)))
     planner = EpochPlanner(policy, cfg.seed, cfg.data.megabatch)
     refs = hasattr(dataset, "use_buckets")
     if refs:
         dataset.use_buckets(planner, seed=cfg.seed)
     else:
         logging.getLogger("frameloom.data").warning(
-            "data.bucket=%s with the latent cache: batches follow the policy's buckets, but every cached clip "
-            "has the one shape the cache was built with (data.use_cache=never decodes at bucket shapes)",
+            "data.bucket=%s with a dataset that cannot decode at bucket shapes: batches follow the policy's "
+            "buckets, but every clip has the dataset's own shape",
             cfg.data.bucket,
         )
     sampler = BucketBatchSampler(planner, rank=rank, world_size=world_size, refs=refs)

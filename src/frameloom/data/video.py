@@ -561,7 +561,7 @@ def _crop(video: torch.Tensor, crop: Sequence[int], path: str) -> torch.Tensor:
 
 def fixed_draw(row: Mapping[str, Any]) -> tuple[int, int, int]:
     """The (seed, index, epoch) used when a caller gives none: seed 0, epoch 0 and an index hashed from the
-    row's path and cut, so each sample keeps one fixed random window (what a cache of one clip can hold)."""
+    row's path and cut, so each sample keeps one fixed random window (for callers with no epoch)."""
     text = f"{row.get('path')}|{row.get('cut_start')}|{row.get('cut_end')}"
     return 0, int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "little"), 0
 
@@ -588,8 +588,9 @@ def decode_clip(
 
     ``output="uint8"``: values 0..255; ``"float"``: float32 in [-1, 1]. Any failure raises ``DecodeError``.
 
-    ``draw = (seed, sample index, epoch)`` decides a ``temporal_crop="random"`` window; a caller without
-    one (the cache, which stores one clip per sample) gets ``fixed_draw(row)``: a window that differs per
+    ``draw = (seed, sample index, epoch)`` decides a ``temporal_crop="random"`` window (training passes
+    its item's draw, so the window changes per epoch; the cache refuses random crops, see
+    ``pipeline.uncacheable``); a caller without one gets ``fixed_draw(row)``: a window that differs per
     sample but not per epoch.
     """
     if output not in ("uint8", "float"):

@@ -13,6 +13,7 @@ Under torchrun the process joins the process group here (frameloom.parallel.init
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import time
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -141,18 +143,20 @@ class Trainer:
         self.codec = pipeline.load_codec(cfg, self.device)
         # rank 0 first: a tiny-byt5 encoder is built on first use, and must not be built by every rank at once
         self.text_encoder = dist_env.main_first(lambda: pipeline.load_text_encoder(cfg, self.device))
+        self.policy = pipeline.bucket_policy(cfg)  # data.bucket (None: none); the cache and sampler share it
         self.dataset, self.cached = self._build_dataset()
         self.empty_emb, self.empty_mask = self._empty_prompt()
         # What the model needs of the encoders; with a complete cache, training reads latents and embeddings
         # only, so the VAE and text encoder leave memory until validation reloads them (`_encoders`).
         self.latent_channels, self.text_dim = self.codec.latent_channels, self.text_encoder.dim
         self.latent_grid = self.codec.latent_size(cfg.data.num_frames, cfg.data.height, cfg.data.width)
-        if self.cached:
-            self._release_encoders()
 
-        # 2. The denoiser, its EMA, optimizer and schedule.
+        # 2. The denoiser (with its text statistics, while the text encoder is loaded), EMA, optimizer, schedule.
         family = get_family(cfg.model.family)
         self.model = family.build_denoiser(cfg.model, self.latent_channels, self.text_dim)
+        self._fit_text_statistics(self.model)
+        if self.cached:
+            self._release_encoders()
         self.model.to(self.device).train()
         self._check_sequence_split(self.model)
         self.par: Parallelized | None = None
@@ -161,7 +165,7 @@ class Trainer:
         self.ema = EMA(self.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.optimizer, self.scheduler = build_optimizer(self.module.parameters(), cfg.optim, cfg.train.steps)
         self.objective = build_objective(cfg)
-        self.sampler = build_sampler(cfg, self.dataset, self.data_rank, self.data_world)  # data.bucket policy
+        self.sampler = build_sampler(cfg, self.dataset, self.data_rank, self.data_world, policy=self.policy)
         self.substituted_samples = 0  # samples that failed to decode and were replaced (this process)
         self.step = 0
         self.skipped_steps = 0
@@ -185,23 +189,54 @@ class Trainer:
         manifest = pipeline.manifest_path(self.cfg)
         if self.cfg.data.use_cache not in ("auto", "never"):
             raise FrameloomError(f"data.use_cache must be auto or never, not {self.cfg.data.use_cache!r}")
-        if self.cfg.data.use_cache == "auto":
+        rules = pipeline.caption_rules(self.cfg)
+        reasons = pipeline.uncacheable(self.cfg)
+        if self.cfg.data.use_cache == "auto" and reasons:
+            if self.rank == 0:
+                logging.getLogger("frameloom.train").warning(
+                    "not reading the latent cache: %s; decoding and encoding on the fly", "; ".join(reasons)
+                )
+        elif self.cfg.data.use_cache == "auto":
             cached = CachedClipDataset(
                 manifest,
                 self.spec,
                 self.codec.identity,
                 self.text_encoder.identity,
                 pipeline.open_store(self.cfg),
+                buckets=self.policy,  # one entry per (row, bucket) the policy can assign
+                caption_rules=rules,
             )
             if not cached.missing():
                 return cached, True
-        return pipeline.ClipDataset(manifest, self.spec), False
+        return pipeline.ClipDataset(manifest, self.spec, seed=self.cfg.seed, caption_rules=rules), False
 
     @torch.no_grad()
     def _empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
         emb, mask = self.text_encoder.encode([""])
         length = int(mask[0].sum())
         return emb[0, :length].float().cpu(), mask[0, :length].cpu()
+
+    @torch.no_grad()
+    def _fit_text_statistics(self, model: torch.nn.Module, max_captions: int = 2048) -> None:
+        """Give a denoiser that standardizes its pooled text (VideoDiT's `pooled_text`) the mean/std of the
+        training captions' pooled embeddings: up to `max_captions` rows, evenly spaced over the manifest.
+        A resumed run then loads the saved values with the weights."""
+        if getattr(model, "pooled_proj", None) is None or not hasattr(model, "set_text_statistics"):
+            return
+        from frameloom.data.captions import row_caption
+        from frameloom.data.manifest import read_manifest
+        from frameloom.models.dit.model import pool_text
+
+        table = read_manifest(pipeline.manifest_path(self.cfg))
+        picks = np.unique(np.linspace(0, len(table) - 1, min(len(table), max_captions)).astype(np.int64))
+        rules = pipeline.caption_rules(self.cfg)  # the texts as training encodes them (epoch 0's draws)
+        rows = table.take(picks).to_pylist()
+        texts = [row_caption(r, rules, self.spec, (self.cfg.seed, int(j), 0)) for r, j in zip(rows, picks)]
+        pooled = []
+        for i in range(0, len(texts), 256):
+            emb, mask = self.text_encoder.encode(texts[i : i + 256])
+            pooled.append(pool_text(emb.float(), mask).cpu())  # (b, text_dim)
+        model.set_text_statistics(torch.cat(pooled))
 
     def _release_encoders(self) -> None:
         """Drop the codec and text encoder (a cached run trains without them); `_encoders` reloads them."""

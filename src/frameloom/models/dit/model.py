@@ -39,6 +39,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+def pool_text(text: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Masked mean of text-encoder tokens, ``(B, L, D), (B, L) -> (B, D)``; a row without tokens gives 0."""
+    weights = torch.ones_like(text[..., 0]) if mask is None else mask.to(text.dtype)  # (B, L)
+    return (text * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)
+
+
 class _SelfAttention(nn.Module):
     """Multi-head self-attention with a fused qkv projection, optional RMS qk-norm and 3D RoPE."""
 
@@ -177,9 +183,13 @@ class VideoDiT(ModelMixin, ConfigMixin):
         norm_eps: epsilon of the LayerNorms/RMSNorms.
         frequency_embedding_size: width of the sinusoidal timestep features.
         timestep_scale: the flow time ``t in [0, 1]`` is multiplied by this before the sinusoidal embedding.
-        pooled_text: also add the masked mean of the projected text tokens to the adaLN conditioning vector
-            (a global text signal beside cross-attention, as SD3 and Flux add a pooled text embedding); it
-            makes global attributes such as color and direction much faster to learn.
+        pooled_text: also add a global text vector to the adaLN conditioning (beside cross-attention, as SD3
+            and Flux add a pooled text embedding): the masked mean of the text-encoder tokens, standardized
+            per channel by the buffers ``text_mean``/``text_std`` (set once per run from the training captions
+            by :meth:`set_text_statistics`, like a VAE's latent scaling factor), then an MLP. Captions of one
+            dataset share most of their words, so their raw means differ by little; standardizing makes the
+            differences (a prompt's color, its direction) unit-sized, which gradient descent picks up many
+            times faster.
         absolute_pos_embed: add a fixed 3D sine-cosine embedding of each patch's grid position to the patch
             embeddings (as CogVideoX-2B does), besides RoPE. With RoPE only, a token at high noise cannot tell
             which frame it is in, so motion that depends on the frame index (a prompt's direction) is slow to
@@ -189,9 +199,15 @@ class VideoDiT(ModelMixin, ConfigMixin):
             the skip carries that part, so the network learns only the data-dependent residual, as EDM's
             ``c_skip`` preconditioning does (Karras et al., 2022). It makes the high-noise regime, where a
             video's layout and motion are decided, far quicker to learn.
-        positional_conditioning: add a learned projection of each token's 3D sincos position to the adaLN
-            conditioning vector, so shift/scale/gate are per token rather than per sample; lets the network
-            form (prompt x frame x place) interactions directly. Costs one extra adaLN projection per token.
+        positional_conditioning: add an MLP of each token's 3D sincos position (and, with ``pooled_text``,
+            the standardized pooled text) to the adaLN conditioning vector, so shift/scale/gate are per token
+            rather than per sample. This is a noise-free (prompt x frame x place) pathway: near pure noise the
+            best prediction is the prompt's mean video, which depends on exactly that, and tokens whose
+            features are mostly noise learn it slowly through attention alone. Costs one extra adaLN
+            projection per token.
+        pos_cond_theta: base of the sincos frequencies of ``positional_conditioning``. Latent grids have few
+            tokens per axis, so short wavelengths are needed to tell neighbouring positions apart (10 rather
+            than the 10000 meant for sequences of thousands).
     """
 
     _supports_gradient_checkpointing = False  # applied from outside (frameloom.parallel)
@@ -217,6 +233,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
         absolute_pos_embed: bool = False,
         velocity_skip: bool = False,
         positional_conditioning: bool = False,
+        pos_cond_theta: float = 10.0,
     ) -> None:
         super().__init__()
         if isinstance(patch_size, int):
@@ -248,13 +265,17 @@ class VideoDiT(ModelMixin, ConfigMixin):
         self.text_proj = nn.Sequential(
             nn.Linear(text_dim, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, hidden_size)
         )
-        self.pooled_proj = (
-            nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
-            if pooled_text
-            else None
-        )
+        self.pooled_proj = None
+        if pooled_text:
+            self.register_buffer("text_mean", torch.zeros(text_dim))
+            self.register_buffer("text_std", torch.ones(text_dim))
+            self.pooled_proj = nn.Sequential(
+                nn.Linear(text_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+            )
+        self.pos_cond_theta = pos_cond_theta
+        pos_in = hidden_size + (text_dim if pooled_text else 0)  # position (+ standardized pooled text)
         self.pos_cond = (
-            nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+            nn.Sequential(nn.Linear(pos_in, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
             if positional_conditioning
             else None
         )
@@ -324,6 +345,15 @@ class VideoDiT(ModelMixin, ConfigMixin):
             return attn_mask | (empty & eye)
         return attn_mask.to(dtype)
 
+    @torch.no_grad()
+    def set_text_statistics(self, pooled: torch.Tensor) -> None:
+        """Set the per-channel mean/std that standardize the pooled text (``pooled_text``), from the pooled
+        embeddings of the training captions, ``(N, text_dim)`` (see :func:`pool_text`). Saved with the weights."""
+        if self.pooled_proj is None:
+            return
+        self.text_mean.copy_(pooled.float().mean(0))
+        self.text_std.copy_(pooled.float().std(0).clamp(min=1e-4) if len(pooled) > 1 else self.text_std)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -385,14 +415,18 @@ class VideoDiT(ModelMixin, ConfigMixin):
             sdpa_text_mask = (text_mask | ~has_text)[:, None, None, :]  # (B, 1, 1, L), never an empty row
             text_keep = has_text.to(dtype)[:, :, None, None]  # (B, 1, 1, 1)
         self_mask = self._prepare_attn_mask(attn_mask, B, N, dtype)
-        if self.pooled_proj is not None:  # masked mean over real tokens: (B, L, D) -> (B, D), added to c
-            weights = torch.ones_like(txt[..., 0]) if text_mask is None else text_mask.to(dtype)  # (B, L)
-            pooled = (txt * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)
-            c = c + self.pooled_proj(pooled)
+        pooled = None
+        if self.pooled_proj is not None:  # standardized masked mean: (B, L, text_dim) -> (B, text_dim)
+            pooled = (pool_text(text, text_mask).to(dtype) - self.text_mean) / self.text_std
+            c = c + self.pooled_proj(pooled)  # (B, D)
 
         c = c[:, None]  # (B, 1, D): one conditioning vector per sample ...
         if self.pos_cond is not None:  # ... or per token: (B, N, D)
-            c = c + self.pos_cond(sincos_embedding(positions, self.hidden_size).to(dtype))
+            pe = sincos_embedding(positions, self.hidden_size, self.pos_cond_theta).to(dtype)  # ([B,] N, D)
+            pe = pe.expand(B, N, -1)
+            if pooled is not None:
+                pe = torch.cat([pe, pooled[:, None].expand(B, N, -1)], dim=-1)  # (B, N, D + text_dim)
+            c = c + self.pos_cond(pe)
 
         # 5. transformer blocks: (B, N, D) -> (B, N, D)
         for block in self.blocks:
