@@ -136,7 +136,10 @@ def test_render_moves_inside_the_frame(shape, direction):
     assert area.min() >= 0.7 * area.max()
     extent = max(np.ptp(np.nonzero(mask[0])[0]), np.ptp(np.nonzero(mask[0])[1])) + 1  # bounding box side
     assert 0.25 * H <= extent <= 0.5 * H
-    assert not (mask[:, 0].any() and mask[:, -1].any()) and not (mask[:, :, 0].any() and mask[:, :, -1].any())
+    # The whole free path: the first frame touches the border it comes from, the last the one it goes to.
+    edges = {"left": (mask[0, :, -1], mask[-1, :, 0]), "right": (mask[0, :, 0], mask[-1, :, -1])}
+    edges |= {"up": (mask[0, -1], mask[-1, 0]), "down": (mask[0, 0], mask[-1, -1])}
+    assert all(edge.any() for edge in edges[direction])
     ys, xs = np.arange(H) + 0.5, np.arange(W) + 0.5
     cx = (mask.sum(axis=1) * xs).sum(axis=1) / area
     cy = (mask.sum(axis=2) * ys).sum(axis=1) / area

@@ -52,12 +52,15 @@ BACKGROUND: tuple[int, int, int] = (0, 0, 0)
 # Unit motion per direction in image coordinates (x to the right, y downwards).
 _MOTION: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
-# Object side as a fraction of the frame's shorter side, and the fraction of the free path it travels.
+# Object side as a fraction of the frame's shorter side, and the fraction of the free path it travels: the
+# whole path, edge to edge, so that a caption's direction fixes where the object starts and ends. (With a
+# random 60-100% of the path the quickstart's tiny model reached 81% held-out direction accuracy in 1000
+# steps; with the whole path, 100%.)
 SIZE_RANGE: tuple[float, float] = (0.30, 0.45)
-TRAVEL_RANGE: tuple[float, float] = (0.6, 1.0)
+TRAVEL_RANGE: tuple[float, float] = (1.0, 1.0)
 
 # Below this displacement over the whole clip, as a fraction of the frame's shorter side, the object counts as
-# still. Training clips move at least 0.6 * (1 - 0.45) = 33% of the side.
+# still. Training clips move at least 1 - 0.45 = 55% of the side.
 MIN_MOTION = 0.02
 
 Combo = tuple[str, str, str]  # (color, shape, direction)
@@ -192,7 +195,7 @@ def render_clip(
     """Render one clip as a ``(num_frames, height, width, 3)`` uint8 array.
 
     The object's side is 30-45% of the frame's shorter side. It starts near the side opposite ``direction``
-    and moves at constant speed, covering 60-100% of the path available to it (so the speed is random),
+    and moves at constant speed across the whole path available to it (``TRAVEL_RANGE``),
     always fully inside the frame; its position across the motion is random. Positions are continuous and
     rasterised at pixel centres (no anti-aliasing), so slow motion still moves the centroid smoothly.
     """
