@@ -19,12 +19,13 @@ import torch
 from torch import nn
 
 from frameloom.config.schema import ParallelConfig
+from frameloom.errors import FrameloomError
 from frameloom.parallel.data_parallel import apply_ddp, apply_fsdp
 from frameloom.parallel.env import DistEnv
 from frameloom.parallel.memory import apply_activation_checkpointing, compile_blocks, offload_activations
 from frameloom.parallel.mesh import build_mesh, data_parallel_mesh, sp_group
 from frameloom.parallel.plan import ParallelPlan, plan_parallel
-from frameloom.parallel.sequence import apply_sequence_parallel
+from frameloom.parallel.sequence import apply_sequence_parallel, diffusers_context_parallel
 
 
 @dataclass
@@ -86,7 +87,10 @@ def parallelize(
     # 1. sequence parallel
     group = sp_group(mesh)
     if group is not None:
-        apply_sequence_parallel(model, group)
+        if sequence_parallel_kind(model) == "diffusers":
+            diffusers_context_parallel(model.transformer, plan, env.device.type)
+        else:
+            apply_sequence_parallel(model, group)
     # 2. activation checkpointing
     n_ckpt = apply_activation_checkpointing(model, p)
     # 3. compile
@@ -101,6 +105,36 @@ def parallelize(
             forward = apply_ddp(model, env.device)
     return Parallelized(
         module=model, forward=forward, plan=plan, config=p, env=env, mesh=mesh, checkpointed_blocks=n_ckpt
+    )
+
+
+#: diffusers transformers that declare a `_cp_plan` but whose context parallelism fails in frameloom's call
+#: (diffusers 0.42.1, 2 gloo processes): class name -> why.
+CP_BROKEN = {
+    "LTXVideoTransformer3DModel": "diffusers' Ulysses attention fails on its text attention mask "
+    "(SDPA: output with shape [1, 1, 32, 10] doesn't match the broadcast shape [1, 2, 32, 10])",
+}
+
+
+def sequence_parallel_kind(model: nn.Module) -> str:
+    """How `parallel.sp_size > 1` is applied to `model`: `native` (frameloom's Ulysses, for the native DiT)
+    or `diffusers` (diffusers' context parallelism on a family adapter's transformer, whose class must declare
+    a `_cp_plan` and not be in `CP_BROKEN`: Wan in diffusers 0.42.1; not CogVideoX, which has no plan, nor
+    LTX-Video)."""
+    from frameloom.models.diffusers_family import DiffusersDenoiser
+
+    if not isinstance(model, DiffusersDenoiser):
+        return "native"
+    name = type(model.transformer).__name__
+    if getattr(model.transformer, "_cp_plan", None) is None:
+        why = f"diffusers' {name} has no context-parallel plan"
+    elif name in CP_BROKEN:
+        why = f"{name}: {CP_BROKEN[name]}"
+    else:
+        return "diffusers"
+    raise FrameloomError(
+        f"parallel.sp_size > 1: sequence parallelism is not available for {type(model).__name__} ({why}); "
+        "use sp_size: 1"
     )
 
 

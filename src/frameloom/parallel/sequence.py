@@ -22,8 +22,10 @@ and what the families whose joint attention splits text and video tokens togethe
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -181,15 +183,15 @@ def pad_text(emb: torch.Tensor, mask: torch.Tensor, multiple: int) -> tuple[torc
 
 
 def diffusers_context_parallel(model: nn.Module, plan, device_type: str) -> nn.Module:
-    """The hook for diffusers families: Ulysses through diffusers' own context-parallel support.
+    """Ulysses for diffusers families, through diffusers' own context-parallel support (>= 0.36).
 
     Models that declare a `_cp_plan` (in diffusers 0.42.1: Wan, LTX-Video, LTX-2, Flux, QwenImage, ...; not
-    CogVideoX or HunyuanVideo) accept `model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=sp, mesh=...))`,
-    which splits and gathers the sequence where the plan says and runs attention through an all-to-all
-    backend. diffusers wants a mesh with "ring" and "ulysses" axes; we give it `(dp, ring=1, ulysses=sp)` laid
-    out like frameloom's mesh, so its sp groups are ours. The attention backend must support context
-    parallelism ("native", "flash", "_native_cudnn", "sage", ... in 0.42.1; see docs/parallel.md).
-    A family's `parallelize` step calls this; a model without a plan is a clear error.
+    CogVideoX or HunyuanVideo) accept `model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=sp,
+    mesh=...))`, which splits inputs and gathers outputs at the module boundaries the plan names and runs
+    self-attention through an all-to-all. diffusers wants a mesh with "ring" and "ulysses" axes; we give it
+    `(dp, ring=1, ulysses=sp)` laid out like frameloom's mesh, so its sp groups are ours. The attention backend
+    (the processors' own, else diffusers' active one: "native" by default) must support context parallelism;
+    diffusers raises otherwise. `frameloom.parallel.parallelize` calls this for a `DiffusersDenoiser`.
     """
     try:
         from diffusers import ContextParallelConfig
@@ -206,7 +208,19 @@ def diffusers_context_parallel(model: nn.Module, plan, device_type: str) -> nn.M
     mesh = init_device_mesh(
         device_type, (plan.world_size // plan.sp, 1, plan.sp), mesh_dim_names=("dp", "ring", "ulysses")
     )
-    model.enable_parallelism(
-        config=ContextParallelConfig(ulysses_degree=plan.sp, mesh=mesh["ring", "ulysses"])
-    )
+    config = ContextParallelConfig(ulysses_degree=plan.sp, mesh=mesh["ring", "ulysses"])
+    with _accelerator_count_for_cpu(device_type):
+        model.enable_parallelism(config=config)
     return model
+
+
+@contextlib.contextmanager
+def _accelerator_count_for_cpu(device_type: str):
+    """diffusers 0.42.1's `enable_parallelism` picks its device as `rank % torch.accelerator.device_count()`,
+    a ZeroDivisionError on a machine without an accelerator. For a CPU run there, report one device while it
+    resolves (it then records `cpu:0`; nothing else reads the count)."""
+    if device_type != "cpu" or torch.accelerator.device_count() > 0:
+        yield
+        return
+    with mock.patch.object(torch.accelerator, "device_count", lambda: 1):
+        yield
