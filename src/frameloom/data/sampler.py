@@ -91,7 +91,47 @@ class _Position:
             epoch, m = epoch + 1, 0
 
 
-class ResumableBatchSampler:
+class _StepState:
+    """The resumable state both samplers share: steps handed out (``consumed``), anchored on load to
+    (epoch, samples consumed in that epoch) so that another number of processes resumes at the same sample.
+    Subclasses set ``seed``, ``world_size``, ``consumed``, ``_pos`` and map micro-batches to samples."""
+
+    def _samples_before(self, epoch: int, m: int) -> int:
+        """Samples of ``epoch`` in its first ``m`` micro-batches."""
+        raise NotImplementedError
+
+    def _first_unconsumed(self, epoch: int, samples: int) -> int:
+        """The first micro-batch of ``epoch`` not covered by its first ``samples`` samples."""
+        raise NotImplementedError
+
+    def state_dict_at(self, consumed: int) -> dict[str, int]:
+        """The state after ``consumed`` steps (the trainer passes the steps its loop took)."""
+        epoch, m = self._pos.locate(consumed)
+        return {
+            "consumed": int(consumed),
+            "seed": self.seed,
+            "epoch": epoch,
+            "epoch_samples": self._samples_before(epoch, m),
+            "world_size": self.world_size,
+        }
+
+    def state_dict(self) -> dict[str, int]:
+        return self.state_dict_at(self.consumed)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.consumed = int(state["consumed"])
+        if "epoch" in state:
+            epoch = int(state["epoch"])
+            self._pos.anchor = (
+                self.consumed,
+                epoch,
+                self._first_unconsumed(epoch, int(state["epoch_samples"])),
+            )
+        else:
+            self._pos.anchor = (0, 0, 0)
+
+
+class ResumableBatchSampler(_StepState):
     """``data.bucket: none``: yields lists of row indices for this rank; see the module docstring."""
 
     def __init__(
@@ -147,27 +187,11 @@ class ResumableBatchSampler:
                 yield [SampleRef(i, -1, epoch) for i in rows] if self.refs else rows
             epoch, m = epoch + 1, 0
 
-    def state_dict_at(self, consumed: int) -> dict[str, int]:
-        """The state after ``consumed`` steps (the trainer passes the steps its loop took)."""
-        epoch, m = self._pos.locate(consumed)
-        return {
-            "consumed": int(consumed),
-            "seed": self.seed,
-            "epoch": epoch,
-            "epoch_samples": m * self.batch_size,
-            "world_size": self.world_size,
-        }
+    def _samples_before(self, epoch: int, m: int) -> int:
+        return m * self.batch_size
 
-    def state_dict(self) -> dict[str, int]:
-        return self.state_dict_at(self.consumed)
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.consumed = int(state["consumed"])
-        if "epoch" in state:
-            m = -(-int(state["epoch_samples"]) // self.batch_size)  # first micro-batch not consumed
-            self._pos.anchor = (self.consumed, int(state["epoch"]), m)
-        else:
-            self._pos.anchor = (0, 0, 0)
+    def _first_unconsumed(self, epoch: int, samples: int) -> int:
+        return -(-samples // self.batch_size)
 
 
 @dataclass
@@ -265,7 +289,7 @@ class EpochPlanner:
         )
 
 
-class BucketBatchSampler:
+class BucketBatchSampler(_StepState):
     """A bucket policy's batches for one rank: lists of ``SampleRef`` (or of row indices)."""
 
     def __init__(
@@ -310,29 +334,11 @@ class BucketBatchSampler:
                     yield rows
             epoch, m = epoch + 1, 0
 
-    def state_dict_at(self, consumed: int) -> dict[str, int]:
-        """The state after ``consumed`` steps (the trainer passes the steps its loop took)."""
-        epoch, m = self._pos.locate(consumed)
-        return {
-            "consumed": int(consumed),
-            "seed": self.seed,
-            "epoch": epoch,
-            "epoch_samples": int(self.planner.plan(epoch).offsets[m]),
-            "world_size": self.world_size,
-        }
+    def _samples_before(self, epoch: int, m: int) -> int:
+        return int(self.planner.plan(epoch).offsets[m])
 
-    def state_dict(self) -> dict[str, int]:
-        return self.state_dict_at(self.consumed)
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.consumed = int(state["consumed"])
-        if "epoch" in state:
-            epoch = int(state["epoch"])
-            offsets = self.planner.plan(epoch).offsets
-            m = int(np.searchsorted(offsets, int(state["epoch_samples"]), side="left"))
-            self._pos.anchor = (self.consumed, epoch, m)
-        else:
-            self._pos.anchor = (0, 0, 0)
+    def _first_unconsumed(self, epoch: int, samples: int) -> int:
+        return int(np.searchsorted(self.planner.plan(epoch).offsets, samples, side="left"))
 
 
 def build_sampler(
