@@ -366,7 +366,7 @@ def test_positional_conditioning_makes_modulation_per_token():
 def test_pooled_text_is_standardized_by_the_text_statistics():
     """(pooled - mean) / std feeds pooled_proj: a model with statistics (m, s) equals one with (0, 1) whose
     first pooled_proj layer absorbed them (W' = W / s, b' = b - W' m)."""
-    from frameloom.models.dit.model import pool_text
+    from frameloom.models.text import pool_text
 
     torch.manual_seed(0)
     kwargs = dict(in_channels=3, patch_size=(1, 2, 2), hidden_size=32, depth=1, num_heads=2, text_dim=2)

@@ -191,7 +191,7 @@ def test_validation_samples_are_written(dataset, tmp_path):
 def test_text_statistics_come_from_the_training_captions(dataset, tmp_path):
     """A pooled-text DiT standardizes with the mean/std of the manifest captions' pooled embeddings."""
     from frameloom.data.manifest import read_manifest
-    from frameloom.models.dit.model import pool_text
+    from frameloom.models.text import pool_text
 
     cfg = config(
         dataset,

@@ -54,6 +54,12 @@ def derive_identity(identity: str, **changes) -> str:
     return hashlib.sha256(json.dumps({"inner": identity, **changes}, sort_keys=True).encode()).hexdigest()
 
 
+def pool_text(text: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Masked mean of text-encoder tokens, ``(B, L, D), (B, L) -> (B, D)``; a row without tokens gives 0."""
+    weights = torch.ones_like(text[..., 0]) if mask is None else mask.to(text.dtype)  # (B, L)
+    return (text * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)
+
+
 class TextEncoderError(FrameloomError):
     """A text encoder that cannot be loaded."""
 

@@ -221,11 +221,11 @@ class Trainer:
         """Give a denoiser that standardizes its pooled text (VideoDiT's `pooled_text`) the mean/std of the
         training captions' pooled embeddings: up to `max_captions` rows, evenly spaced over the manifest.
         A resumed run then loads the saved values with the weights."""
-        if getattr(model, "pooled_proj", None) is None or not hasattr(model, "set_text_statistics"):
+        if not getattr(model, "wants_text_statistics", False):
             return
         from frameloom.data.captions import row_caption
         from frameloom.data.manifest import read_manifest
-        from frameloom.models.dit.model import pool_text
+        from frameloom.models.text import pool_text
 
         table = read_manifest(pipeline.manifest_path(self.cfg))
         picks = np.unique(np.linspace(0, len(table) - 1, min(len(table), max_captions)).astype(np.int64))

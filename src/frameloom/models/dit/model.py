@@ -18,6 +18,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from frameloom.models.text import pool_text
+
 from .rope import apply_rope, grid_positions, rope_axes_dims, rope_freqs, sincos_embedding
 
 __all__ = ["VideoDiT"]
@@ -37,12 +39,6 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
-
-
-def pool_text(text: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Masked mean of text-encoder tokens, ``(B, L, D), (B, L) -> (B, D)``; a row without tokens gives 0."""
-    weights = torch.ones_like(text[..., 0]) if mask is None else mask.to(text.dtype)  # (B, L)
-    return (text * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)
 
 
 class _SelfAttention(nn.Module):
@@ -344,6 +340,11 @@ class VideoDiT(ModelMixin, ConfigMixin):
             eye = torch.eye(N, dtype=torch.bool, device=attn_mask.device)
             return attn_mask | (empty & eye)
         return attn_mask.to(dtype)
+
+    @property
+    def wants_text_statistics(self) -> bool:
+        """True when the pooled text is standardized (the trainer then calls :meth:`set_text_statistics`)."""
+        return self.pooled_proj is not None
 
     @torch.no_grad()
     def set_text_statistics(self, pooled: torch.Tensor) -> None:
