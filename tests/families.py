@@ -195,6 +195,26 @@ WAN_LATENTS_MEAN = [0.1, -0.2, 0.3, 0.05]
 WAN_LATENTS_STD = [1.5, 0.8, 1.2, 2.0]
 
 
+def tiny_wan_transformer(i2v: bool = False):
+    """The tiny Wan transformer of every Wan test (2 layers, 2 x 8 heads); seed the RNG before calling."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=12 if i2v else 4,
+        out_channels=4,
+        text_dim=32,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        rope_max_seq_len=32,
+        image_dim=16 if i2v else None,
+        added_kv_proj_dim=16 if i2v else None,
+    )
+
+
 def build_tiny_wan(
     out: str | Path, *, i2v: bool = False, seed: int = 0, vae_seed: int = 0, shift: float = 3.0
 ) -> Path:
@@ -209,26 +229,12 @@ def build_tiny_wan(
         FlowMatchEulerDiscreteScheduler,
         WanImageToVideoPipeline,
         WanPipeline,
-        WanTransformer3DModel,
     )
 
     out = Path(out)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=8,
-            in_channels=12 if i2v else 4,
-            out_channels=4,
-            text_dim=32,
-            freq_dim=16,
-            ffn_dim=32,
-            num_layers=2,
-            rope_max_seq_len=32,
-            image_dim=16 if i2v else None,
-            added_kv_proj_dim=16 if i2v else None,
-        )
+        transformer = tiny_wan_transformer(i2v)
         torch.manual_seed(vae_seed)
         vae = AutoencoderKLWan(
             base_dim=8,

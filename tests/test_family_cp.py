@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from families import tiny_wan_transformer
 from frameloom.config.schema import ParallelConfig
 from frameloom.errors import FrameloomError
 from frameloom.models.diffusers_family import DiffusersDenoiser
@@ -29,21 +30,8 @@ from test_parallel import launch
 
 
 def tiny_wan():
-    from diffusers import WanTransformer3DModel
-
     torch.manual_seed(0)  # same weights on every rank and in the reference
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        text_dim=32,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        rope_max_seq_len=32,
-    )
+    return tiny_wan_transformer()
 
 
 def test_sequence_parallel_kind_per_family(tmp_path: Path) -> None:
