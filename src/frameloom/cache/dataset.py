@@ -96,6 +96,7 @@ class CachedClipDataset(Dataset):
         self.text_identity = text_identity
         self.caption_rules = caption_rules
         self.policy = buckets
+        self._assigned: tuple[int, Any] | None = None  # (epoch, bucket per row) for plain-index lookups
         self._table = read_manifest(self.manifest_path)
         self._file_ids: dict[str, str] = {}
         self.video_keys: list[str | None] = []
@@ -154,7 +155,7 @@ class CachedClipDataset(Dataset):
                 )
             return
         if self.policy is None:
-            self.policy = policy
+            self.policy, self._assigned = policy, None
             return
         mine, theirs = self.policy.table, policy.table
         same = mine.names == theirs.names and all(
@@ -187,8 +188,10 @@ class CachedClipDataset(Dataset):
     def _item_keys(self, index: int, bucket: int, epoch: int) -> tuple[str | None, str]:
         if self.policy is None:
             return self.video_keys[index], self.text_keys[index]
-        if bucket < 0:
-            bucket = int(self.policy.assign(epoch).bucket[index])
+        if bucket < 0:  # a plain index: the row's bucket in `epoch` (assigned once per epoch, not per item)
+            if self._assigned is None or self._assigned[0] != epoch:
+                self._assigned = (epoch, self.policy.assign(epoch).bucket)
+            bucket = int(self._assigned[1][index])
             if bucket < 0:
                 raise CacheMissError(f"row {index} ({self.paths[index]}) is in no bucket in epoch {epoch}")
         keys = self.bucket_keys.get((index, bucket))
