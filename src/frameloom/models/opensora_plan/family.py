@@ -2,7 +2,8 @@
 trained with its DDPM recipe and sampled with diffusers' schedulers' maths (docs/opensora_plan.md).
 
 - ``model.pretrained``: a released DiT folder (``any93x640x640/``: ``config.json`` +
-  ``diffusion_pytorch_model.safetensors``), loaded strictly; else ``model.preset`` (``2B/122``) +
+  ``diffusion_pytorch_model.safetensors``), loaded strictly, ``model.config`` overriding its config entries;
+  else ``model.preset`` (``2B/122``) +
   ``model.config`` (``OpenSoraPlanConfig`` keys; ``in_channels``/``caption_channels`` default to the codec's
   latent channels and the text encoder's width).
 - ``model.codec``: a released WF-VAE folder (``vae/``), or ``pixel``; ``model.vae_tiling`` = chunked.
@@ -48,10 +49,11 @@ def _dtype(name: str, key: str) -> torch.dtype:
     return parse_dtype(name, key)
 
 
-def load_denoiser(path: str | os.PathLike) -> OpenSoraPlanT2V:
+def load_denoiser(path: str | os.PathLike, overrides: dict | None = None) -> OpenSoraPlanT2V:
     """A released ``OpenSoraT2V_v1_3`` folder -> the DiT with its weights (strict: one line naming the
-    missing/unexpected keys otherwise)."""
-    cfg = OpenSoraPlanConfig.from_dict(read_config(path, DIT_CLASS))
+    missing/unexpected keys otherwise). ``overrides`` replace entries of its ``config.json`` (e.g. ``sparse_n``
+    or the RoPE interpolation scales; one that changes a weight's shape fails the strict load)."""
+    cfg = OpenSoraPlanConfig.from_dict({**read_config(path, DIT_CLASS), **(overrides or {})})
     model = OpenSoraPlanT2V(cfg)
     load_state_strict(model, read_weights(path), f"Open-Sora-Plan DiT weights in {path}")
     return model
@@ -63,7 +65,7 @@ def build_denoiser(model_cfg: ModelConfig, latent_channels: int, text_dim: int) 
     if model_cfg.lora.rank:
         raise FrameloomError("model.family opensora_plan: LoRA is not supported; use model.lora.rank=0")
     if model_cfg.pretrained:
-        model = load_denoiser(model_cfg.pretrained)
+        model = load_denoiser(model_cfg.pretrained, model_cfg.config)
         model.to(_dtype(model_cfg.dtype, "model.dtype"))
     else:
         values: dict = {}
@@ -144,7 +146,10 @@ def export_released(cfg: Config, weights: dict[str, torch.Tensor], out: str | os
     constructor arguments + ``diffusion_pytorch_model.safetensors``), which upstream's
     ``OpenSoraT2V_v1_3.from_pretrained`` and frameloom's ``model.pretrained`` load. Verified by loading it
     back strictly and comparing every tensor."""
-    model = build_denoiser(cfg.model, 0, 0)
+    # the codec's and text encoder's widths, as at training time, read off the weights
+    latent = int(weights["pos_embed.proj.weight"].shape[1])
+    text = int(weights["caption_projection.linear_1.weight"].shape[1])
+    model = build_denoiser(cfg.model, latent, text)
     load_state_strict(model, weights, "the checkpoint")
     state = model.state_dict()
     folder = write_folder(out, DIT_CLASS, model.config.to_dict(), state)
