@@ -69,6 +69,15 @@ def write_opensora_plan_dataset(root: Path) -> Path:
     return root / "data.txt"
 
 
+def test_mt5_loads_by_model_type(tmp_path):
+    """model_type "mt5" -> MT5EncoderModel (Open-Sora-Plan's mT5-XXL), with the usual masked encoding."""
+    encoder = T5TextEncoder.from_pretrained(write_tiny_mt5(tmp_path / "mt5"), max_length=512)
+    assert type(encoder.model).__name__ == "MT5EncoderModel" and encoder.dim == 32
+    emb, mask = encoder.encode(["a cat", "a much longer caption"])
+    assert emb.shape[:2] == mask.shape and mask.sum(1).tolist() == [6, 22]  # bytes + EOS
+    assert emb[0, 6:].abs().max() == 0
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("osp_e2e")

@@ -134,3 +134,33 @@ def test_sample_ddpm_guidance_and_errors():
     torch.testing.assert_close(out, ref)
     with pytest.raises(FrameloomError, match="sample.scheduler"):
         DDPMSampler("heun", cfg, 3)
+
+
+def test_native_dit_samples_with_the_ddpm_samplers(tmp_path, monkeypatch):
+    """frameloom's own DiT trained with objective.name=ddpm samples through the same DDPM samplers."""
+    from frameloom import pipeline
+    from frameloom.config import load_config
+    from frameloom.models.dit.model import VideoDiT
+    from frameloom.sampling import ddpm_generate
+    from frameloom.sampling.generate import generate_to_files
+    from tiny import TINY
+
+    cfg = load_config(None, [*TINY, f"run_dir={tmp_path / 'run'}", "objective.name=ddpm",
+                             "objective.prediction_type=v_prediction", "objective.rescale_betas_zero_snr=true",
+                             "sample.scheduler=dpmsolver++", "sample.steps=3"])  # fmt: skip
+    used = []
+    real = ddpm_generate.DDPMSampler
+
+    def spy(kind, config, steps):
+        used.append((kind, config.timestep_spacing, config.prediction_type, steps))
+        return real(kind, config, steps)
+
+    monkeypatch.setattr(ddpm_generate, "DDPMSampler", spy)
+    text_encoder = pipeline.load_text_encoder(cfg)
+    torch.manual_seed(0)
+    model = VideoDiT(
+        in_channels=3, patch_size=(1, 4, 4), hidden_size=32, depth=2, num_heads=2, text_dim=text_encoder.dim
+    )
+    paths = generate_to_files(model.eval(), text_encoder, pipeline.load_codec(cfg), cfg, ["a red square"],
+                              out_dir=tmp_path / "out", seeds=[0])  # fmt: skip
+    assert paths[0].is_file() and used == [("dpmsolver++", "trailing", "v_prediction", 3)]

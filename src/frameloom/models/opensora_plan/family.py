@@ -83,7 +83,7 @@ def build_denoiser(model_cfg: ModelConfig, latent_channels: int, text_dim: int) 
             values.setdefault("caption_channels", text_dim)
         model = OpenSoraPlanT2V(OpenSoraPlanConfig.from_dict(values))
     c = model.config
-    if latent_channels > 0 and latent_channels not in (c.in_channels,):
+    if latent_channels > 0 and latent_channels != c.in_channels:
         raise FrameloomError(
             f"the codec has {latent_channels} latent channels, the DiT takes {c.in_channels}"
         )
