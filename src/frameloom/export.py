@@ -73,7 +73,7 @@ def load_run_denoiser(
     family = get_family(cfg.model.family)
     if family.pipeline_class is None:
         raise FrameloomError(
-            f"model.family {cfg.model.family!r} has no diffusers form; use --format safetensors"
+            f"model.family {cfg.model.family!r} has no diffusers form; use --format safetensors (or native)"
         )
     weights, path = _checkpoint_weights(cfg, checkpoint)
     model = family.build_denoiser(cfg.model, 0, 0)
