@@ -21,7 +21,16 @@ OVERRIDES_HELP = (
 def _cmd_quickstart(args: argparse.Namespace, _: list[str]) -> int:
     from frameloom.quickstart import run_quickstart
 
-    return run_quickstart(args.out, overrides=args.overrides)
+    seeds, overrides = None, list(args.overrides)
+    if args.seeds is not None:
+        # `--seeds 0 1 2 train.steps=500`: argparse hands the overrides after the seeds to --seeds as well.
+        ints = [s.lstrip("+-").isdigit() for s in args.seeds] + [False]
+        count = ints.index(False)
+        if count == 0:
+            raise FrameloomError(f"--seeds expects integers, got {args.seeds[0]!r}")
+        seeds = [int(s) for s in args.seeds[:count]]
+        overrides = args.seeds[count:] + overrides
+    return run_quickstart(args.out, overrides=overrides, seeds=seeds, evaluate=args.eval)
 
 
 def _cmd_prepare(args: argparse.Namespace, _: list[str]) -> int:
@@ -164,9 +173,25 @@ def build_parser() -> argparse.ArgumentParser:
         "quickstart",
         help="make a synthetic video set, prepare, cache, train a tiny DiT, sample and score it",
         description="The embedded default: synthetic captioned clips -> prepare -> cache -> train a tiny "
-        "text-to-video DiT (CPU or GPU) -> sample held-out prompts -> print color and direction accuracy.",
+        "text-to-video DiT (CPU or GPU) -> sample two held-out prompt sets -> print color, direction and "
+        "shape accuracy. Set (a): an unseen shape for a trained (color, direction) pair; set (b): (color, "
+        "direction) pairs never trained on. Each seed runs in OUT/seed-N/; OUT/scores.json holds every "
+        "seed's scores and their mean and spread.",
     )
     p.add_argument("--out", default="runs/quickstart", help="working folder (default: runs/quickstart)")
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        metavar="SEED",
+        help="train, sample and score once per seed (default: the config's seed)",
+    )
+    p.add_argument(
+        "--eval",
+        choices=["test", "validation"],
+        default="test",
+        help="which held-out prompts to score: the reported sets (test, default) or the validation sets the "
+        "recipe is tuned on",
+    )
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=_cmd_quickstart)
 

@@ -13,6 +13,7 @@ measures whether the model composes attributes it saw separately, rather than wh
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import itertools
 import math
@@ -163,6 +164,83 @@ def split_combos(held_out: int = 32, seed: int = 0) -> tuple[list[Combo], list[C
         remaining.remove(best)
         held.append(best)
     return [combos[i] for i in sorted(remaining)], [combos[i] for i in sorted(held)]
+
+
+class QuickstartSplit(NamedTuple):
+    """The quickstart's prompts, split before any tuning (see :func:`split_quickstart`)."""
+
+    train: list[Combo]  # the combos the training clips show
+    val_a: list[Combo]  # validation, type (a): unseen shape for a trained (color, direction) pair
+    val_b: list[Combo]  # validation, type (b): a (color, direction) pair no training clip shows
+    test_a: list[Combo]  # reported set (a)
+    test_b: list[Combo]  # reported set (b)
+
+    def held_out(self, which: str) -> list[Combo]:
+        """The prompts of ``"val_a"``, ``"val_b"``, ``"test_a"`` or ``"test_b"``."""
+        if which not in ("val_a", "val_b", "test_a", "test_b"):
+            raise SyntheticError(f"unknown held-out set {which!r}; choose val_a, val_b, test_a or test_b")
+        return getattr(self, which)
+
+
+def _uncovered(train: Sequence[Combo], held: Iterable[Combo]) -> list[Combo]:
+    """Held-out combos whose (color, shape) or (shape, direction) pair no training combo shows."""
+    seen = {key for combo in train for key in _pair_keys(combo)}
+    return [combo for combo in held if not {_pair_keys(combo)[1], _pair_keys(combo)[2]} <= seen]
+
+
+def split_quickstart(seed: int = 0, max_tries: int = 10_000) -> QuickstartSplit:
+    """Split the 96 combos into training, validation and the two reported held-out sets.
+
+    Two kinds of held-out prompt measure two kinds of generalization:
+
+    - type (a): a combo never trained on whose (color, direction) pair *is* trained, with another shape;
+    - type (b): a (color, direction) pair that no training clip shows at all (with any shape).
+
+    Each kind has a validation set, used to tune the recipe, and a reported ("test") set, scored once with
+    the recipe frozen; the four sets and the training combos are disjoint and together hold every combo.
+    The (color, direction) pairs, 24 in all, are laid out as follows, with colours and directions in a seeded
+    order ``c0..c5`` and ``d0..d3``:
+
+    - test (b) holds out the pairs ``(c_i, d_i)``, i = 0..3; validation (b) the pairs ``(c4, d1)``,
+      ``(c5, d0)``, ``(c2, d3)``, ``(c3, d2)``; each of these 8 pairs with all 4 shapes (16 prompts per set).
+      Each set names all 4 directions and 4 colours; every direction keeps 4 of its 6 colours in training
+      and every colour at least 2 of its 4 directions.
+    - the 16 remaining pairs are trained. Test (a) takes one shape of each (16 prompts, each shape 4 times),
+      validation (a) one further shape of 8 of them (2 per direction; each shape twice); training keeps the
+      other 40 combos (2 or 3 shapes per trained pair).
+
+    The shapes of the (a) sets are drawn (seeded) until every held-out combo's (color, shape) and (shape,
+    direction) pairs occur in training: the model has seen a red triangle and a triangle moving up, just not
+    the combination asked for. Each list comes back in vocabulary order.
+    """
+    rng = np.random.default_rng(seed)
+    colors = [list(COLORS)[i] for i in rng.permutation(len(COLORS))]
+    dirs = [DIRECTIONS[i] for i in rng.permutation(len(DIRECTIONS))]
+    test_pairs = [(colors[i], dirs[i]) for i in range(4)]
+    val_pairs = [(colors[4], dirs[1]), (colors[5], dirs[0]), (colors[2], dirs[3]), (colors[3], dirs[2])]
+    trained_pairs = [(c, d) for c in COLORS for d in DIRECTIONS if (c, d) not in test_pairs + val_pairs]
+    test_b = [(c, s, d) for c, d in test_pairs for s in SHAPES]
+    val_b = [(c, s, d) for c, d in val_pairs for s in SHAPES]
+    per_shape_test = len(trained_pairs) // len(SHAPES)  # 4
+    for _ in range(max_tries):
+        # (a) test: one shape per trained pair, each shape equally often.
+        test_shapes = [SHAPES[i] for i in rng.permutation(np.repeat(np.arange(len(SHAPES)), per_shape_test))]
+        test_a = [(c, s, d) for (c, d), s in zip(trained_pairs, test_shapes)]
+        # (a) validation: 2 trained pairs per direction, each with a shape other than its test shape.
+        picks = [i for d in DIRECTIONS for i in rng.permutation(
+            [k for k, (_, pd) in enumerate(trained_pairs) if pd == d])[:2]]  # fmt: skip
+        val_shapes = [SHAPES[i] for i in rng.permutation(np.repeat(np.arange(len(SHAPES)), 2))]
+        val_a = [(trained_pairs[i][0], s, trained_pairs[i][1]) for i, s in zip(picks, val_shapes)]
+        if set(val_a) & set(test_a):
+            continue
+        held = set(test_a) | set(val_a) | set(test_b) | set(val_b)
+        train = [combo for combo in all_combos() if combo not in held]
+        if not _uncovered(train, held):
+            order = {combo: k for k, combo in enumerate(all_combos())}
+            return QuickstartSplit(
+                *(sorted(x, key=order.__getitem__) for x in (train, val_a, val_b, test_a, test_b))
+            )
+    raise SyntheticError(f"no quickstart split with every attribute pair in training after {max_tries} draws")
 
 
 # ----------------------------------------------------------------------------------------------- rendering
@@ -402,19 +480,116 @@ def _box3(x: np.ndarray) -> np.ndarray:
     return (rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:])[..., :h, :w] / 9.0
 
 
+# Shape fitting (see :func:`score_video`, step 5): template sizes relative to the object's rms radius, blur
+# widths in pixels, and the supersampling of template pixels per axis.
+_SHAPE_HALVES = np.linspace(0.8, 2.0, 13)
+_SHAPE_BLURS = (0.0, 0.5, 0.8, 1.1, 1.5)
+_SHAPE_SUPERSAMPLE = 4
+
+
+def _centred_shape_mask(shape: str, u: np.ndarray, v: np.ndarray, half: float) -> np.ndarray:
+    """:func:`_shape_mask` with the origin at the shape's centroid instead of its box centre.
+
+    Only the triangle differs: its area grows linearly from the apex (``dy = -half``) to the base
+    (``dy = +half``), so its centroid lies two thirds of the way down, ``half / 3`` below the box centre.
+    """
+    return _shape_mask(shape, u, v + half / 3.0 if shape == "triangle" else v, half)
+
+
+def _gaussian_matrix(n: int, sigma: float) -> np.ndarray:
+    """``(n, n)`` matrix whose product blurs a length-``n`` axis with a Gaussian of ``sigma`` px (zero
+    outside); ``sigma = 0`` gives the identity."""
+    if sigma <= 0:
+        return np.eye(n)
+    d = np.arange(n)[:, None] - np.arange(n)[None, :]
+    k = int(math.ceil(3 * sigma))
+    g = np.exp(-(d**2) / (2 * sigma**2)) * (np.abs(d) <= k)
+    return g / np.exp(-(np.arange(-k, k + 1) ** 2) / (2 * sigma**2)).sum()
+
+
+@functools.lru_cache(maxsize=64)
+def _shape_templates(radius: int, rms_radius: float) -> np.ndarray:
+    """Every shape's template on the square patch of offsets ``-radius .. radius`` px from the centroid, for
+    each size in ``_SHAPE_HALVES * rms_radius`` and each pair of vertical and horizontal Gaussian blurs from
+    ``_SHAPE_BLURS``: ``(shapes, sizes, blurs ** 2, n, n)`` with ``n = 2 * radius + 1`` (cached: callers
+    quantize ``rms_radius``; read-only).
+
+    A template pixel holds the fraction of it the shape covers (``_SHAPE_SUPERSAMPLE ** 2`` samples), blurred;
+    each template is then scaled to unit energy (sum of squares 1).
+    """
+    grid = np.arange(-radius, radius + 1, dtype=np.float64)
+    n = len(grid)
+    sub = (np.arange(_SHAPE_SUPERSAMPLE) + 0.5) / _SHAPE_SUPERSAMPLE - 0.5
+    u = grid[None, :, None, None] + sub[None, None, None, :]  # (1, n, 1, s): x offsets
+    v = grid[:, None, None, None] + sub[None, None, :, None]  # (n, 1, s, 1): y offsets
+    halves = _SHAPE_HALVES * rms_radius
+    cover = np.stack(
+        [
+            np.stack([_centred_shape_mask(shape, u, v, a).mean(axis=(2, 3)) for a in halves])
+            for shape in SHAPES
+        ]
+    )  # (shapes, sizes, n, n)
+    blurs = np.stack([_gaussian_matrix(n, b) for b in _SHAPE_BLURS])  # (b, n, n)
+    # Blur each axis on its own (motion smears along one axis): G_y C G_x^T for every (G_y, G_x) pair.
+    blurred = blurs[:, None, None, None] @ cover[None, None] @ blurs.transpose(0, 2, 1)[None, :, None, None]
+    templates = blurred.transpose(2, 3, 0, 1, 4, 5).reshape(len(SHAPES), len(halves), -1, n, n)
+    templates /= np.sqrt((templates * templates).sum(axis=(-2, -1), keepdims=True))  # unit energy
+    templates.flags.writeable = False
+    return templates
+
+
+def _canonical_object(
+    strength: np.ndarray, frame_weights: np.ndarray, cx: np.ndarray, cy: np.ndarray, radius: int
+) -> np.ndarray:
+    """Average the object over frames with every frame's centroid moved onto the patch centre.
+
+    ``strength`` ``(T, H, W)`` is the per-pixel object strength, ``cx``/``cy`` ``(T,)`` the centroids (pixel
+    centres at +0.5); frames count with ``frame_weights`` ``(T,)`` (0 = left out). Each frame is sampled
+    bilinearly at ``centroid + offset`` for offsets ``-radius .. radius`` px (zero outside the frame).
+    Returns the ``(n, n)`` patch, ``n = 2 * radius + 1``.
+    """
+    _, h, w = strength.shape
+    keep = np.nonzero(frame_weights)[0]
+    grid = np.arange(-radius, radius + 1, dtype=np.float64)
+
+    def interpolation(centres: np.ndarray, size: int) -> np.ndarray:
+        """``(K, n, size)``: row i holds the linear-interpolation weights of sample point centre + grid[i]."""
+        points = centres[:, None] - 0.5 + grid[None, :]  # (K, n) in pixel-index units
+        cells = np.arange(size)
+        return np.maximum(0.0, 1.0 - np.abs(points[:, :, None] - cells[None, None, :]))  # zero outside
+
+    # Bilinear sampling is separable: patch_k = Wy_k @ strength_k @ Wx_k^T.
+    patches = interpolation(cy[keep], h) @ strength[keep] @ interpolation(cx[keep], w).transpose(0, 2, 1)
+    weights = frame_weights[keep]
+    return np.tensordot(weights, patches, 1) / weights.sum()  # (K,) . (K, n, n) -> (n, n)
+
+
+def _fit_shape(patch: np.ndarray, rms_radius: float) -> dict[str, float]:
+    """Per shape, the least residual of ``patch ~ amplitude * template`` over template size and blur, as
+    a fraction of the patch's energy (0 = a perfect fit, 1 = nothing explained). ``patch`` is ``(n, n)``
+    around the centroid, odd ``n``; sizes are relative to ``rms_radius``, taken to 1/8 px."""
+    templates = _shape_templates(len(patch) // 2, round(rms_radius * 8) / 8)  # (shapes, sizes, blurs, n, n)
+    energy = float((patch * patch).sum())
+    dot = templates.reshape(len(SHAPES), -1, patch.size) @ patch.reshape(-1)  # (shapes, sizes * blurs)
+    explained = np.maximum(dot, 0.0) ** 2  # unit-energy templates: best amplitude = dot, kept >= 0
+    residual = 1.0 - explained.max(axis=1) / max(energy, 1e-12)
+    return {shape: float(r) for shape, r in zip(SHAPES, residual)}
+
+
 def score_video(video: Any) -> dict[str, Any]:
-    """Find the moving object in a generated video and read off its colour and direction of motion.
+    """Find the moving object in a generated video and read off its colour, shape and direction of motion.
 
     Args:
         video: a ``(3, T, H, W)`` tensor (uint8, or float in [-1, 1]), a ``(T, H, W, 3)`` uint8 array, or the
             path of a video file.
 
     Returns:
-        ``{"color": name | None, "direction": name | None, "hue": degrees, "dx": px, "dy": px,
-        "foreground": fraction}``: ``dx``/``dy`` are the fitted centroid displacement over the whole clip
-        (x right, y down), ``foreground`` the mean foreground weight per pixel. ``color``/``direction`` are
-        ``None`` when no object stands out from the background, or (direction) it moves less than
-        ``MIN_MOTION`` of the frame's shorter side.
+        ``{"color": name | None, "shape": name | None, "direction": name | None, "hue": degrees,
+        "shape_fit": {shape: residual}, "dx": px, "dy": px, "foreground": fraction}``: ``dx``/``dy`` are the
+        fitted centroid displacement over the whole clip (x right, y down), ``foreground`` the mean foreground
+        weight per pixel, ``shape_fit`` each shape's least residual (step 5; 0 = perfect). ``color``/``shape``/
+        ``direction`` are ``None`` when no object stands out from the background, or (direction) it moves
+        less than ``MIN_MOTION`` of the frame's shorter side.
 
     Method, built for small, blurry, noisy generations on the synthetic set's black background:
 
@@ -425,7 +600,15 @@ def score_video(video: Any) -> dict[str, Any]:
     3. Colour: the weighted mean colour minus the median background colour, classified by the nearest
        palette *hue*. Hue ignores how bright and how saturated the object came out; it separates
        yellow/cyan/magenta from red/green/blue even when blur or chroma bleed pulls them halfway.
-    4. Direction: a least-squares line through the per-frame weighted centroids (frames weighted by their
+    4. Per frame, the foreground-weighted centroid and rms radius; frames holding at least 30% of the
+       largest frame's foreground mass show the whole object.
+    5. Shape, by analysis by synthesis: the object's strength per pixel (its colour difference from the
+       background projected on the object's colour: ~1 inside, ~0 outside, linear in blur and noise) is
+       averaged over those frames with each frame's centroid moved onto one point, which gives one sharp,
+       low-noise picture of the object. Every shape's template (anti-aliased, centred on its centroid) is
+       fitted to it by least squares over 13 sizes and 5 Gaussian blurs, amplitude free; the shape with the
+       smallest residual wins. Fitting the blur lets a blurred square still fit a square better than a circle.
+    6. Direction: a least-squares line through the per-frame weighted centroids (frames weighted by their
        foreground mass, so a frame where the object fades out counts less); the axis with the larger
        fitted displacement wins and its sign names the direction.
     """
@@ -434,8 +617,8 @@ def score_video(video: Any) -> dict[str, Any]:
     smooth = _box3(x)
     value = np.maximum(np.maximum(smooth[0], smooth[1]), smooth[2])  # (T, H, W)
     bg, top = np.percentile(value, [50, 98])
-    result: dict[str, Any] = {"color": None, "direction": None, "hue": float("nan"), "dx": 0.0, "dy": 0.0,
-                              "foreground": 0.0}  # fmt: skip
+    result: dict[str, Any] = {"color": None, "shape": None, "direction": None, "hue": float("nan"),
+                              "shape_fit": {}, "dx": 0.0, "dy": 0.0, "foreground": 0.0}  # fmt: skip
     contrast = top - bg
     if contrast < 0.05:  # nothing stands out: a blank or uniform video
         return result
@@ -453,11 +636,28 @@ def score_video(video: Any) -> dict[str, Any]:
     result["hue"] = hue
     result["color"] = _PALETTE_NAMES[int(np.argmin(dist))]
 
-    # Direction (step 4).
+    # Centroids and radii (step 4).
     frame_mass = weight.sum(axis=(1, 2), dtype=np.float64)  # (T,)
     safe = np.maximum(frame_mass, 1e-12)
-    cx = weight.sum(axis=1) @ (np.arange(w) + 0.5) / safe  # (T,) centroid x, pixel centres at +0.5
-    cy = weight.sum(axis=2) @ (np.arange(h) + 0.5) / safe  # (T,)
+    xs, ys = np.arange(w) + 0.5, np.arange(h) + 0.5  # pixel centres
+    cx = weight.sum(axis=1) @ xs / safe  # (T,) centroid x
+    cy = weight.sum(axis=2) @ ys / safe  # (T,)
+    r2 = (weight.sum(axis=1) * (xs[None] - cx[:, None]) ** 2).sum(1)
+    r2 = (r2 + (weight.sum(axis=2) * (ys[None] - cy[:, None]) ** 2).sum(1)) / safe  # (T,) mean squared radius
+    whole = frame_mass >= 0.3 * frame_mass.max()
+
+    # Shape (step 5).
+    colour = fg_rgb - bg_rgb
+    strength = np.tensordot(colour / max(float(colour @ colour), 1e-12), x - bg_rgb[:, None, None, None], 1)
+    rms_radius = max(math.sqrt(float(np.median(r2[whole]))), 0.5)
+    patch = _canonical_object(
+        strength, np.where(whole, frame_mass, 0.0), cx, cy, int(math.ceil(2.2 * rms_radius)) + 1
+    )
+    fit = _fit_shape(patch, rms_radius)
+    result["shape_fit"] = fit
+    result["shape"] = min(fit, key=fit.__getitem__)
+
+    # Direction (step 6).
     fw = np.where(frame_mass > 0.05 * frame_mass.max(), frame_mass, 0.0)  # frame weights
     if t < 2 or np.count_nonzero(fw) < 2:
         return result
@@ -477,14 +677,15 @@ def score_video(video: Any) -> dict[str, Any]:
     return result
 
 
-def _expected(attr: Mapping[str, str] | Sequence[str] | str) -> tuple[str, str]:
-    """(color, direction) from an attribute mapping, a (color, shape, direction) tuple, or a caption."""
+def _expected(attr: Mapping[str, str] | Sequence[str] | str) -> dict[str, str]:
+    """The expected attributes, ``{"color", "direction"[, "shape"]}``, from an attribute mapping (``shape``
+    optional), a ``(color, shape, direction)`` tuple, or a caption."""
     if isinstance(attr, str):
-        color, _, direction = parse_caption(attr)
-        return color, direction
+        color, shape, direction = parse_caption(attr)
+        return {"color": color, "shape": shape, "direction": direction}
     if isinstance(attr, Mapping):
-        return attr["color"], attr["direction"]
-    return attr[0], attr[2]
+        return {key: attr[key] for key in ("color", "shape", "direction") if key in attr}
+    return {"color": attr[0], "shape": attr[1], "direction": attr[2]}
 
 
 def score_prompts(
@@ -494,12 +695,13 @@ def score_prompts(
 
     Args:
         videos: one video per prompt, in any form :func:`score_video` accepts.
-        attrs: per video, a mapping with ``color`` and ``direction`` keys, a ``(color, shape, direction)``
-            tuple, or the prompt text itself (parsed with :func:`parse_caption`).
+        attrs: per video, a mapping with ``color`` and ``direction`` (and optionally ``shape``) keys, a
+            ``(color, shape, direction)`` tuple, or the prompt text itself (parsed with :func:`parse_caption`).
 
     Returns:
-        ``{"color_accuracy": float, "direction_accuracy": float, "n": int, "per_prompt": [...]}`` where each
-        ``per_prompt`` entry holds the expected and predicted colour and direction and the raw scores.
+        ``{"color_accuracy", "direction_accuracy", "shape_accuracy", "n", "per_prompt": [...]}`` where each
+        ``per_prompt`` entry holds the expected and predicted attributes and the raw scores.
+        ``shape_accuracy`` counts only the videos whose expected shape is given (``None`` if none is).
     """
     videos, attrs = list(videos), list(attrs)
     if len(videos) != len(attrs):
@@ -508,25 +710,21 @@ def score_prompts(
         raise SyntheticError("nothing to score: no videos given")
     per_prompt = []
     for video, attr in zip(videos, attrs):
-        color, direction = _expected(attr)
+        want = _expected(attr)
         s = score_video(video)
-        per_prompt.append(
-            {
-                "color": color,
-                "direction": direction,
-                "pred_color": s["color"],
-                "pred_direction": s["direction"],
-                "color_ok": s["color"] == color,
-                "direction_ok": s["direction"] == direction,
-                "hue": s["hue"],
-                "dx": s["dx"],
-                "dy": s["dy"],
-            }
-        )
+        entry: dict[str, Any] = {}
+        for key in ("color", "shape", "direction"):
+            entry[key] = want.get(key)
+            entry[f"pred_{key}"] = s[key]
+            entry[f"{key}_ok"] = s[key] == want[key] if key in want else None
+        entry.update(hue=s["hue"], dx=s["dx"], dy=s["dy"], shape_fit=s["shape_fit"])
+        per_prompt.append(entry)
     n = len(per_prompt)
+    shaped = [p["shape_ok"] for p in per_prompt if p["shape_ok"] is not None]
     return {
         "color_accuracy": sum(p["color_ok"] for p in per_prompt) / n,
         "direction_accuracy": sum(p["direction_ok"] for p in per_prompt) / n,
+        "shape_accuracy": sum(shaped) / len(shaped) if shaped else None,
         "n": n,
         "per_prompt": per_prompt,
     }
