@@ -60,15 +60,22 @@ def test_sample_errors_are_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_quickstart_end_to_end_small(tmp_path, capsys):
-    """The quickstart's whole path on a small budget (the real recipe's accuracy is measured by hand)."""
+    """The quickstart's whole path on a small budget, two seeds (the real recipe's accuracy is measured by hand)."""
     from frameloom.quickstart import run_quickstart
 
     code = run_quickstart(
-        tmp_path, overrides=["train.steps=3", "train.batch_size=8", "sample.steps=2"], num_clips=32
+        tmp_path,
+        overrides=["train.steps=3", "train.batch_size=8", "sample.steps=2"],
+        num_clips=32,
+        seeds=[0, 1],
     )
     assert code == 0
     scores = json.loads((tmp_path / "scores.json").read_text())
-    assert scores["n"] == 32
-    assert len(list((tmp_path / "samples").glob("*.mp4"))) == 32
+    assert scores["seeds"] == [0, 1] and scores["evaluate"] == "test"
+    for seed in ("0", "1"):
+        for name in ("a", "b"):
+            assert scores["per_seed"][seed][name]["n"] == 32  # 16 prompts x 2 sample seeds
+            assert len(list((tmp_path / f"seed-{seed}" / "samples" / f"test_{name}").glob("*.mp4"))) == 32
+    assert set(scores["summary"]["a"]) == {"color", "direction", "shape"}
     out = capsys.readouterr().out
-    assert "color accuracy" in out and "direction accuracy" in out
+    assert "(a) color" in out and "(b) direction" in out and "(a) shape" in out
