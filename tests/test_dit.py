@@ -408,3 +408,32 @@ def test_positional_conditioning_sees_the_pooled_prompt():
     plain = VideoDiT(**kwargs, pooled_text=True, positional_conditioning=True)
     plain.load_state_dict(zero_pos)  # pos_cond's output layer zeroed: no per-token term
     assert not torch.allclose(model(x, t, a) - plain(x, t, a), model(x, t, b) - plain(x, t, b))
+
+
+def test_positional_conditioning_reads_the_text_tokens_by_attention():
+    """pos_cond_text_attention: the per-token conditioning gets each position's attention readout of the text
+    tokens (beside position and pooled text); with that input's weights zeroed the model is the plain one."""
+    torch.manual_seed(0)
+    kwargs = dict(in_channels=3, patch_size=(1, 2, 2), hidden_size=32, depth=1, num_heads=2, text_dim=8)
+    kwargs |= dict(pooled_text=True, positional_conditioning=True)
+    model = VideoDiT(**kwargs, pos_cond_text_attention=True)
+    assert model.pos_cond[0].in_features == 32 + 8 + 32  # position, pooled text, attention readout
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x, t = torch.randn(2, 3, 2, 4, 4), torch.tensor([0.5, 0.9])
+    text, mask = torch.randn(2, 3, 8), torch.tensor([[True, True, False], [True, True, True]])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["pos_cond.0.weight"][:, 40:] = 0  # the readout's columns
+    plain = VideoDiT(**kwargs)
+    plain_state = {k: v for k, v in state.items() if not k.startswith("pos_text_attn")}
+    plain.load_state_dict(plain_state | {"pos_cond.0.weight": state["pos_cond.0.weight"][:, :40]})
+    zeroed = VideoDiT(**kwargs, pos_cond_text_attention=True)
+    zeroed.load_state_dict(state)
+    assert torch.allclose(zeroed(x, t, text, mask), plain(x, t, text, mask), atol=1e-6)
+    assert not torch.allclose(model(x, t, text, mask), plain(x, t, text, mask), atol=1e-3)
+    # The readout ignores padding: changing a padded token changes nothing.
+    other = text.clone()
+    other[0, 2] = 5.0
+    assert torch.allclose(model(x, t, text, mask), model(x, t, other, mask), atol=1e-6)
+    with pytest.raises(ValueError, match="needs positional_conditioning"):
+        VideoDiT(in_channels=3, hidden_size=32, depth=1, num_heads=2, pos_cond_text_attention=True)

@@ -204,6 +204,11 @@ class VideoDiT(ModelMixin, ConfigMixin):
         pos_cond_theta: base of the sincos frequencies of ``positional_conditioning``. Latent grids have few
             tokens per axis, so short wavelengths are needed to tell neighbouring positions apart (10 rather
             than the 10000 meant for sequences of thousands).
+        pos_cond_text_attention: with ``positional_conditioning``, also feed its MLP a per-token reading of
+            the text: the token's position embedding, a noise-free query, attends over the (projected) text
+            tokens. A pooled vector mixes all words into one; attention lets each place pick out the words
+            that decide it (where the object is in a frame depends on the direction word, not the colour
+            word), which carries over to word combinations never seen together in training.
     """
 
     _supports_gradient_checkpointing = False  # applied from outside (frameloom.parallel)
@@ -230,6 +235,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
         velocity_skip: bool = False,
         positional_conditioning: bool = False,
         pos_cond_theta: float = 10.0,
+        pos_cond_text_attention: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(patch_size, int):
@@ -269,11 +275,19 @@ class VideoDiT(ModelMixin, ConfigMixin):
                 nn.Linear(text_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
             )
         self.pos_cond_theta = pos_cond_theta
-        pos_in = hidden_size + (text_dim if pooled_text else 0)  # position (+ standardized pooled text)
+        if pos_cond_text_attention and not positional_conditioning:
+            raise ValueError("pos_cond_text_attention needs positional_conditioning")
+        # position (+ standardized pooled text) (+ the position's attention readout of the text tokens)
+        pos_in = (
+            hidden_size + (text_dim if pooled_text else 0) + (hidden_size if pos_cond_text_attention else 0)
+        )
         self.pos_cond = (
             nn.Sequential(nn.Linear(pos_in, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
             if positional_conditioning
             else None
+        )
+        self.pos_text_attn = (
+            _CrossAttention(hidden_size, num_heads, qk_norm, norm_eps) if pos_cond_text_attention else None
         )
         self.blocks = nn.ModuleList(
             [_Block(hidden_size, num_heads, mlp_ratio, qk_norm, norm_eps) for _ in range(depth)]
@@ -425,9 +439,12 @@ class VideoDiT(ModelMixin, ConfigMixin):
         if self.pos_cond is not None:  # ... or per token: (B, N, D)
             pe = sincos_embedding(positions, self.hidden_size, self.pos_cond_theta).to(dtype)  # ([B,] N, D)
             pe = pe.expand(B, N, -1)
+            parts = [pe]
             if pooled is not None:
-                pe = torch.cat([pe, pooled[:, None].expand(B, N, -1)], dim=-1)  # (B, N, D + text_dim)
-            c = c + self.pos_cond(pe)
+                parts.append(pooled[:, None].expand(B, N, -1))  # (B, N, text_dim)
+            if self.pos_text_attn is not None:  # each position's query reads the text tokens: (B, N, D)
+                parts.append(self.pos_text_attn(pe, txt, sdpa_text_mask, text_keep))
+            c = c + self.pos_cond(torch.cat(parts, dim=-1))  # (B, N, pos_in) -> (B, N, D)
 
         # 5. transformer blocks: (B, N, D) -> (B, N, D)
         for block in self.blocks:
