@@ -2,7 +2,8 @@
 
 ``read_dialect(fmt, source)`` lists a source's entries (``base.Listing``), ``write_dialect(fmt, table, out,
 base=...)`` writes a manifest table in a format, and ``detect_format(source)`` names the format of a source
-for ``--format auto``. Formats: ``folder``, ``opensora``, ``opensora-plan``, ``cogvideox``, ``pyramid``.
+for ``--format auto``. Formats: ``folder``, ``opensora``, ``opensora-plan``, ``cogvideox``, ``pyramid``,
+``imagenet`` (class folders or a label table; only by name).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from frameloom.data.dialects import cogvideox, folder, opensora, opensora_plan, pyramid
+from frameloom.data.dialects import cogvideox, folder, imagenet, opensora, opensora_plan, pyramid
 from frameloom.data.dialects.base import Entry, Listing, WriteResult
 from frameloom.errors import FrameloomError
 
-DIALECTS: tuple[str, ...] = ("folder", "opensora", "opensora-plan", "cogvideox", "pyramid")
+DIALECTS: tuple[str, ...] = ("folder", "opensora", "opensora-plan", "cogvideox", "pyramid", "imagenet")
 
 
 def detect_format(source: str | os.PathLike) -> str:
@@ -68,6 +69,8 @@ def read_dialect(fmt: str, source: str | os.PathLike, *, allow_pickle: bool = Fa
         return cogvideox.read_cogvideox(source)
     if fmt == "pyramid":
         return pyramid.read_pyramid(source)
+    if fmt == "imagenet":  # class folders or a path/label table (never auto-detected)
+        return imagenet.read_imagenet(source)
     raise FrameloomError(f"unknown format {fmt!r}; expected one of {', '.join(DIALECTS)}")
 
 
@@ -86,6 +89,7 @@ def write_dialect(
         "opensora-plan": opensora_plan.write_opensora_plan,
         "cogvideox": cogvideox.write_cogvideox,
         "pyramid": pyramid.write_pyramid,
+        "imagenet": imagenet.write_imagenet,
     }
     if fmt not in writers:
         raise FrameloomError(f"unknown format {fmt!r}; expected one of {', '.join(DIALECTS)}")
