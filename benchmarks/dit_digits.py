@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--steps", type=int, default=None, help="train.steps (default: the preset's)")
     parser.add_argument("--samples", type=int, default=200, help="generated samples (balanced over classes)")
-    parser.add_argument("--sample-steps", type=int, default=None, help="respaced DDPM steps (default: preset)")
+    parser.add_argument(
+        "--sample-steps", type=int, default=None, help="respaced DDPM steps (default: preset)"
+    )
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: preset)")
     args, overrides = parser.parse_known_args(argv)
 

@@ -11,6 +11,8 @@ Formats (``--format``):
 - ``diffusers``: a complete diffusers directory: ``model.pretrained``'s parts (hard links where possible)
   with ``transformer/`` replaced by the trained transformer (a LoRA merged into its base). Verified by
   ``from_pretrained`` on the written transformer and comparing every tensor.
+- ``native`` (and ``diffusers`` for seed families): the family's ``export_released`` writes its released
+  layout (dit_class: DiT's ``.pt`` / a diffusers ``DiTTransformer2DModel``), verified by loading it back.
 - ``safetensors``: one consolidated ``model.safetensors``: the denoiser's state dict (for a diffusers family
   the transformer's, in diffusers names, a LoRA merged in). Verified by reading it back.
 
@@ -34,7 +36,7 @@ from frameloom.errors import FrameloomError
 
 __all__ = ["FORMATS", "export_run", "load_run_denoiser", "merged_transformer"]
 
-FORMATS = ("diffusers", "lora", "safetensors")
+FORMATS = ("diffusers", "lora", "safetensors", "native")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 COMFYUI_FILE = "lora_comfyui.safetensors"
 
@@ -187,6 +189,19 @@ def _export_safetensors(cfg: Config, out: Path, checkpoint: str) -> list[Path]:
     return [path]
 
 
+def _released_exporter(run_dir: Path):
+    """The family module's ``export_released(cfg, weights, out, fmt)`` (seed families that write their
+    released layouts: ``native``, and ``diffusers`` when they are not diffusers families), or None."""
+    import importlib
+
+    name = _run_config(run_dir).model.family
+    try:
+        module = importlib.import_module(f"frameloom.models.{name}.family")
+    except ModuleNotFoundError:
+        return None
+    return getattr(module, "export_released", None)
+
+
 def export_run(
     run_dir: str | os.PathLike,
     *,
@@ -203,6 +218,12 @@ def export_run(
         raise FrameloomError("--comfyui applies to --format lora only")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    released = _released_exporter(Path(run_dir))
+    if released is not None and fmt in ("native", "diffusers"):  # a seed family's own layouts
+        cfg = _run_config(Path(run_dir))
+        return released(cfg, _checkpoint_weights(cfg, checkpoint)[0], out, fmt)
+    if fmt == "native":
+        raise FrameloomError("--format native: this model family has no released layout of its own")
     if fmt == "safetensors":
         return _export_safetensors(_run_config(Path(run_dir)), out, checkpoint)
     cfg, model, _ = load_run_denoiser(run_dir, checkpoint)

@@ -323,7 +323,8 @@ def export_released(cfg: Config, weights: dict[str, torch.Tensor], out: Path, fm
     ``native`` -> ``<out>/DiT-<size>-<patch>-<res>x<res>.pt`` (a plain state dict, DiT's ``torch.load``-able
     file); ``diffusers`` -> a ``DiTTransformer2DModel`` in ``<out>/transformer`` with a ``DDPMScheduler`` in
     ``<out>/scheduler`` (and a whole ``DiTPipeline`` when ``model.codec`` is a VAE directory)."""
-    model = build_denoiser(cfg.model, 0, 0) if cfg.model.pretrained else ClassDiT(**model_kwargs(cfg.model))
+    channels = int(weights["x_embedder.proj.weight"].shape[1])  # the codec's latent channels the run used
+    model = build_denoiser(cfg.model, channels, 0)
     load_strict(model, weights, "the checkpoint")
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if fmt == "native":
