@@ -176,3 +176,25 @@ def test_sd_vae_latents_are_posterior_samples_times_0_18215(tmp_path):
                                                                              "model.config.vae_sample=false"]), "cpu")  # fmt: skip
     assert torch.allclose(mode.encode(video)[:, :, 0], dist.mode() * 0.18215, atol=1e-6)
     assert mode.identity != codec.identity
+
+
+def test_fastdit_features_become_a_latent_manifest(tmp_path):
+    root = tmp_path / "features"
+    (root / "imagenet256_features").mkdir(parents=True)
+    (root / "imagenet256_labels").mkdir()
+    g = np.random.default_rng(0)
+    for i, label in enumerate([207, 3, 999]):  # as extract_features.py writes them: (1, 4, h, w) and (1,)
+        np.save(
+            root / "imagenet256_features" / f"{i}.npy", g.standard_normal((1, 4, 4, 4)).astype(np.float32)
+        )
+        np.save(root / "imagenet256_labels" / f"{i}.npy", np.array([label]))
+    np.save(root / "imagenet256_features" / "7.npy", np.zeros((1, 4, 4, 4), np.float32))  # no label: rejected
+    summary = prepare(root, tmp_path / "m.parquet", fmt="fastdit", progress=False)
+    assert summary.kept == 3 and summary.rejected == {"bad_entry": 1}
+    rows = read_manifest(tmp_path / "m.parquet").to_pylist()
+    assert [(r["text"], r["label"]) for r in rows] == [("207", 207), ("3", 3), ("999", 999)]
+    assert rows[0]["latent"].endswith("imagenet256_features/0.npy") and (
+        rows[0]["height"],
+        rows[0]["width"],
+    ) == (32, 32)
+    assert rows[0]["num_frames"] == 1 and rows[0]["is_image"]

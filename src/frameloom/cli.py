@@ -192,9 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--format",
         default="auto",
-        choices=["auto", "folder", "opensora", "opensora-plan", "cogvideox", "pyramid", "imagenet"],
+        choices=[
+            "auto",
+            "folder",
+            "opensora",
+            "opensora-plan",
+            "cogvideox",
+            "pyramid",
+            "imagenet",
+            "fastdit",
+        ],
         help="source dialect (default: auto-detect from the layout; imagenet = class folders or a "
-        "path/label table, only by name)",
+        "path/label table, fastdit = fast-DiT's .npy features + labels: only by name)",
     )
     p.add_argument("--workers", type=int, default=1, help="parallel probe processes (default: 1)")
     p.add_argument(

@@ -3,7 +3,7 @@
 ``read_dialect(fmt, source)`` lists a source's entries (``base.Listing``), ``write_dialect(fmt, table, out,
 base=...)`` writes a manifest table in a format, and ``detect_format(source)`` names the format of a source
 for ``--format auto``. Formats: ``folder``, ``opensora``, ``opensora-plan``, ``cogvideox``, ``pyramid``,
-``imagenet`` (class folders or a label table; only by name).
+``imagenet`` (class folders or a label table) and ``fastdit`` (pre-extracted features), only by name.
 """
 
 from __future__ import annotations
@@ -14,11 +14,19 @@ from typing import Any
 
 import pyarrow as pa
 
-from frameloom.data.dialects import cogvideox, folder, imagenet, opensora, opensora_plan, pyramid
+from frameloom.data.dialects import cogvideox, fastdit, folder, imagenet, opensora, opensora_plan, pyramid
 from frameloom.data.dialects.base import Entry, Listing, WriteResult
 from frameloom.errors import FrameloomError
 
-DIALECTS: tuple[str, ...] = ("folder", "opensora", "opensora-plan", "cogvideox", "pyramid", "imagenet")
+DIALECTS: tuple[str, ...] = (
+    "folder",
+    "opensora",
+    "opensora-plan",
+    "cogvideox",
+    "pyramid",
+    "imagenet",
+    "fastdit",
+)
 
 
 def detect_format(source: str | os.PathLike) -> str:
@@ -71,6 +79,8 @@ def read_dialect(fmt: str, source: str | os.PathLike, *, allow_pickle: bool = Fa
         return pyramid.read_pyramid(source)
     if fmt == "imagenet":  # class folders or a path/label table (never auto-detected)
         return imagenet.read_imagenet(source)
+    if fmt == "fastdit":  # fast-DiT's pre-extracted .npy features and labels (never auto-detected)
+        return fastdit.read_fastdit(source)
     raise FrameloomError(f"unknown format {fmt!r}; expected one of {', '.join(DIALECTS)}")
 
 
