@@ -198,3 +198,33 @@ def test_fastdit_features_become_a_latent_manifest(tmp_path):
         rows[0]["width"],
     ) == (32, 32)
     assert rows[0]["num_frames"] == 1 and rows[0]["is_image"]
+
+
+def test_seed_center_crop_and_flip(tmp_path):
+    from frameloom.data.video import ClipSpec, decode_clip, draw_int
+
+    g = np.random.default_rng(1)
+    pixels = g.integers(0, 256, (48, 64, 3), dtype=np.uint8)  # H 48, W 64
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    row = {"path": "a.png", "num_frames": 1, "fps": 1.0}
+    spec = ClipSpec(num_frames=1, height=16, width=16, resize="adm")
+    got = decode_clip(row, spec, root=tmp_path).permute(1, 2, 3, 0)[0].numpy()  # (16, 16, 3) uint8
+    # ADM by hand: 48 >= 32 -> BOX-halve to 32x24; BICUBIC to short side 16: (round(32 * 16/24), 16) = (21, 16);
+    # center crop columns (21 - 16) // 2 = 2 ..
+    ref = Image.fromarray(pixels).resize((32, 24), Image.BOX).resize((21, 16), Image.BICUBIC)
+    assert np.array_equal(got, np.asarray(ref)[:, 2:18])
+    assert (
+        decode_clip(row, spec, root=tmp_path, output="float")
+        .sub(torch.from_numpy(got).permute(2, 0, 1)[:, None] / 127.5 - 1)
+        .abs()
+        .max()
+        < 1e-6
+    )
+    assert spec.key() != ClipSpec(num_frames=1, height=16, width=16).key()  # cache entries apart
+    # flip: drawn per (seed, sample, epoch); the same draw always gives the same clip
+    flip = ClipSpec(num_frames=1, height=16, width=16, resize="adm", hflip=True)
+    for epoch in range(4):
+        draw = (0, 5, epoch)
+        out = decode_clip(row, flip, root=tmp_path, draw=draw).permute(1, 2, 3, 0)[0].numpy()
+        assert np.array_equal(out, got[:, ::-1] if draw_int(0, 1, *draw, salt="hflip") else got)
+    assert {draw_int(0, 1, 0, 5, e, salt="hflip") for e in range(8)} == {0, 1}

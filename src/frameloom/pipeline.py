@@ -63,7 +63,15 @@ def clip_spec(cfg: Config) -> ClipSpec:
         temporal_crop=d.temporal_crop,
         frame_policy=d.frame_policy,
         sp_size=cfg.parallel.sp_size if d.frame_policy == "opensora_plan" else 1,
+        resize=_checked_resize(d.resize),
+        hflip=bool(d.hflip),
     )
+
+
+def _checked_resize(name: str) -> str:
+    if name not in ("cover", "adm"):
+        raise FrameloomError(f"data.resize must be cover or adm, not {name!r}")
+    return name
 
 
 def caption_rules(cfg: Config) -> CaptionRules:

@@ -86,6 +86,11 @@ class DataConfig:
     8 for temporal)."""
     latent_multiple: int = 1
     """temporal: latent frame counts are rounded down to a multiple of this (Pyramid Flow video_sync_group)."""
+    resize: str = "cover"
+    """`cover` (antialiased bilinear resize, center crop) or `adm` (DiT's center_crop_arr: BOX halvings +
+    BICUBIC, center crop; square sizes)."""
+    hflip: bool = False
+    """Random horizontal flip, drawn per sample and epoch (DiT); in the cache, once per file (fast-DiT)."""
 
 
 @dataclass
