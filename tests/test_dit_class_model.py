@@ -153,3 +153,26 @@ def test_label_encoder():
     with pytest.raises(FrameloomError, match="neither a class index nor a class name"):
         enc.labels(["tench"])
     assert enc.identity != ClassLabelEncoder(10).identity
+
+
+@pytest.mark.parametrize(
+    ("preset", "params", "channels"),
+    [
+        ("dit_xl2_256", 675_129_632, 3),
+        ("dit_b4_256", 130_426_496 + 64 * 768, 3),
+        ("dit_digits_cpu", None, None),
+    ],
+)
+def test_presets_build(preset, params, channels):
+    from pathlib import Path
+
+    from frameloom.config import load_config
+    from frameloom.models.dit_class.family import model_kwargs, options
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{preset}.yaml")
+    assert cfg.model.family == "dit_class" and cfg.objective.name == "iddpm" and cfg.data.num_frames == 1
+    with torch.device("meta"):
+        model = ClassDiT(**model_kwargs(cfg.model, 4 if cfg.model.codec != "pixel" else 3))
+    if params is not None:
+        assert sum(p.numel() for p in model.parameters()) + model.pos_embed.numel() == params
+    assert options(cfg.model).guided_channels == channels
