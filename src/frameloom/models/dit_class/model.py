@@ -218,6 +218,12 @@ class ClassDiT(nn.Module):
         self.final_layer = _FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
+    def enable_sequence_parallel(self, group) -> None:  # noqa: ARG002
+        """Not supported: a DiT image is at most 1,024 tokens (XL/2 at 512px), which one device holds."""
+        from frameloom.errors import FrameloomError
+
+        raise FrameloomError("model.family dit_class has no sequence parallelism: use parallel.sp_size 1")
+
     @property
     def null_label(self) -> int:
         return self.num_classes
