@@ -228,3 +228,24 @@ def test_seed_center_crop_and_flip(tmp_path):
         out = decode_clip(row, flip, root=tmp_path, draw=draw).permute(1, 2, 3, 0)[0].numpy()
         assert np.array_equal(out, got[:, ::-1] if draw_int(0, 1, *draw, salt="hflip") else got)
     assert {draw_int(0, 1, 0, 5, e, salt="hflip") for e in range(8)} == {0, 1}
+
+
+def test_diffusers_export_with_a_vae_is_a_working_dit_pipeline(tmp_path):
+    from diffusers import AutoencoderKL, DiTPipeline
+
+    from frameloom.models.dit_class.family import export_released, model_kwargs
+    from frameloom.models.dit_class.model import ClassDiT
+
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                        sample_size=16, scaling_factor=0.18215)  # fmt: skip
+    vae.save_pretrained(tmp_path / "vae")
+    cfg = load_config(
+        ROOT / "configs" / "dit_digits_cpu.yaml",
+        [f"model.codec={tmp_path / 'vae'}", "model.config.input_size=8"],
+    )
+    model = ClassDiT(**model_kwargs(cfg.model, 4))
+    export_released(cfg, model.state_dict(), tmp_path / "hf", "diffusers")
+    pipe = DiTPipeline.from_pretrained(str(tmp_path / "hf"))
+    images = pipe(class_labels=[1], num_inference_steps=2, output_type="np", guidance_scale=1.0).images
+    assert images.shape == (1, 16, 16, 3)

@@ -374,17 +374,14 @@ def _export_diffusers(cfg: Config, model: ClassDiT, sd: dict[str, torch.Tensor],
         beta_start=1e-4 * 1000 / options(cfg.model).num_train_timesteps,
         beta_end=0.02 * 1000 / options(cfg.model).num_train_timesteps,
         prediction_type="epsilon",
-        variance_type="learned_range",
+        variance_type="fixed_small",  # DiTPipeline drops the learned variance before scheduler.step
         clip_sample=False,
     )
     if cfg.model.codec != "pixel":
         from diffusers import AutoencoderKL, DiTPipeline
 
         vae = AutoencoderKL.from_pretrained(cfg.model.codec, local_files_only=True)
-        names = options(cfg.model).names()
-        DiTPipeline(
-            transformer=theirs, vae=vae, scheduler=scheduler, id2label=dict(enumerate(names)) or None
-        ).save_pretrained(str(out))
+        DiTPipeline(transformer=theirs, vae=vae, scheduler=scheduler).save_pretrained(str(out))
     else:
         theirs.save_pretrained(str(out / "transformer"))
         scheduler.save_pretrained(str(out / "scheduler"))
