@@ -143,6 +143,19 @@ def test_train_sample_export(manifest, tmp_path):
     with torch.no_grad():
         assert torch.equal(a(x, t, class_labels=y), b(x, t, class_labels=y))
     assert (tmp_path / "hf" / "scheduler" / "scheduler_config.json").is_file()
+    # the exported .pt samples as the run does (the same EMA weights, class and seed -> the same PNG)
+    config = tmp_path / "pretrained.yaml"
+    config.write_text(
+        f"run_dir: {tmp_path / 'fresh'}\ndata: {{num_frames: 1, height: 8, width: 8}}\nobjective: {{name: iddpm}}\n"
+        f"model: {{family: dit_class, codec: pixel, pretrained: {tmp_path / 'pt' / 'dit.pt'}, "
+        "config: {num_heads: 2, num_classes: 3, guidance_channels: all}}\nsample: {steps: 3, guidance: 2.0}\n"
+    )
+    assert cli(["sample", str(config), "--class", "1", "--seed", "1", "--out", str(tmp_path / "pre")]) == 0
+    same = np.asarray(Image.open(tmp_path / "pre" / "000-1-seed1.png"))
+    assert np.array_equal(same, np.asarray(Image.open(tmp_path / "one" / "000-1-seed1.png")))
+    bad = config.read_text().replace("num_classes: 3", "num_classes: 5")
+    config.write_text(bad)
+    assert cli(["sample", str(config), "--class", "1", "--out", str(tmp_path / "bad")]) == 2  # contradicts
 
 
 def test_wrong_objective_and_unknown_option(manifest, tmp_path):

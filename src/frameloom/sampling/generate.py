@@ -243,6 +243,11 @@ def sample_command(
     if guidance is not None:
         sample_overrides.append(f"sample.guidance={guidance}")
     cfg = apply_overrides(cfg, sample_overrides)
+    if not src.is_dir() and cfg.model.pretrained and checkpoint == "latest":
+        if (
+            ckpt.resolve_checkpoint(cfg.run_dir, "latest") is None
+        ):  # a config, pretrained weights, no run yet:
+            checkpoint = None  # sample the pretrained model itself
     if negative_prompt is not None:
         cfg.sample.negative_prompt = negative_prompt
     from frameloom.parallel.env import barrier, init_distributed, main_first

@@ -160,23 +160,36 @@ def _from_diffusers(folder: Path, overrides: dict[str, Any]) -> ClassDiT:
         theirs = DiTTransformer2DModel.from_pretrained(str(folder), subfolder=sub, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise FrameloomError(f"cannot load a DiTTransformer2DModel from {folder}: {exc}") from None
-    config = config_from_diffusers(dict(theirs.config)) | overrides
-    model = ClassDiT(**config)
+    model = ClassDiT(**_merge(config_from_diffusers(dict(theirs.config)), overrides, folder))
     sd = from_diffusers_state_dict(theirs.state_dict(), model.pos_embed.detach().clone())
     load_strict(model, sd, str(folder))
     return model
 
 
+OPEN_KEYS = ("num_heads", "diffusers_compat")
+"""Model keys a checkpoint's shapes do not decide: model.config may set them for pretrained weights."""
+
+
+def _merge(weights_config: dict[str, Any], overrides: dict[str, Any], source: Path) -> dict[str, Any]:
+    """The weights' config with ``OPEN_KEYS`` from ``overrides``; any other key of ``overrides`` must agree."""
+    for key, value in overrides.items():
+        if key not in OPEN_KEYS and key in weights_config and weights_config[key] != value:
+            raise FrameloomError(
+                f"model.config.{key} = {value!r} contradicts {source} ({key} {weights_config[key]!r})"
+            )
+    return weights_config | {k: v for k, v in overrides.items() if k in OPEN_KEYS}
+
+
 def load_denoiser(path: str | Path, overrides: dict[str, Any] | None = None) -> ClassDiT:
     """A released ``.pt`` / train.py checkpoint, or a diffusers DiT folder -> ClassDiT (strict).
-    ``overrides`` may set what the weights do not say (``num_heads`` for a non-paper width,
-    ``diffusers_compat``)."""
+    ``overrides`` (model.config's model keys) may set what the weights do not say (``num_heads`` for a
+    non-paper width, ``diffusers_compat``); the others must agree with the weights."""
     path = Path(path)
     overrides = dict(overrides or {})
     if path.is_dir():
         return _from_diffusers(path, overrides)
     sd = load_released_file(path)
-    config = config_from_state_dict(sd, num_heads=overrides.pop("num_heads", None)) | overrides
+    config = _merge(config_from_state_dict(sd, num_heads=overrides.get("num_heads")), overrides, path)
     try:
         model = ClassDiT(**config)
     except (TypeError, ValueError) as exc:
