@@ -29,14 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from frameloom.data.dialects import DIALECTS, detect_format, read_dialect
+from frameloom.data.dialects import CLASS_DIALECTS, DIALECTS, detect_format, read_dialect
 from frameloom.data.dialects.base import MEASURED, PATH_FIELDS, Entry, absolute, relative_or_absolute
 from frameloom.data.manifest import derived_columns, from_rows, write_manifest
 from frameloom.data.paths import OUTSIDE_ROOT, OutsideRoot, resolve_entry
 from frameloom.data.probe import IMAGE_SUFFIXES, REASONS, probe_many
 from frameloom.errors import FrameloomError
 
-FORMATS: tuple[str, ...] = ("auto", *DIALECTS)
+FORMATS: tuple[str, ...] = ("auto", *DIALECTS, *CLASS_DIALECTS)
 
 REJECTED_CSV = "rejected.csv"
 

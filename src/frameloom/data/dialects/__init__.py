@@ -18,15 +18,11 @@ from frameloom.data.dialects import cogvideox, fastdit, folder, imagenet, openso
 from frameloom.data.dialects.base import Entry, Listing, WriteResult
 from frameloom.errors import FrameloomError
 
-DIALECTS: tuple[str, ...] = (
-    "folder",
-    "opensora",
-    "opensora-plan",
-    "cogvideox",
-    "pyramid",
-    "imagenet",
-    "fastdit",
-)
+DIALECTS: tuple[str, ...] = ("folder", "opensora", "opensora-plan", "cogvideox", "pyramid")
+"""The seed systems' video dataset formats (auto-detected, convertible into each other)."""
+CLASS_DIALECTS: tuple[str, ...] = ("imagenet", "fastdit")
+"""Class-labelled image formats (MiniSora / fast-DiT), read only when named: ImageNet class folders or a
+path/label table, and fast-DiT's pre-extracted features."""
 
 
 def detect_format(source: str | os.PathLike) -> str:
@@ -81,7 +77,7 @@ def read_dialect(fmt: str, source: str | os.PathLike, *, allow_pickle: bool = Fa
         return imagenet.read_imagenet(source)
     if fmt == "fastdit":  # fast-DiT's pre-extracted .npy features and labels (never auto-detected)
         return fastdit.read_fastdit(source)
-    raise FrameloomError(f"unknown format {fmt!r}; expected one of {', '.join(DIALECTS)}")
+    raise FrameloomError(f"unknown format {fmt!r}; expected one of {', '.join(DIALECTS + CLASS_DIALECTS)}")
 
 
 def write_dialect(
@@ -102,7 +98,7 @@ def write_dialect(
         "imagenet": imagenet.write_imagenet,
     }
     if fmt not in writers:
-        raise FrameloomError(f"unknown format {fmt!r}; expected one of {', '.join(DIALECTS)}")
+        raise FrameloomError(f"unknown format {fmt!r}; expected one of {', '.join(writers)}")
     return writers[fmt](table, out, base=base, **options)
 
 
@@ -119,6 +115,7 @@ def convert_manifest(
 
 
 __all__ = [
+    "CLASS_DIALECTS",
     "DIALECTS",
     "convert_manifest",
     "Entry",
