@@ -178,6 +178,16 @@ def test_respacing_to_250_steps(tables):
     ab = tables.alphas_cumprod
     assert spaced.betas[1].item() == pytest.approx(1 - (ab[4] / ab[0]).item(), rel=1e-12)
     assert torch.allclose(spaced.alphas_cumprod, ab[kept], rtol=1e-12)
+    # diffusers: DDPMScheduler on DiT's 250 timesteps (custom timesteps) steps with beta'_i = 1 - ab_t / ab_prev,
+    # so its learned-range variance is the respaced process's (diffusers' own set_timesteps(250) "leading"
+    # spacing would take 996, 992, ..., 0 instead: not DiT's)
+    sched = DDPMScheduler(beta_schedule="linear", variance_type="learned_range", clip_sample=False)
+    sched.set_timesteps(timesteps=kept[::-1])
+    for i in (1, 2, 124, 249):
+        for value in (-1.0, 0.4):
+            ref = sched._get_variance(kept[i], predicted_variance=torch.tensor(value)).item()
+            ours = iddpm.learned_range_log_variance(spaced, torch.full((1, 1), value), torch.tensor([i])).item()
+            assert ours == pytest.approx(ref, rel=2e-4)
     # sections and DDIM strides as DiT's space_timesteps
     assert iddpm.space_timesteps(10, [2, 3]) == [0, 4, 5, 7, 9]
     assert iddpm.space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
