@@ -186,7 +186,9 @@ def test_respacing_to_250_steps(tables):
     for i in (1, 2, 124, 249):
         for value in (-1.0, 0.4):
             ref = sched._get_variance(kept[i], predicted_variance=torch.tensor(value)).item()
-            ours = iddpm.learned_range_log_variance(spaced, torch.full((1, 1), value), torch.tensor([i])).item()
+            ours = iddpm.learned_range_log_variance(
+                spaced, torch.full((1, 1), value), torch.tensor([i])
+            ).item()
             assert ours == pytest.approx(ref, rel=2e-4)
     # sections and DDIM strides as DiT's space_timesteps
     assert iddpm.space_timesteps(10, [2, 3]) == [0, 4, 5, 7, 9]
