@@ -262,3 +262,26 @@ def test_diffusers_export_with_a_vae_is_a_working_dit_pipeline(tmp_path):
     pipe = DiTPipeline.from_pretrained(str(tmp_path / "hf"))
     images = pipe(class_labels=[1], num_inference_steps=2, output_type="np", guidance_scale=1.0).images
     assert images.shape == (1, 16, 16, 3)
+
+
+def test_resume_is_bit_exact(manifest, tmp_path):
+    from safetensors.torch import load_file
+
+    def run(name: str, steps: int, resume: bool = False):
+        # a constant schedule: a cosine one depends on train.steps, which the split run changes
+        extra = [
+            f"train.steps={steps}",
+            "checkpoint.every=2",
+            "checkpoint.keep_last=0",
+            "optim.schedule=constant",
+        ]
+        if resume:
+            extra.append("checkpoint.resume=latest")
+        Trainer(_cfg(manifest, tmp_path / name, *extra)).fit()
+
+    run("full", 4)
+    run("split", 2)
+    run("split", 4, resume=True)
+    a = load_file(tmp_path / "full" / "checkpoints" / "step-00000004" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "checkpoints" / "step-00000004" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
