@@ -59,6 +59,7 @@ MODEL_KEYS = (
     "null_class",
     "learn_sigma",
     "diffusers_compat",
+    "class_embed_std",
 )
 
 
@@ -166,7 +167,7 @@ def _from_diffusers(folder: Path, overrides: dict[str, Any]) -> ClassDiT:
     return model
 
 
-OPEN_KEYS = ("num_heads", "diffusers_compat")
+OPEN_KEYS = ("num_heads", "diffusers_compat", "class_embed_std")
 """Model keys a checkpoint's shapes do not decide: model.config may set them for pretrained weights."""
 
 
