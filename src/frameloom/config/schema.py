@@ -43,6 +43,9 @@ class DataConfig:
     num_frames is a maximum: shorter videos give the longest valid clip they hold."""
     caption_fps_suffix: bool = False
     """Open-Sora: append " {fps} FPS." (the clip's frame rate, fps // stride) to every non-empty caption."""
+    caption_motion_score: bool = False
+    """Open-Sora 2.0: append the row's motion score (column `motion` or `score_vmafmotion`, rounded):
+    " 3 motion score.", or " 24 FPS, 3 motion score." with caption_fps_suffix."""
     caption_aesthetic: str = "off"
     """Open-Sora-Plan aesthetic phrases for scores <= 4.25 / >= 5.75: `off`, `fixed` (first phrase, after the
     caption; one text per sample, cache-friendly) or `random` (phrase and side drawn per seed, sample, epoch)."""
@@ -274,6 +277,12 @@ class SampleConfig:
     """Sample from the EMA weights when the checkpoint has them."""
     image: str | None = None
     """Image-to-video: the first frame to condition on (`frameloom sample --image`), for families that can."""
+    image_guidance: float | None = None
+    """Image guidance scale, separate from the text's (opensora2; None: the family's default, 3)."""
+    oscillating_guidance: bool = False
+    """opensora2: after 10 steps, guide only every other step (and scale image guidance over time)."""
+    image_mode: str = "head"
+    """opensora2 with `sample.image`: the image is the first frame (`head`), the last (`tail`) or both (`loop`)."""
 
 
 @dataclass
