@@ -118,6 +118,14 @@ class TileSpec:
     def blend(self) -> int:
         return int(self.out_size * self.overlap)
 
+    def check(self, what: str) -> None:
+        """The kept part of each output must be what the input stride covers, or tiles would not line up."""
+        if self.stride * self.ratio != self.out_size - self.blend:
+            raise CodecError(
+                f"{what}: tiles of {self.size} with overlap {self.overlap} do not line up at compression "
+                f"{self.ratio} (stride {self.stride} -> {self.stride * self.ratio}, kept {self.out_size - self.blend})"
+            )
+
 
 def blend_tiles(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> torch.Tensor:
     """``b`` with its first ``extent`` slices along ``dim`` mixed with ``a``'s last: slice ``i`` is
@@ -170,6 +178,10 @@ class DCAECodec(LatentCodec):
         self.device = next(model.parameters()).device
         self.tiling = bool(tiling)
         self.spatial_tile, self.temporal_tile = int(spatial_tile), int(temporal_tile)
+        if self.tiling:
+            for encode in (True, False):
+                for spec, what in zip(self._specs(encode), ("temporal tile", "spatial tile")):
+                    spec.check(what)
         identity = {
             "codec": "opensora2-dc-ae-v1",
             "config": config_sha256(c.to_dict()),
