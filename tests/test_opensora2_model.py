@@ -113,7 +113,7 @@ def test_missing_or_unexpected_keys_are_one_line_naming_them(tmp_path, caplog):
     # a stage change that adds cond_in says so, and the new input starts at zero (no condition)
     with caplog.at_level(logging.WARNING, logger="frameloom.opensora2"):
         model = build_denoiser(_model_cfg(path, cond_embed=True, new_keys=["cond_in"]), 0, 0)
-    assert "new key(s) keep their initial values: cond_in.bias, cond_in.weight" in caplog.text
+    assert "new key(s) keep their initial values (model.config.new_keys): cond_in.bias, cond_in.weight" in caplog.text
     assert model.cond_in.weight.abs().sum() == 0
 
 
@@ -123,14 +123,17 @@ def test_t2v_config_no_longer_drops_the_released_cond_in_silently(tmp_path, capl
         build_denoiser(_model_cfg(path, cond_embed=False), 0, 0)
     with caplog.at_level(logging.WARNING, logger="frameloom.opensora2"):
         model = build_denoiser(_model_cfg(path, cond_embed=False, drop_keys=["cond_in"]), 0, 0)
-    assert "dropped 2 key(s) the model does not have: cond_in.bias, cond_in.weight" in caplog.text
+    assert "dropped 2 key(s) (model.config.drop_keys): cond_in.bias, cond_in.weight" in caplog.text
     assert not hasattr(model, "cond_in") and torch.equal(model.img_in.weight, state["img_in.weight"])
 
 
-def test_shape_mismatch_is_named(tmp_path):
-    path, _ = _released_file(tmp_path, context_in_dim=24)
+def test_shape_mismatch_is_named_and_a_replaced_layer_is_declared(tmp_path):
+    path, state = _released_file(tmp_path, context_in_dim=24)
     with pytest.raises(FrameloomError, match=r"shape of txt_in.weight \(32, 24\) vs \(32, 20\)"):
         build_denoiser(_model_cfg(path, cond_embed=True), 0, 0)
+    # a stage change that replaces a layer (another text width, or img_in for the DC-AE) drops and re-adds it
+    model = build_denoiser(_model_cfg(path, cond_embed=True, drop_keys=["txt_in"], new_keys=["txt_in"]), 0, 0)
+    assert torch.equal(model.img_in.weight, state["img_in.weight"]) and model.txt_in.weight.shape == (32, 20)
 
 
 # ---------------------------------------------------------------- RoPE

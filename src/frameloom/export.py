@@ -13,6 +13,9 @@ Formats (``--format``):
   ``from_pretrained`` on the written transformer and comparing every tensor.
 - ``safetensors``: one consolidated ``model.safetensors``: the denoiser's state dict (for a diffusers family
   the transformer's, in diffusers names, a LoRA merged in). Verified by reading it back.
+- ``native`` (or the family's name): a seed family's released file layout, written by its module's
+  ``export_released(cfg, weights, out)`` (opensora2: ``Open_Sora_v2.safetensors`` + ``config.json``), which
+  verifies it by loading it back.
 
 Weights come from ``frameloom.checkpoint.io.load_checkpoint`` (the full state however it was saved); the
 EMA weights are used when the checkpoint has them and ``sample.use_ema`` is on, as ``frameloom sample`` does.
@@ -34,7 +37,7 @@ from frameloom.errors import FrameloomError
 
 __all__ = ["FORMATS", "export_run", "load_run_denoiser", "merged_transformer"]
 
-FORMATS = ("diffusers", "lora", "safetensors")
+FORMATS = ("diffusers", "lora", "safetensors", "native")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 COMFYUI_FILE = "lora_comfyui.safetensors"
 
@@ -187,6 +190,16 @@ def _export_safetensors(cfg: Config, out: Path, checkpoint: str) -> list[Path]:
     return [path]
 
 
+def _export_native(cfg: Config, out: Path, checkpoint: str) -> list[Path]:
+    import importlib
+
+    module = importlib.import_module(f"frameloom.models.{cfg.model.family}.family")
+    if not hasattr(module, "export_released"):
+        raise FrameloomError(f"model.family {cfg.model.family!r} has no released file layout (--format native)")
+    weights, _ = _checkpoint_weights(cfg, checkpoint)
+    return module.export_released(cfg, weights, out)
+
+
 def export_run(
     run_dir: str | os.PathLike,
     *,
@@ -197,12 +210,14 @@ def export_run(
 ) -> list[Path]:
     """Export a run's checkpoint in ``fmt`` (``diffusers``, ``lora``, ``safetensors``) into ``out``; returns
     the written paths. Every format is verified by loading it back (module docstring)."""
-    if fmt not in FORMATS:
+    if fmt not in FORMATS and fmt != _run_config(Path(run_dir)).model.family:
         raise FrameloomError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if comfyui and fmt != "lora":
         raise FrameloomError("--comfyui applies to --format lora only")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if fmt not in ("diffusers", "lora", "safetensors"):  # native: the family's released layout
+        return _export_native(_run_config(Path(run_dir)), out, checkpoint)
     if fmt == "safetensors":
         return _export_safetensors(_run_config(Path(run_dir)), out, checkpoint)
     cfg, model, _ = load_run_denoiser(run_dir, checkpoint)

@@ -191,7 +191,10 @@ def export_released(cfg: Config, weights: dict[str, torch.Tensor], out: Path) ->
     released key names, plus frameloom's ``config.json``; verified by loading both back strictly."""
     from safetensors.torch import load_file, save_file
 
-    config = mmdit_config(cfg.model)
+    patch = int({**PRESETS.get(cfg.model.preset or "", {}), **settings(cfg.model).mmdit}.get("patch_size", 2))
+    config = mmdit_config(  # the encoders' sizes, read off the trained input layers
+        cfg.model, weights["img_in.weight"].shape[1] // patch**2, weights["txt_in.weight"].shape[1]
+    )
     model = OpenSoraMMDiT(config)
     load_strict(model, weights, source="the checkpoint")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

@@ -86,39 +86,40 @@ def load_strict(
     drop_keys: Iterable[str] = (),
     new_keys: Iterable[str] = (),
 ) -> None:
-    """Load ``state`` into ``module`` requiring every key on both sides, except the checkpoint keys under
-    ``drop_keys`` (dropped) and the module keys under ``new_keys`` (left at their initial values); each
-    exception is logged with the keys it concerns. A mismatch is one ``FrameloomError`` naming the keys."""
+    """Load ``state`` into ``module`` requiring every key on both sides with its shape, except that checkpoint
+    keys under ``drop_keys`` are not loaded and module keys under ``new_keys`` may be absent (they keep their
+    initial values); each exception is logged with the keys it concerns. Dropping and re-adding the same
+    prefix replaces a layer whose shape changes (e.g. ``img_in`` for another autoencoder). A mismatch is one
+    ``FrameloomError`` naming the keys."""
     drop_keys, new_keys = tuple(drop_keys), tuple(new_keys)
     expected = module.state_dict()
+    dropped = [k for k in state if _matches(k, drop_keys)]
+    state = {k: v for k, v in state.items() if not _matches(k, drop_keys)}
     unexpected = [k for k in state if k not in expected]
     missing = [k for k in expected if k not in state]
-    bad_unexpected = [k for k in unexpected if not _matches(k, drop_keys)]
     bad_missing = [k for k in missing if not _matches(k, new_keys)]
-    if bad_unexpected or bad_missing:
+    if unexpected or bad_missing:
         parts = []
         if bad_missing:
             parts.append(f"missing {describe_keys(bad_missing)}")
-        if bad_unexpected:
-            parts.append(f"unexpected {describe_keys(bad_unexpected)}")
+        if unexpected:
+            parts.append(f"unexpected {describe_keys(unexpected)}")
         raise FrameloomError(
             f"{source} does not fit the model: {'; '.join(parts)} (a stage change that adds or drops "
             "parameters lists them in model.config.new_keys / model.config.drop_keys)"
         )
     shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in state
-        if k in expected and state[k].shape != expected[k].shape
+        f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items() if v.shape != expected[k].shape
     ]
     if shapes:
         raise FrameloomError(f"{source} does not fit the model: shape of {describe_keys(shapes, 3)}")
-    if unexpected:
-        log.warning("%s: dropped %d key(s) the model does not have: %s", source, len(unexpected),
-                    describe_keys(unexpected))  # fmt: skip
+    if dropped:
+        log.warning("%s: dropped %d key(s) (model.config.drop_keys): %s", source, len(dropped),
+                    describe_keys(dropped))  # fmt: skip
     if missing:
-        log.warning("%s: %d new key(s) keep their initial values: %s", source, len(missing),
-                    describe_keys(missing))  # fmt: skip
-    module.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+        log.warning("%s: %d new key(s) keep their initial values (model.config.new_keys): %s", source,
+                    len(missing), describe_keys(missing))  # fmt: skip
+    module.load_state_dict(state, strict=False)
 
 
 # --------------------------------------------------------------------------------------------------------
