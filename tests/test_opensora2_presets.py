@@ -98,6 +98,21 @@ def test_preset_trains_on_a_bucketed_csv_and_samples(trained, preset, tmp_path):
 
 
 @pytest.mark.slow
+def test_frameloom_cache_pre_extracts_latents_and_pooled_text(data, trained):
+    root, csv = data
+    _, fly = trained("256px")  # decoded and encoded on the fly
+    extra = shrink(root, csv, "256px", f"run_dir={root / 'runs' / 'cached'}", "train.steps=1")
+    config = CONFIGS / "opensora2_256px.yaml"
+    assert main(["cache", str(config), *extra]) == 0
+    trainer = Trainer(load_config(config, extra))
+    assert trainer.cached and trainer.codec is None  # trains from latents + T5 tokens + CLIP pooled only
+    # the same step from the cache: the same loss (same batch, draws, latents and text)
+    assert trainer.fit().losses[0] == pytest.approx(fly.losses[0], rel=1e-5)
+    batch = next(iter(trainer._loader()))  # (after fit: iterating moves the sampler on)
+    assert batch["text_extras"]["pooled"].shape == (2, 16) and batch["text_emb"].shape == (2, 16, 32)
+
+
+@pytest.mark.slow
 def test_i2v_preset_resumes_bit_exactly(data, trained):
     root, csv = data
     run, first = trained("i2v")  # 2 steps, checkpointed at the end

@@ -395,8 +395,15 @@ class OpenSoraMMDiT(nn.Module):
     def enable_sequence_parallel(self, group) -> None:
         """Ulysses over ``group`` (``frameloom.parallel.parallelize`` calls this when ``parallel.sp_size > 1``):
         each rank keeps 1/sp of the text and video tokens; attention gathers the sequence per head group."""
+        import torch.distributed as dist
+
+        from frameloom.errors import FrameloomError
+
         from .sequence import ulysses_joint_attention
 
+        sp = dist.get_world_size(group)
+        if self.num_heads % sp:
+            raise FrameloomError(f"parallel.sp_size {sp} must divide the MMDiT's {self.num_heads} attention heads")
         attention = ulysses_joint_attention(group)
         for block in (*self.double_blocks, *self.single_blocks):
             block.attention_fn = attention
