@@ -13,7 +13,9 @@ from frameloom.data import synthetic
 from frameloom.data.manifest import read_manifest
 
 #: A 2-block MMDiT (head dim 16 = 4 + 6 + 6) over the tiny VAE's 4 channels at patch 2.
-MMDIT = "{hidden_size: 32, num_heads: 2, depth: 1, depth_single_blocks: 1, axes_dim: [4, 6, 6], mlp_ratio: 2.0"
+MMDIT = (
+    "{hidden_size: 32, num_heads: 2, depth: 1, depth_single_blocks: 1, axes_dim: [4, 6, 6], mlp_ratio: 2.0"
+)
 TEXT = "clip: tiny-clip, clip_max_length: 16"
 #: The tiny VAE: HunyuanVideo's layout (4x time causal, 8x space) with 8 channels per level, 4 latent channels.
 VAE = dict(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, latent_channels=4, layers_per_block=1)

@@ -32,7 +32,9 @@ def released_dc_ae_keys(c: DCAEConfig) -> dict[str, tuple[int, ...]]:
     context_module (LiteMLA qkv/aggreg/proj) and local_module (GLUMBConv), upsample/downsample blocks)."""
     keys: dict[str, tuple[int, ...]] = {}
 
-    def conv(name: str, cin: int, cout: int, k: int = 3, groups: int = 1, bias: bool = True, norm: bool = False):
+    def conv(
+        name: str, cin: int, cout: int, k: int = 3, groups: int = 1, bias: bool = True, norm: bool = False
+    ):
         keys[f"{name}.conv.weight"] = (cout, cin // groups, k, k, k)
         if bias:
             keys[f"{name}.conv.bias"] = (cout,)
@@ -115,7 +117,8 @@ def test_tiles_blend_linearly_and_one_tile_is_the_plain_pass():
     assert blend_tiles(a, b, 2, dim=1).tolist() == [[10.0, 6.0, 2.0, 2.0]]
     spec = TileSpec(size=8, ratio=1.0, overlap=0.25)  # stride 6, blend 2, keep 6
     x = torch.arange(14.0).view(1, 14)
-    assert torch.equal(tiled(lambda y: y * 1, x, 1, spec), x)  # identity fn: blending equal values changes nothing
+    # an identity fn: blending equal values changes nothing
+    assert torch.equal(tiled(lambda y: y * 1, x, 1, spec), x)
     assert torch.equal(tiled(lambda y: y + 1, x[:, :8], 1, spec), x[:, :8] + 1)
 
 
@@ -140,7 +143,10 @@ def test_hunyuan_vae_from_a_diffusers_folder_and_from_the_released_file(tmp_path
     assert codec.class_name == "AutoencoderKLHunyuanVideo" and codec.compression == (4, 8, 8)
     assert codec.scaling_factor == pytest.approx(0.476986) and codec.latent_channels == 4
     redraw(codec.vae, seed=5, std=0.05)
-    save_file({k: v.contiguous() for k, v in codec.vae.state_dict().items()}, str(tmp_path / "hunyuan_vae.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in codec.vae.state_dict().items()},
+        str(tmp_path / "hunyuan_vae.safetensors"),
+    )
     released = load_hunyuan_vae(tmp_path / "hunyuan_vae.safetensors", overrides=dict(VAE))
     video = torch.rand(1, 3, 5, 16, 16) * 2 - 1
     z = released.encode(video)

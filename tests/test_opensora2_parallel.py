@@ -47,13 +47,28 @@ def _sp_model_check() -> dict:
     from opensora2_tiny import redraw
 
     def build():
-        c = MMDiTConfig(in_channels=16, vec_in_dim=8, context_in_dim=12, hidden_size=32, num_heads=2, depth=1,
-                        depth_single_blocks=2, axes_dim=[4, 6, 6], mlp_ratio=2.0, cond_embed=True, text_mask=True)
+        c = MMDiTConfig(
+            in_channels=16,
+            vec_in_dim=8,
+            context_in_dim=12,
+            hidden_size=32,
+            num_heads=2,
+            depth=1,
+            depth_single_blocks=2,
+            axes_dim=[4, 6, 6],
+            mlp_ratio=2.0,
+            cond_embed=True,
+            text_mask=True,
+        )
         return redraw(OpenSoraMMDiT(c), seed=0, std=0.1)  # fmt: skip
 
     g = torch.Generator().manual_seed(1)
     x, cond = torch.randn(2, 4, 2, 4, 4, generator=g), torch.randn(2, 5, 2, 4, 4, generator=g)  # 8 tokens
-    text, pooled, t = torch.randn(2, 6, 12, generator=g), torch.randn(2, 8, generator=g), torch.rand(2, generator=g)
+    text, pooled, t = (
+        torch.randn(2, 6, 12, generator=g),
+        torch.randn(2, 8, generator=g),
+        torch.rand(2, generator=g),
+    )
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
     out = {}
     for name in ("ref", "sp"):
@@ -74,7 +89,9 @@ def _sp_model_check() -> dict:
 
 def _worker(rank: int, root: str) -> None:
     root = Path(root)
-    result = {name: {"losses": Trainer(run_config(root, name, *extra)).fit().losses} for name, extra in RUNS.items()}
+    result = {
+        name: {"losses": Trainer(run_config(root, name, *extra)).fit().losses} for name, extra in RUNS.items()
+    }
     result["sp_model"] = _sp_model_check()
     torch.save(result, root / f"result-{rank}.pt")
 
@@ -83,7 +100,7 @@ def _worker(rank: int, root: str) -> None:
 def two_procs(tmp_path_factory):
     root = tmp_path_factory.mktemp("os2_parallel")
     write_csv(root, num_clips=4, size=32, frames=5)
-    Trainer(run_config(root, "warm", "train.steps=1"))  # builds the tiny VAE, T5 and CLIP once, before the spawn
+    Trainer(run_config(root, "warm", "train.steps=1"))  # the tiny VAE, T5 and CLIP, built before the spawn
     launch(_worker, str(root))
     return root, [torch.load(root / f"result-{r}.pt", weights_only=False) for r in range(2)]
 
@@ -94,7 +111,9 @@ def test_fsdp2_and_sequence_parallel_training_match_one_process(two_procs, name)
     root, results = two_procs
     assert results[0][name]["losses"] == results[1][name]["losses"]
     losses = Trainer(run_config(root, f"ref-{name}", *REFS[name])).fit().losses
-    torch.testing.assert_close(torch.tensor(results[0][name]["losses"]), torch.tensor(losses), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(results[0][name]["losses"]), torch.tensor(losses), rtol=1e-5, atol=0
+    )
     got = ckpt.load_checkpoint(ckpt.latest_checkpoint(root / "runs" / name))["model"]
     want = ckpt.load_checkpoint(ckpt.latest_checkpoint(root / "runs" / f"ref-{name}"))["model"]
     assert got.keys() == want.keys()
@@ -108,6 +127,7 @@ def test_ulysses_joint_attention_matches_the_unsplit_model(two_procs):
     for r in range(2):
         check = results[r]["sp_model"]
         torch.testing.assert_close(check["sp"]["out"], check["ref"]["out"], rtol=1e-5, atol=1e-6)
-        assert all(grad.abs().sum() > 0 for grad in check["ref"]["grads"].values())  # every path carries gradient
+        # every path carries gradient
+        assert all(grad.abs().sum() > 0 for grad in check["ref"]["grads"].values())
         for name, grad in check["ref"]["grads"].items():
             torch.testing.assert_close(check["sp"]["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)

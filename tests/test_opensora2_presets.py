@@ -27,7 +27,9 @@ def shrink(root: Path, csv: Path, preset: str, *extra: str) -> list[str]:
     """Overrides that turn a preset into a CPU-sized run (everything else: the preset's recipe)."""
     dc_ae = preset == "high_compression"
     frames = 4 if dc_ae else 5  # the DC-AE takes multiples of 4, the causal VAE 4k + 1
-    autoencoder = f", autoencoder_config: {{{', '.join(f'{k}: {v}' for k, v in DCAE.items())}}}" if dc_ae else ""
+    autoencoder = (
+        f", autoencoder_config: {{{', '.join(f'{k}: {v}' for k, v in DCAE.items())}}}" if dc_ae else ""
+    )
     return [
         "model.preset=null",
         "model.pretrained=null",
@@ -82,7 +84,16 @@ def trained(data):
 def test_preset_trains_on_a_bucketed_csv_and_samples(trained, preset, tmp_path):
     run, result = trained(preset)
     assert result.step == 2 and all(np.isfinite(result.losses))
-    args = ["sample", str(run), "--prompt", "a red ball 24 FPS, 3 motion score.", "--seed", "0", "--out", str(tmp_path)]
+    args = [
+        "sample",
+        str(run),
+        "--prompt",
+        "a red ball 24 FPS, 3 motion score.",
+        "--seed",
+        "0",
+        "--out",
+        str(tmp_path),
+    ]
     if preset in ("i2v", "high_compression"):
         Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(tmp_path / "first.png")
         args += ["--image", str(tmp_path / "first.png")]
@@ -118,7 +129,9 @@ def test_i2v_preset_resumes_bit_exactly(data, trained):
     run, first = trained("i2v")  # 2 steps, checkpointed at the end
 
     def cfg(run_dir: Path, *extra: str):
-        return load_config(CONFIGS / "opensora2_i2v.yaml", shrink(root, csv, "i2v", f"run_dir={run_dir}", *extra))
+        return load_config(
+            CONFIGS / "opensora2_i2v.yaml", shrink(root, csv, "i2v", f"run_dir={run_dir}", *extra)
+        )
 
     straight = Trainer(cfg(root / "runs" / "straight", "train.steps=3")).fit()
     resumed = Trainer(cfg(run, "train.steps=3", "checkpoint.resume=latest")).fit()

@@ -93,10 +93,13 @@ def test_objective_from_the_config_draws_resumably(tmp_path):
     assert objective.flow.timestep_sampling == "logit_normal"
     x0 = torch.randn(6, 4, 3, 2, 2)
     a, b = objective.draw(x0, step_generator(0, 7, 1)), objective.draw(x0, step_generator(0, 7, 1))
-    assert a.extras["conditions"] == b.extras["conditions"] and torch.equal(a.noise, b.noise)  # same key, same draws
+    # the same key, the same draws
+    assert a.extras["conditions"] == b.extras["conditions"] and torch.equal(a.noise, b.noise)
     assert a.model_kwargs["cond"].shape == (6, 5, 3, 2, 2)
     with pytest.raises(FrameloomError, match="cond_embed"):
-        build_objective(load_config(None, ["model.family=opensora2", "model.config={condition_config: {t2v: 1}}"]))
+        build_objective(
+            load_config(None, ["model.family=opensora2", "model.config={condition_config: {t2v: 1}}"])
+        )
     with pytest.raises(FrameloomError, match="unknown kind"):
         OpenSoraFlow(condition_config={"v2v_head": 1})
 
@@ -107,7 +110,10 @@ def test_motion_score_caption_rule():
     assert motion_score({"motion": 4.4}) == 4 and motion_score({"motion": float("nan")}) is None
     # Open-Sora's VideoTextDataset joins its suffixes into one sentence
     assert apply_caption_rules("a cat", row, motion_score_on=True) == "a cat 3 motion score."
-    assert apply_caption_rules("a cat", row, fps_suffix_on=True, motion_score_on=True) == "a cat 24 FPS, 3 motion score."
+    assert (
+        apply_caption_rules("a cat", row, fps_suffix_on=True, motion_score_on=True)
+        == "a cat 24 FPS, 3 motion score."
+    )
     assert apply_caption_rules("a cat", row, fps_suffix_on=True) == "a cat 24 FPS."  # unchanged rule
     assert apply_caption_rules("a cat", {"text": "a cat"}, motion_score_on=True) == "a cat"  # no score
     assert apply_caption_rules("", row, motion_score_on=True) == ""  # the empty prompt stays empty

@@ -117,9 +117,20 @@ def tiny(tmp_path_factory):
     text = OpenSoraTextEncoder(t5, clip, tok, clip_max_length=16)
     codec = load_hunyuan_vae(build_vae(root))
     model = redraw(
-        OpenSoraMMDiT(MMDiTConfig(in_channels=16, vec_in_dim=16, context_in_dim=32, hidden_size=32, num_heads=2,
-                                  depth=1, depth_single_blocks=1, axes_dim=[4, 6, 6], mlp_ratio=2.0,
-                                  cond_embed=True)),  # fmt: skip
+        OpenSoraMMDiT(
+            MMDiTConfig(
+                in_channels=16,
+                vec_in_dim=16,
+                context_in_dim=32,
+                hidden_size=32,
+                num_heads=2,
+                depth=1,
+                depth_single_blocks=1,
+                axes_dim=[4, 6, 6],
+                mlp_ratio=2.0,
+                cond_embed=True,
+            )
+        ),  # fmt: skip
         std=0.05,
     ).eval()
     return model, text, codec
@@ -127,7 +138,8 @@ def tiny(tmp_path_factory):
 
 def test_image_to_video_keeps_the_given_first_frame(tiny, tmp_path):
     model, text, codec = tiny
-    assert text.encode(["a", ""])[1].all() and text.encode(["a"])[0].shape == (1, 8, 32)  # fixed length, unmasked
+    # T5 at a fixed length, unmasked (as Open-Sora runs it)
+    assert text.encode(["a", ""])[1].all() and text.encode(["a"])[0].shape == (1, 8, 32)
     assert text.encode_extras(["a", "b"])["pooled"].shape == (2, 16)
     g = torch.Generator().manual_seed(3)
     image = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1

@@ -195,7 +195,9 @@ def _export_native(cfg: Config, out: Path, checkpoint: str) -> list[Path]:
 
     module = importlib.import_module(f"frameloom.models.{cfg.model.family}.family")
     if not hasattr(module, "export_released"):
-        raise FrameloomError(f"model.family {cfg.model.family!r} has no released file layout (--format native)")
+        raise FrameloomError(
+            f"model.family {cfg.model.family!r} has no released file layout (--format native)"
+        )
     weights, _ = _checkpoint_weights(cfg, checkpoint)
     return module.export_released(cfg, weights, out)
 

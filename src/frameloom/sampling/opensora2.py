@@ -50,7 +50,9 @@ IMAGE_MODES = ("head", "tail", "loop")
 DEFAULT_IMAGE_GUIDANCE = 3.0
 
 
-def opensora_timesteps(steps: int, tokens_per_frame: int, latent_frames: int, shift: float | None = None) -> list[float]:
+def opensora_timesteps(
+    steps: int, tokens_per_frame: int, latent_frames: int, shift: float | None = None
+) -> list[float]:
     """The ``steps + 1`` times from 1 to 0 (``get_schedule``): uniform, then shifted by ``shift`` or by
     Open-Sora's resolution-and-length rule."""
     if steps < 1:
@@ -153,7 +155,9 @@ def sample_latents(
     cond = reference = None
     if images is not None:
         if not getattr(model.config, "cond_embed", False):
-            raise FrameloomError("image-to-video needs a model with image conditioning (model.config.cond_embed)")
+            raise FrameloomError(
+                "image-to-video needs a model with image conditioning (model.config.cond_embed)"
+            )
         reference = codec.encode(images[:, :, None].to(codec.device)).float().to(device)  # (N, C, 1, h, w)
         cond = image_condition(reference, T, s.image_mode)
     branches = 3 if cond is not None else 2
@@ -175,7 +179,9 @@ def sample_latents(
             v = v_none + text_scale * (v_cond - v_none)
         else:
             v_cond, v_image, v_none = v.chunk(3)
-            image_scale: float | torch.Tensor = oscillating_scale(g_img, i) if s.oscillating_guidance else g_img
+            image_scale: float | torch.Tensor = (
+                oscillating_scale(g_img, i) if s.oscillating_guidance else g_img
+            )
             if s.oscillating_guidance and image_scale > 1.0:
                 image_scale = temporal_image_scale(image_scale, i, s.steps, T).to(device).view(1, 1, T, 1, 1)
             v = guided_velocity(v_cond, v_image, v_none, text_scale, image_scale)

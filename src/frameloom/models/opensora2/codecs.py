@@ -74,12 +74,16 @@ def load_hunyuan_vae(
 
     path = Path(path)
     if path.is_dir():
-        codec = DiffusersVAECodec.from_pretrained(path, dtype=dtype, device=device, tiling=tiling, slicing=slicing)
+        codec = DiffusersVAECodec.from_pretrained(
+            path, dtype=dtype, device=device, tiling=tiling, slicing=slicing
+        )
         if codec.class_name != "AutoencoderKLHunyuanVideo":
             raise CodecError(f"model.codec {path}: a {codec.class_name}, not an AutoencoderKLHunyuanVideo")
         return codec
     if not path.is_file():
-        raise CodecError(f"model.codec: no HunyuanVideo VAE at {path} (a diffusers folder or a .safetensors file)")
+        raise CodecError(
+            f"model.codec: no HunyuanVideo VAE at {path} (a diffusers folder or a .safetensors file)"
+        )
     vae = AutoencoderKLHunyuanVideo(**{**HUNYUAN_VAE_CONFIG, **(overrides or {})})
     load_strict(vae, read_state_dict(path), source=str(path))
     codec = DiffusersVAECodec(vae.to(dtype))
@@ -141,12 +145,16 @@ def blend_tiles(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> torc
     return torch.cat([head, b.narrow(dim, extent, b.shape[dim] - extent)], dim=dim)
 
 
-def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dim: int, spec: TileSpec) -> torch.Tensor:
+def tiled(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dim: int, spec: TileSpec
+) -> torch.Tensor:
     """Apply ``fn`` to overlapping tiles of ``x`` along ``dim`` and join the blended outputs (``fn`` keeps the
     dimension's index). An input no longer than one tile is passed through ``fn`` whole."""
     if x.shape[dim] <= spec.size:
         return fn(x)
-    outs = [fn(x.narrow(dim, i, min(spec.size, x.shape[dim] - i))) for i in range(0, x.shape[dim], spec.stride)]
+    outs = [
+        fn(x.narrow(dim, i, min(spec.size, x.shape[dim] - i))) for i in range(0, x.shape[dim], spec.stride)
+    ]
     keep = spec.out_size - spec.blend
     joined = []
     for i, out in enumerate(outs):
@@ -166,7 +174,9 @@ class DCAECodec(LatentCodec):
     With ``tiling``, time is cut into 32-frame tiles and space into 256-pixel tiles (25% overlap, linear
     blend), as Open-Sora runs it; tiling changes the latents (slightly), so it is part of ``identity``."""
 
-    def __init__(self, model: VideoDCAE, *, tiling: bool = False, spatial_tile: int = 256, temporal_tile: int = 32):
+    def __init__(
+        self, model: VideoDCAE, *, tiling: bool = False, spatial_tile: int = 256, temporal_tile: int = 32
+    ):
         self.model = model.eval().requires_grad_(False)
         c = model.config
         self.config = c

@@ -113,7 +113,12 @@ class DuplicatingShortcut(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, factor: int, temporal: bool) -> None:
         super().__init__()
-        self.in_channels, self.out_channels, self.factor, self.temporal = in_channels, out_channels, factor, temporal
+        self.in_channels, self.out_channels, self.factor, self.temporal = (
+            in_channels,
+            out_channels,
+            factor,
+            temporal,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         temporal = self.temporal and x.shape[2] != 1
@@ -302,7 +307,8 @@ class Encoder(nn.Module):
             stages.append(Sequence(ops))
         self.stages = nn.ModuleList(stages)
         self.project_out = Residual(
-            Sequence([ConvLayer(widths[-1], c.latent_channels)]), AveragingShortcut(c.latent_channels, 1, False)
+            Sequence([ConvLayer(widths[-1], c.latent_channels)]),
+            AveragingShortcut(c.latent_channels, 1, False),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -317,7 +323,8 @@ class Decoder(nn.Module):
         super().__init__()
         widths, n = c.decoder_widths, len(c.decoder_widths)
         self.project_in = Residual(
-            ConvLayer(c.latent_channels, widths[-1]), DuplicatingShortcut(c.latent_channels, widths[-1], 1, False)
+            ConvLayer(c.latent_channels, widths[-1]),
+            DuplicatingShortcut(c.latent_channels, widths[-1], 1, False),
         )
         stages = []
         for i, (width, depth) in enumerate(zip(widths, c.decoder_depths)):

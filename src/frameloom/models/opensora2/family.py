@@ -86,7 +86,9 @@ def settings(model_cfg: ModelConfig) -> Settings:
         **{k: v for k, v in values.items() if k in own},
     )
     if s.pretrained_format not in ("opensora", "flux"):
-        raise FrameloomError(f"model.config.pretrained_format must be opensora or flux, not {s.pretrained_format!r}")
+        raise FrameloomError(
+            f"model.config.pretrained_format must be opensora or flux, not {s.pretrained_format!r}"
+        )
     if s.autoencoder not in ("hunyuan_vae", "dc_ae"):
         raise FrameloomError(f"model.config.autoencoder must be hunyuan_vae or dc_ae, not {s.autoencoder!r}")
     return s
@@ -112,7 +114,9 @@ def mmdit_config(model_cfg: ModelConfig, latent_channels: int = 0, text_dim: int
     kwargs: dict[str, Any] = {}
     if model_cfg.preset is not None:
         if model_cfg.preset not in PRESETS:
-            raise FrameloomError(f"unknown model.preset {model_cfg.preset!r}; available: {', '.join(PRESETS)}")
+            raise FrameloomError(
+                f"unknown model.preset {model_cfg.preset!r}; available: {', '.join(PRESETS)}"
+            )
         kwargs.update(PRESETS[model_cfg.preset])
     kwargs.update(s.mmdit)
     patch = int(kwargs.get("patch_size", 2))
@@ -126,7 +130,9 @@ def mmdit_config(model_cfg: ModelConfig, latent_channels: int = 0, text_dim: int
     if text_dim:
         kwargs.setdefault("context_in_dim", text_dim)
         if kwargs["context_in_dim"] != text_dim:
-            raise FrameloomError(f"the T5 encoder has width {text_dim}, context_in_dim is {kwargs['context_in_dim']}")
+            raise FrameloomError(
+                f"the T5 encoder has width {text_dim}, context_in_dim is {kwargs['context_in_dim']}"
+            )
     width = _clip_width(s, model_cfg)
     if width is not None:
         kwargs.setdefault("vec_in_dim", width)
@@ -167,7 +173,9 @@ def build_denoiser(model_cfg: ModelConfig, latent_channels: int, text_dim: int) 
     from frameloom.models.diffusers_family import parse_dtype
 
     if model_cfg.lora.rank > 0:
-        raise FrameloomError("model.family opensora2 trains all weights; LoRA is not available (model.lora.rank: 0)")
+        raise FrameloomError(
+            "model.family opensora2 trains all weights; LoRA is not available (model.lora.rank: 0)"
+        )
     s = settings(model_cfg)
     model = OpenSoraMMDiT(mmdit_config(model_cfg, latent_channels, text_dim))
     if model_cfg.pretrained:
@@ -228,7 +236,11 @@ def load_codec(cfg: Config, device: torch.device):
     dtype = parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype")
     if s.autoencoder == "dc_ae":
         return load_dc_ae(
-            cfg.model.codec, overrides=s.autoencoder_config, dtype=dtype, device=device, tiling=cfg.model.vae_tiling
+            cfg.model.codec,
+            overrides=s.autoencoder_config,
+            dtype=dtype,
+            device=device,
+            tiling=cfg.model.vae_tiling,
         )
     return load_hunyuan_vae(
         cfg.model.codec,
@@ -283,7 +295,9 @@ def build_objective(cfg: Config):
         raise FrameloomError(f"model.family opensora2 trains with objective.name=flow, not {o.name!r}")
     s = settings(cfg.model)
     if s.condition_config and not mmdit_config(cfg.model).cond_embed:
-        raise FrameloomError("model.config.condition_config needs a model with cond_in (model.config.cond_embed: true)")
+        raise FrameloomError(
+            "model.config.condition_config needs a model with cond_in (model.config.cond_embed: true)"
+        )
     try:
         flow = FlowMatching(
             timestep_sampling=o.timestep_sampling,

@@ -81,7 +81,9 @@ class MMDiTConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+            raise ValueError(
+                f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}"
+            )
         if sum(self.axes_dim) != self.hidden_size // self.num_heads:
             raise ValueError(
                 f"axes_dim {list(self.axes_dim)} must sum to the head dim {self.hidden_size // self.num_heads}"
@@ -327,7 +329,9 @@ class SingleStreamBlock(nn.Module):
         else:
             q, k = self.q_proj(h), self.k_proj(h)
             v, mlp = self.v_mlp(h).split([self.hidden, self.mlp_hidden], dim=-1)
-        q, k, v = (y.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for y in (q, k, v))  # (B, heads, S, hd)
+        q, k, v = (
+            y.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for y in (q, k, v)
+        )  # (B, heads, S, hd)
         q, k = self.norm.query_norm(q).to(v.dtype), self.norm.key_norm(k).to(v.dtype)
         # 2. attention and MLP in parallel, one output projection, gated residual
         attn = self.attention_fn(q, k, v, cos, sin, key_mask, text_len, self.layout)  # (B, S, D)
@@ -403,7 +407,9 @@ class OpenSoraMMDiT(nn.Module):
 
         sp = dist.get_world_size(group)
         if self.num_heads % sp:
-            raise FrameloomError(f"parallel.sp_size {sp} must divide the MMDiT's {self.num_heads} attention heads")
+            raise FrameloomError(
+                f"parallel.sp_size {sp} must divide the MMDiT's {self.num_heads} attention heads"
+            )
         attention = ulysses_joint_attention(group)
         for block in (*self.double_blocks, *self.single_blocks):
             block.attention_fn = attention
@@ -443,7 +449,9 @@ class OpenSoraMMDiT(nn.Module):
             vec = vec + self.guidance_in(timestep_embedding(guidance).to(img.dtype))
         vec = vec + self.vector_in(pooled.to(x.dtype))
         # 3. RoPE tables for the whole joint sequence [text; video]: (L + N, hd/2) each
-        cos, sin = rope_tables(rope_angles(video_positions(*grid, text_len=L, device=x.device), c.axes_dim, c.theta))
+        cos, sin = rope_tables(
+            rope_angles(video_positions(*grid, text_len=L, device=x.device), c.axes_dim, c.theta)
+        )
         key_mask = None
         if c.text_mask and text_mask is not None:  # (B, L + N): text padding masked, every video token kept
             key_mask = torch.cat([text_mask.bool(), text_mask.new_ones(B, img.shape[1], dtype=torch.bool)], 1)

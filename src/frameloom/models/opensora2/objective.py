@@ -78,11 +78,14 @@ class OpenSoraFlow:
                 f"{', '.join(CONDITION_KINDS)}"
             )
         if self.condition_config and (
-            any(float(w) < 0 for w in self.condition_config.values()) or sum(self.condition_config.values()) <= 0
+            any(float(w) < 0 for w in self.condition_config.values())
+            or sum(self.condition_config.values()) <= 0
         ):
             raise FrameloomError("model.config.condition_config: weights must be >= 0 with a positive sum")
 
-    def draw(self, x0: torch.Tensor, generator: torch.Generator, ctx: StepContext | None = None) -> TrainingInputs:
+    def draw(
+        self, x0: torch.Tensor, generator: torch.Generator, ctx: StepContext | None = None
+    ) -> TrainingInputs:
         """Times, then noise (``FlowMatching.draw``), then the condition kinds, all from ``generator``."""
         inputs = self.flow.draw(x0, generator, ctx)
         if self.condition_config:

@@ -42,7 +42,8 @@ def ulysses_joint_attention(group: dist.ProcessGroup):
         full_text = text_len * sp
         parts = (out[:, :, :full_text], out[:, :, full_text:])
         out = torch.cat(
-            [all_to_all(p.contiguous(), group, scatter_dim=2, gather_dim=1) for p in parts if p.shape[2]], dim=2
+            [all_to_all(p.contiguous(), group, scatter_dim=2, gather_dim=1) for p in parts if p.shape[2]],
+            dim=2,
         )  # (B, h, S/sp, hd)
         return out.transpose(1, 2).flatten(2)
 

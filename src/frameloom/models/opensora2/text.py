@@ -73,7 +73,9 @@ class OpenSoraTextEncoder(TextEncoder):
             list(texts), padding="max_length", max_length=self.clip_max_length, truncation=True,
             return_tensors="pt",
         )["input_ids"].to(self.device)  # fmt: skip
-        return {"pooled": self.clip(input_ids=ids).pooler_output.float()}  # (B, clip width), no mask as upstream
+        return {
+            "pooled": self.clip(input_ids=ids).pooler_output.float()
+        }  # (B, clip width), no mask as upstream
 
 
 def load_clip(directory: str | os.PathLike, dtype: torch.dtype = torch.float32):
@@ -113,7 +115,11 @@ def load_text_encoder(
 
 def _byte_symbols() -> list[str]:
     """CLIP's byte -> printable-unicode table (the GPT-2 byte-level BPE alphabet), in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -125,7 +131,12 @@ def _byte_symbols() -> list[str]:
 
 
 def build_tiny_clip(
-    out_dir: str | os.PathLike, hidden: int = 16, layers: int = 2, heads: int = 2, max_length: int = 77, seed: int = 0
+    out_dir: str | os.PathLike,
+    hidden: int = 16,
+    layers: int = 2,
+    heads: int = 2,
+    max_length: int = 77,
+    seed: int = 0,
 ) -> Path:
     """Save a random-init tiny ``CLIPTextModel`` + a byte-level ``CLIPTokenizer`` (every byte a token, no
     merges) into ``out_dir``; deterministic given ``seed``, nothing downloaded."""

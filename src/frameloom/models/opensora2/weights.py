@@ -46,7 +46,9 @@ log = logging.getLogger("frameloom.opensora2")
 
 _DOUBLE_QKV = re.compile(r"^(double_blocks\.\d+\.(?:img|txt)_attn)\.qkv\.(weight|bias)$")
 _SINGLE_QKV = re.compile(r"^(single_blocks\.\d+)\.linear1\.(weight|bias)$")
-_QK_ROWS = re.compile(r"^(?:double_blocks\.\d+\.(?:img|txt)_attn\.|single_blocks\.\d+\.)(q_proj|k_proj)\.(weight|bias)$")
+_QK_ROWS = re.compile(
+    r"^(?:double_blocks\.\d+\.(?:img|txt)_attn\.|single_blocks\.\d+\.)(q_proj|k_proj)\.(weight|bias)$"
+)
 _QK_SCALE = re.compile(r"\.norm\.(query_norm|key_norm)\.scale$")
 
 
@@ -109,7 +111,9 @@ def load_strict(
             "parameters lists them in model.config.new_keys / model.config.drop_keys)"
         )
     shapes = [
-        f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items() if v.shape != expected[k].shape
+        f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if v.shape != expected[k].shape
     ]
     if shapes:
         raise FrameloomError(f"{source} does not fit the model: shape of {describe_keys(shapes, 3)}")
