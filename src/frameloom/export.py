@@ -210,9 +210,12 @@ def export_run(
     checkpoint: str = "latest",
     comfyui: bool = False,
 ) -> list[Path]:
-    """Export a run's checkpoint in ``fmt`` (``diffusers``, ``lora``, ``safetensors``) into ``out``; returns
+    """Export a run's checkpoint in ``fmt`` (``diffusers``, ``lora``, ``safetensors``, ``native``) into ``out``; returns
     the written paths. Every format is verified by loading it back (module docstring)."""
-    if fmt not in FORMATS and fmt != _run_config(Path(run_dir)).model.family:
+    own = (Path(run_dir) / "config.resolved.yaml").is_file() and fmt == _run_config(
+        Path(run_dir)
+    ).model.family
+    if fmt not in FORMATS and not own:
         raise FrameloomError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if comfyui and fmt != "lora":
         raise FrameloomError("--comfyui applies to --format lora only")
