@@ -98,9 +98,10 @@ def settings(model_cfg: ModelConfig) -> Settings:
 # the denoiser
 
 
-def _clip_width(s: Settings, model_cfg: ModelConfig) -> int | None:
+def _clip_width(s: Settings) -> int | None:
+    """The CLIP text model's width (its pooled vector's), read from its config; None when unknown."""
     if s.clip == TINY_CLIP:
-        return 16
+        return 16  # build_tiny_clip's default width
     config = Path(s.clip) / "config.json" if s.clip else None
     if config is None or not config.is_file():
         return None
@@ -133,7 +134,7 @@ def mmdit_config(model_cfg: ModelConfig, latent_channels: int = 0, text_dim: int
             raise FrameloomError(
                 f"the T5 encoder has width {text_dim}, context_in_dim is {kwargs['context_in_dim']}"
             )
-    width = _clip_width(s, model_cfg)
+    width = _clip_width(s)
     if width is not None:
         kwargs.setdefault("vec_in_dim", width)
     if "axes_dim" in kwargs:
