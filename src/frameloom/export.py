@@ -13,9 +13,8 @@ Formats (``--format``):
   ``from_pretrained`` on the written transformer and comparing every tensor.
 - ``safetensors``: one consolidated ``model.safetensors``: the denoiser's state dict (for a diffusers family
   the transformer's, in diffusers names, a LoRA merged in). Verified by reading it back.
-- ``native`` (or the family's name): a seed family's released file layout, written by its module's
-  ``export_released(cfg, weights, out)`` (opensora2: ``Open_Sora_v2.safetensors`` + ``config.json``), which
-  verifies it by loading it back.
+- ``native``: the seed system's own released layout, written by the family's ``export_released(cfg, weights,
+  out)`` (Open-Sora-Plan: an ``OpenSoraT2V_v1_3`` folder its ``from_pretrained`` loads). Verified by the family.
 
 Weights come from ``frameloom.checkpoint.io.load_checkpoint`` (the full state however it was saved); the
 EMA weights are used when the checkpoint has them and ``sample.use_ema`` is on, as ``frameloom sample`` does.
@@ -74,7 +73,7 @@ def load_run_denoiser(
     family = get_family(cfg.model.family)
     if family.pipeline_class is None:
         raise FrameloomError(
-            f"model.family {cfg.model.family!r} has no diffusers form; use --format safetensors"
+            f"model.family {cfg.model.family!r} has no diffusers form; use --format safetensors (or native)"
         )
     weights, path = _checkpoint_weights(cfg, checkpoint)
     model = family.build_denoiser(cfg.model, 0, 0)
@@ -191,15 +190,20 @@ def _export_safetensors(cfg: Config, out: Path, checkpoint: str) -> list[Path]:
 
 
 def _export_native(cfg: Config, out: Path, checkpoint: str) -> list[Path]:
+    """The family's ``export_released`` (the seed system's layout), with the checkpoint's (EMA) weights."""
     import importlib
 
-    module = importlib.import_module(f"frameloom.models.{cfg.model.family}.family")
-    if not hasattr(module, "export_released"):
+    try:
+        module = importlib.import_module(f"frameloom.models.{cfg.model.family}.family")
+    except ModuleNotFoundError:
+        module = None
+    export = getattr(module, "export_released", None)
+    if export is None:
         raise FrameloomError(
-            f"model.family {cfg.model.family!r} has no released file layout (--format native)"
+            f"model.family {cfg.model.family!r} has no native layout to export; use --format safetensors"
         )
     weights, _ = _checkpoint_weights(cfg, checkpoint)
-    return module.export_released(cfg, weights, out)
+    return export(cfg, weights, out)
 
 
 def export_run(
@@ -210,21 +214,18 @@ def export_run(
     checkpoint: str = "latest",
     comfyui: bool = False,
 ) -> list[Path]:
-    """Export a run's checkpoint in ``fmt`` (``diffusers``, ``lora``, ``safetensors``, ``native``) into ``out``; returns
+    """Export a run's checkpoint in ``fmt`` (``diffusers``, ``lora``, ``safetensors``) into ``out``; returns
     the written paths. Every format is verified by loading it back (module docstring)."""
-    own = (Path(run_dir) / "config.resolved.yaml").is_file() and fmt == _run_config(
-        Path(run_dir)
-    ).model.family
-    if fmt not in FORMATS and not own:
+    if fmt not in FORMATS:
         raise FrameloomError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if comfyui and fmt != "lora":
         raise FrameloomError("--comfyui applies to --format lora only")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if fmt not in ("diffusers", "lora", "safetensors"):  # native: the family's released layout
-        return _export_native(_run_config(Path(run_dir)), out, checkpoint)
     if fmt == "safetensors":
         return _export_safetensors(_run_config(Path(run_dir)), out, checkpoint)
+    if fmt == "native":
+        return _export_native(_run_config(Path(run_dir)), out, checkpoint)
     cfg, model, _ = load_run_denoiser(run_dir, checkpoint)
     if fmt == "lora":
         return _export_lora(cfg, model, out, comfyui)

@@ -110,6 +110,12 @@ def generate_to_files(
         videos = family_sample(
             model, text_encoder, codec, cfg, [p for _, p, _ in pairs], [s for _, _, s in pairs]
         )
+    elif cfg.objective.name == "ddpm":  # a DDPM-trained native DiT: the DDPM samplers (sample.scheduler)
+        from frameloom.sampling.ddpm_generate import ddpm_videos
+
+        videos = ddpm_videos(
+            model, text_encoder, codec, cfg, [p for _, p, _ in pairs], [s for _, _, s in pairs]
+        )
     else:
         videos = generate(
             model,
