@@ -172,8 +172,9 @@ def sample_latents(
     # 4. Euler steps with guidance
     for i in range(len(times) - 1):
         t_in = torch.full((branches * N,), times[i], device=device, dtype=dtype)
+        x_in = torch.cat([x] * branches).to(dtype)  # (branches * N, C, T, h, w)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):  # bf16 on GPUs
-            v = model(torch.cat([x] * branches).to(dtype), t_in, text, text_mask, pooled=vec, **kwargs).float()
+            v = model(x_in, t_in, text, text_mask, pooled=vec, **kwargs).float()
         text_scale = oscillating_scale(g_txt, i) if s.oscillating_guidance else g_txt
         if cond is None:
             v_cond, v_none = v.chunk(2)
