@@ -11,10 +11,12 @@ Formats (``--format``):
 - ``diffusers``: a complete diffusers directory: ``model.pretrained``'s parts (hard links where possible)
   with ``transformer/`` replaced by the trained transformer (a LoRA merged into its base). Verified by
   ``from_pretrained`` on the written transformer and comparing every tensor.
-- ``native`` (and ``diffusers`` for seed families): the family's ``export_released`` writes its released
-  layout (dit_class: DiT's ``.pt`` / a diffusers ``DiTTransformer2DModel``), verified by loading it back.
 - ``safetensors``: one consolidated ``model.safetensors``: the denoiser's state dict (for a diffusers family
   the transformer's, in diffusers names, a LoRA merged in). Verified by reading it back.
+- ``native``: the seed system's own released layout, written by the family's ``export_released(cfg, weights,
+  out)`` (Open-Sora-Plan: an ``OpenSoraT2V_v1_3`` folder its ``from_pretrained`` loads; dit_class: DiT's
+  ``.pt``). Verified by the family. A seed family with a diffusers form of its own defines
+  ``export_diffusers(cfg, weights, out)`` for ``--format diffusers`` (dit_class: ``DiTTransformer2DModel``).
 
 Weights come from ``frameloom.checkpoint.io.load_checkpoint`` (the full state however it was saved); the
 EMA weights are used when the checkpoint has them and ``sample.use_ema`` is on, as ``frameloom sample`` does.
@@ -73,7 +75,7 @@ def load_run_denoiser(
     family = get_family(cfg.model.family)
     if family.pipeline_class is None:
         raise FrameloomError(
-            f"model.family {cfg.model.family!r} has no diffusers form; use --format safetensors"
+            f"model.family {cfg.model.family!r} has no diffusers form; use --format safetensors (or native)"
         )
     weights, path = _checkpoint_weights(cfg, checkpoint)
     model = family.build_denoiser(cfg.model, 0, 0)
@@ -189,17 +191,37 @@ def _export_safetensors(cfg: Config, out: Path, checkpoint: str) -> list[Path]:
     return [path]
 
 
-def _released_exporter(run_dir: Path):
-    """The family module's ``export_released(cfg, weights, out, fmt)`` (seed families that write their
-    released layouts: ``native``, and ``diffusers`` when they are not diffusers families), or None."""
+def _export_native(cfg: Config, out: Path, checkpoint: str) -> list[Path]:
+    """The family's ``export_released`` (the seed system's layout), with the checkpoint's (EMA) weights."""
     import importlib
 
-    name = _run_config(run_dir).model.family
     try:
-        module = importlib.import_module(f"frameloom.models.{name}.family")
+        module = importlib.import_module(f"frameloom.models.{cfg.model.family}.family")
+    except ModuleNotFoundError:
+        module = None
+    export = getattr(module, "export_released", None)
+    if export is None:
+        raise FrameloomError(
+            f"model.family {cfg.model.family!r} has no native layout to export; use --format safetensors"
+        )
+    weights, _ = _checkpoint_weights(cfg, checkpoint)
+    return export(cfg, weights, out)
+
+
+def _export_own_diffusers(cfg: Config, out: Path, checkpoint: str) -> list[Path] | None:
+    """A seed family's diffusers form (its ``export_diffusers(cfg, weights, out)``, e.g. dit_class's
+    ``DiTTransformer2DModel``), or None when the family has none."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"frameloom.models.{cfg.model.family}.family")
     except ModuleNotFoundError:
         return None
-    return getattr(module, "export_released", None)
+    export = getattr(module, "export_diffusers", None)
+    if export is None:
+        return None
+    weights, _ = _checkpoint_weights(cfg, checkpoint)
+    return export(cfg, weights, out)
 
 
 def export_run(
@@ -218,14 +240,14 @@ def export_run(
         raise FrameloomError("--comfyui applies to --format lora only")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    released = _released_exporter(Path(run_dir))
-    if released is not None and fmt in ("native", "diffusers"):  # a seed family's own layouts
-        cfg = _run_config(Path(run_dir))
-        return released(cfg, _checkpoint_weights(cfg, checkpoint)[0], out, fmt)
-    if fmt == "native":
-        raise FrameloomError("--format native: this model family has no released layout of its own")
     if fmt == "safetensors":
         return _export_safetensors(_run_config(Path(run_dir)), out, checkpoint)
+    if fmt == "native":
+        return _export_native(_run_config(Path(run_dir)), out, checkpoint)
+    if fmt == "diffusers":  # a seed family with its own diffusers form (not a diffusers-pipeline family)
+        own = _export_own_diffusers(_run_config(Path(run_dir)), out, checkpoint)
+        if own is not None:
+            return own
     cfg, model, _ = load_run_denoiser(run_dir, checkpoint)
     if fmt == "lora":
         return _export_lora(cfg, model, out, comfyui)

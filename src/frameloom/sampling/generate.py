@@ -7,6 +7,7 @@ device.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -124,8 +125,12 @@ def generate_batch(model, text_encoder, codec, cfg: Config, prompts: Sequence[st
     from frameloom.models.registry import get_family
 
     family_sample = get_family(cfg.model.family).sample
-    if family_sample is not None:
+    if family_sample is not None:  # the family's own sampler (e.g. CogVideoX: v-prediction DDIM)
         return family_sample(model, text_encoder, codec, cfg, list(prompts), list(seeds))
+    if cfg.objective.name == "ddpm":  # a DDPM-trained native DiT: the DDPM samplers (sample.scheduler)
+        from frameloom.sampling.ddpm_generate import ddpm_videos
+
+        return ddpm_videos(model, text_encoder, codec, cfg, list(prompts), list(seeds))
     return generate(
         model,
         text_encoder,
@@ -200,7 +205,14 @@ def load_for_sampling(
 
     path = ckpt.resolve_checkpoint(cfg.run_dir, checkpoint) if checkpoint else None
     if checkpoint and path is None:
-        raise FrameloomError(f"no complete checkpoint in {Path(cfg.run_dir) / 'checkpoints'}")
+        if checkpoint != "latest" or not cfg.model.pretrained:
+            raise FrameloomError(f"no complete checkpoint in {Path(cfg.run_dir) / 'checkpoints'}")
+        # a config whose run has not trained yet: sample the pretrained weights it names (a released model)
+        logging.getLogger("frameloom.sample").warning(
+            "no checkpoint in %s: sampling the pretrained weights of model.pretrained=%s",
+            Path(cfg.run_dir) / "checkpoints",
+            cfg.model.pretrained,
+        )
     model = get_family(cfg.model.family).build_denoiser(cfg.model, codec.latent_channels, text_encoder.dim)
     if path is not None:
         loaded = ckpt.load_checkpoint(path)
@@ -243,11 +255,6 @@ def sample_command(
     if guidance is not None:
         sample_overrides.append(f"sample.guidance={guidance}")
     cfg = apply_overrides(cfg, sample_overrides)
-    if not src.is_dir() and cfg.model.pretrained and checkpoint == "latest":
-        if (
-            ckpt.resolve_checkpoint(cfg.run_dir, "latest") is None
-        ):  # a config, pretrained weights, no run yet:
-            checkpoint = None  # sample the pretrained model itself
     if negative_prompt is not None:
         cfg.sample.negative_prompt = negative_prompt
     from frameloom.parallel.env import barrier, init_distributed, main_first

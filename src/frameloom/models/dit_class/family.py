@@ -39,6 +39,7 @@ __all__ = [
     "DiTClassOptions",
     "build_denoiser",
     "build_objective",
+    "export_diffusers",
     "export_released",
     "load_codec",
     "load_denoiser",
@@ -332,7 +333,14 @@ def sample_videos(
 # export
 
 
-def export_released(cfg: Config, weights: dict[str, torch.Tensor], out: Path, fmt: str) -> list[Path]:
+def export_diffusers(cfg: Config, weights: dict[str, torch.Tensor], out: Path) -> list[Path]:
+    """``frameloom export --format diffusers``: ``export_released(..., "diffusers")``."""
+    return export_released(cfg, weights, out, "diffusers")
+
+
+def export_released(
+    cfg: Config, weights: dict[str, torch.Tensor], out: Path, fmt: str = "native"
+) -> list[Path]:
     """Write a run's weights in the released layouts, verified by loading them back:
     ``native`` -> ``<out>/DiT-<size>-<patch>-<res>x<res>.pt`` (a plain state dict, DiT's ``torch.load``-able
     file); ``diffusers`` -> a ``DiTTransformer2DModel`` in ``<out>/transformer`` with a ``DDPMScheduler`` in
