@@ -46,6 +46,7 @@ __all__ = [
     "add_id_token",
     "build_pipeline",
     "check_pretrained",
+    "check_objective_name",
     "check_widths",
     "component_class",
     "flow_objective",
@@ -58,6 +59,7 @@ __all__ = [
     "part_config",
     "pipeline_class",
     "read_model_index",
+    "text_length",
     "unwrap_text_encoder",
     "with_id_token",
 ]
@@ -191,17 +193,18 @@ def load_text_encoder(
     device: torch.device | str,
     encoder_cls: type[T5TextEncoder] = T5TextEncoder,
     *,
-    max_length: int | None = None,
+    default_length: int,
     parts: tuple[str, ...] = PARTS,
     **encoder_kw,
 ) -> TextEncoder:
     """``<pretrained>/text_encoder`` (T5 or UMT5) + ``tokenizer/`` as a frozen ``encoder_cls`` (the family's
-    encoding mode; ``encoder_kw`` to its constructor) in ``model.encoder_dtype``, over ``max_length`` tokens
-    (default ``model.text_max_length``), with ``model.id_token`` prepended."""
+    encoding mode; ``encoder_kw`` to its constructor) in ``model.encoder_dtype``, over
+    ``model.text_max_length`` tokens (null: the family's ``default_length``), with ``model.id_token``
+    prepended."""
     root = check_pretrained(cfg.model, parts)
     encoder = encoder_cls.from_pretrained(
         root,
-        max_length=max_length or cfg.model.text_max_length,
+        max_length=text_length(cfg.model, default_length),
         dtype=parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype"),
         device=device,
         subfolder="text_encoder",
@@ -209,6 +212,11 @@ def load_text_encoder(
         **encoder_kw,
     )
     return with_id_token(encoder, cfg.model.id_token)
+
+
+def text_length(model_cfg: ModelConfig, default: int) -> int:
+    """``model.text_max_length``, or the family's ``default`` (its pipeline's length) when it is null."""
+    return int(model_cfg.text_max_length) if model_cfg.text_max_length is not None else int(default)
 
 
 def load_trainable_transformer(model_cfg: ModelConfig, subfolder: str = "transformer") -> nn.Module:
@@ -253,25 +261,35 @@ def load_pretrained_denoiser(build_denoiser, family: str, path: str | os.PathLik
     return build_denoiser(ModelConfig(family=family, pretrained=str(pretrained), **model_kw), 0, 0)
 
 
-def flow_objective(cfg: Config, default_shift: float | str, flow_cls: type | None = None, **extra):
-    """Flow matching from ``objective.*`` for a flow family: ``objective.name`` must be ``flow``; the shift is
-    ``objective.shift``, or the family's ``default_shift`` (its scheduler's) when that is left at 1;
+def check_objective_name(cfg: Config, own: str) -> None:
+    """``objective.name`` must be null (the family's own) or ``own``: a family never silently trains with
+    another objective than the one it has."""
+    name = cfg.objective.name
+    if name is not None and name != own:
+        raise FrameloomError(
+            f"model.family {cfg.model.family} trains with objective.name={own} (or null), not {name!r}"
+        )
+
+
+def flow_objective(
+    cfg: Config,
+    default_shift: float | str,
+    flow_cls: type | None = None,
+    *,
+    default_sampling: str = "logit_normal",
+    **extra,
+):
+    """Flow matching from ``objective.*`` for a flow family: ``objective.name`` must be ``flow`` or null; the
+    shift is ``objective.shift``, or the family's ``default_shift`` (its scheduler's) when that is null (1.0
+    is an unshifted schedule); likewise ``objective.timestep_sampling`` and ``default_sampling``.
     ``flow_cls`` (default ``FlowMatching``) gets ``extra`` too."""
+    from frameloom.objectives import flow_settings
     from frameloom.objectives.flow import FlowMatching
 
-    o = cfg.objective
-    if o.name != "flow":
-        raise FrameloomError(
-            f"model.family {cfg.model.family} trains with objective.name=flow, not {o.name!r}"
-        )
+    check_objective_name(cfg, "flow")
+    settings = flow_settings(cfg.objective, default_shift, default_sampling)
     try:
-        return (flow_cls or FlowMatching)(
-            timestep_sampling=o.timestep_sampling,
-            logit_mean=o.logit_mean,
-            logit_std=o.logit_std,
-            shift=float(o.shift) if o.shift != 1.0 else default_shift,
-            **extra,
-        )
+        return (flow_cls or FlowMatching)(**settings, **extra)
     except ValueError as exc:
         raise FrameloomError(f"objective: {exc}") from None
 

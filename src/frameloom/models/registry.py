@@ -42,6 +42,9 @@ class Family:
     """config -> the diffusers pipeline class (validation, LoRA/diffusers export); None: not a diffusers family."""
     comfyui_module: Callable[[str], str] | None = None
     """diffusers module path -> ComfyUI model key path (without `diffusion_model.`); None: the same path."""
+    describe_sampler: Callable[..., str] | None = None
+    """(model, cfg) -> what `sample` integrates with (solver, steps, shift), for the log and the mp4
+    metadata; None: frameloom's flow Euler."""
 
 
 def _dit() -> Family:
@@ -68,6 +71,7 @@ def _diffusers_family(name: str) -> Family:
         validate=m.validate,
         pipeline_class=_pipeline_class,
         comfyui_module=m.comfyui_module,
+        describe_sampler=m.describe_sampler,
     )
 
 

@@ -1,6 +1,6 @@
 """Training objectives as small pure functions (flow matching; ddpm and pyramid flow live beside it)."""
 
-from frameloom.config.schema import Config
+from frameloom.config.schema import Config, ObjectiveConfig
 
 from .base import Objective, TrainingInputs
 from .ddpm import (
@@ -31,6 +31,7 @@ __all__ = [
     "Objective",
     "TrainingInputs",
     "build_objective",
+    "flow_settings",
     "DDPMSchedule",
     "VPredictionDDPM",
     "cogvideox_x0_loss",
@@ -53,6 +54,23 @@ __all__ = [
 ]
 
 
+def flow_settings(
+    o: ObjectiveConfig, default_shift: float | str = 1.0, default_sampling: str = "logit_normal"
+) -> dict:
+    """``FlowMatching`` keyword arguments from ``objective.*``; a null ``objective.shift`` /
+    ``objective.timestep_sampling`` takes the family's ``default_shift`` (1.0 = none, frameloom's own DiT) /
+    ``default_sampling``."""
+    return dict(
+        timestep_sampling=o.timestep_sampling or default_sampling,
+        logit_mean=o.logit_mean,
+        logit_std=o.logit_std,
+        shift=float(o.shift) if o.shift is not None else default_shift,
+        min_t=o.min_t,
+        max_t=o.max_t,
+        loss_weighting=o.loss_weighting,
+    )
+
+
 def build_objective(cfg: Config) -> Objective:
     """The objective named by ``objective.name``; a family may supply its own (``Family.build_objective``)."""
     from frameloom.errors import FrameloomError
@@ -62,14 +80,9 @@ def build_objective(cfg: Config) -> Objective:
     if family.build_objective is not None:
         return family.build_objective(cfg)
     o = cfg.objective
-    if o.name == "flow":
+    if o.name in (None, "flow"):  # null: the family's own, flow matching for frameloom's DiT
         try:
-            return FlowMatching(
-                timestep_sampling=o.timestep_sampling,
-                logit_mean=o.logit_mean,
-                logit_std=o.logit_std,
-                shift=o.shift,
-            )
+            return FlowMatching(**flow_settings(o))
         except ValueError as exc:
             raise FrameloomError(f"objective: {exc}") from None
     raise FrameloomError(f"objective.name {o.name!r} is not available for model.family {cfg.model.family!r}")

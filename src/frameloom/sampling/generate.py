@@ -7,6 +7,7 @@ device.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,7 +106,10 @@ def generate_to_files(
         return names
     from frameloom.models.registry import get_family
 
-    family_sample = get_family(cfg.model.family).sample
+    family = get_family(cfg.model.family)
+    family_sample = family.sample
+    solver = sampler_description(family, model, cfg)
+    logging.getLogger("frameloom.sample").info("sampling with %s", solver)
     if family_sample is not None:  # the family's own sampler (e.g. CogVideoX: v-prediction DDIM)
         videos = family_sample(
             model, text_encoder, codec, cfg, [p for _, p, _ in pairs], [s for _, _, s in pairs]
@@ -123,12 +127,21 @@ def generate_to_files(
             steps=cfg.sample.steps,
             guidance=cfg.sample.guidance,
             negative_prompt=cfg.sample.negative_prompt,
-            shift=cfg.sample.shift,
+            shift=cfg.sample.shift if cfg.sample.shift is not None else 1.0,  # null: none for the DiT
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     for path, video in zip(names[rank::world], videos):
-        write_mp4(video, path, fps=cfg.sample.fps)
+        write_mp4(video, path, fps=cfg.sample.fps, metadata={"comment": f"frameloom sampler: {solver}"})
     return names
+
+
+def sampler_description(family, model: torch.nn.Module, cfg: Config) -> str:
+    """The solver, steps, shift and guidance ``generate_to_files`` samples with (the family's own words, or
+    frameloom's flow Euler): logged and written into each mp4's ``comment`` tag."""
+    if family.describe_sampler is not None:
+        return family.describe_sampler(model, cfg)
+    shift = cfg.sample.shift if cfg.sample.shift is not None else 1.0
+    return f"Euler, {cfg.sample.steps} steps, shift {shift:g}, guidance {cfg.sample.guidance:g}"
 
 
 def load_for_sampling(

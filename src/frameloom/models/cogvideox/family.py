@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import torch
 
-from frameloom.config.schema import Config, ModelConfig
+from frameloom.config.schema import Config, ModelConfig, ObjectiveConfig
 from frameloom.errors import FrameloomError
 from frameloom.models import diffusers_family as df
 from frameloom.models.cogvideox.model import CogVideoXDenoiser
 from frameloom.models.cogvideox.objective import CogVideoXObjective
-from frameloom.models.cogvideox.sampling import sample_videos, validate
+from frameloom.models.cogvideox.sampling import describe_sampler, sample_videos, validate
 from frameloom.models.text import PaddedT5TextEncoder
 from frameloom.objectives.ddpm import DDPMSchedule
 
 __all__ = [
     "build_denoiser",
     "build_objective",
+    "describe_sampler",
     "load_codec",
     "load_denoiser",
     "load_text_encoder",
@@ -41,10 +42,16 @@ def load_codec(cfg: Config, device: torch.device):
 
 def load_text_encoder(cfg: Config, device: torch.device):
     """T5 over exactly ``max_text_seq_length`` (226) tokens, unmasked, the padding kept (what the pipeline's
-    ``_get_t5_prompt_embeds`` gives the transformer), with ``model.id_token``."""
+    ``_get_t5_prompt_embeds`` gives the transformer), with ``model.id_token``. ``model.text_max_length``
+    may only repeat that length: the transformer's positions are laid out for it."""
     root = df.check_pretrained(cfg.model, df.PARTS)
-    max_length = int(df.part_config(root, "transformer").get("max_text_seq_length", 226))
-    return df.load_text_encoder(cfg, device, PaddedT5TextEncoder, max_length=max_length, keep_padding=True)
+    length = int(df.part_config(root, "transformer").get("max_text_seq_length", 226))
+    if df.text_length(cfg.model, length) != length:
+        raise FrameloomError(
+            f"model.text_max_length: CogVideoX takes exactly {length} text tokens (max_text_seq_length); "
+            "leave it null"
+        )
+    return df.load_text_encoder(cfg, device, PaddedT5TextEncoder, default_length=length, keep_padding=True)
 
 
 def build_denoiser(model_cfg: ModelConfig, latent_channels: int, text_dim: int) -> CogVideoXDenoiser:
@@ -69,10 +76,8 @@ def load_denoiser(path: str) -> CogVideoXDenoiser:
 def build_objective(cfg: Config) -> CogVideoXObjective:
     """v-prediction DDPM from ``<pretrained>/scheduler`` + frame padding (1.5) + I2V conditioning."""
     root = df.check_pretrained(cfg.model, df.PARTS)
-    if cfg.objective.name not in ("ddpm", "flow"):  # "flow" is the schema default: the family decides
-        raise FrameloomError(
-            f"model.family cogvideox trains with objective.name=ddpm, not {cfg.objective.name!r}"
-        )
+    df.check_objective_name(cfg, "ddpm")
+    check_ddpm_options(cfg.objective)
     config = df.part_config(root, "transformer")
     vae_config = df.part_config(root, "vae")
     i2v = config.get("in_channels") == 2 * (config.get("out_channels") or config.get("in_channels"))
@@ -86,4 +91,22 @@ def build_objective(cfg: Config) -> CogVideoXObjective:
         noised_image_dropout=float(extra.get("noised_image_dropout", 0.05)),
         image_noise_mean=float(extra.get("image_noise_mean", -3.0)),
         image_noise_std=float(extra.get("image_noise_std", 0.5)),
+        t_range=(cfg.objective.min_t, cfg.objective.max_t),
     )
+
+
+def check_ddpm_options(o: ObjectiveConfig) -> None:
+    """CogVideoX's DDPM draws uniform integer timesteps (in ``[min_t, max_t)`` of the 1000) and weights its
+    loss itself: the flow-matching options are refused rather than ignored."""
+    unsupported = []
+    if o.timestep_sampling not in (None, "uniform"):
+        unsupported.append(f"objective.timestep_sampling={o.timestep_sampling}")
+    if o.shift is not None:
+        unsupported.append(f"objective.shift={o.shift}")
+    if o.loss_weighting != "none":
+        unsupported.append(f"objective.loss_weighting={o.loss_weighting}")
+    if unsupported:
+        raise FrameloomError(
+            f"model.family cogvideox (v-prediction DDPM) has no {', '.join(unsupported)}; only "
+            "objective.min_t/max_t restrict its timesteps"
+        )

@@ -5,7 +5,7 @@ tokenizer and a ``FlowMatchEulerDiscreteScheduler`` config with dynamic shifting
 Objective: flow matching (``noise - x0``, transformer timestep ``1000 t``), times drawn by
 ``objective.timestep_sampling`` (LTX-Video's trainer: logit-normal(0, 1)) and shifted by ``e^mu`` for the
 clip's latent token count with the scheduler's ``base/max_shift`` and ``base/max_image_seq_len``, the same
-``mu`` the pipeline samples with; ``objective.shift`` other than 1 fixes the shift instead. The text is T5
+``mu`` the pipeline samples with; a set ``objective.shift`` (1.0: none) fixes the shift instead. The text is T5
 over ``model.text_max_length`` (128 in the pipeline) padded ids without a mask (``PaddedT5TextEncoder``).
 ``model.config.frame_rate`` (default 25) sets the RoPE time scale (ltx_video/adapter.py).
 """
@@ -32,6 +32,7 @@ from frameloom.sampling.family_sampling import (
 __all__ = [
     "build_denoiser",
     "build_objective",
+    "describe_sampler",
     "load_codec",
     "load_denoiser",
     "load_text_encoder",
@@ -50,9 +51,14 @@ def load_codec(cfg: Config, device: torch.device) -> LTXVideoCodec:
     return df.load_vae_codec(cfg, device, LTXVideoCodec)
 
 
+#: LTXPipeline's ``max_sequence_length``.
+TEXT_LENGTH = 128
+
+
 def load_text_encoder(cfg: Config, device: torch.device):
-    """T5 over ``model.text_max_length`` padded ids, unmasked (as ``LTXPipeline``), with ``model.id_token``."""
-    return df.load_text_encoder(cfg, device, PaddedT5TextEncoder)
+    """T5 over ``model.text_max_length`` (null: 128) padded ids, unmasked (as ``LTXPipeline``), with
+    ``model.id_token``."""
+    return df.load_text_encoder(cfg, device, PaddedT5TextEncoder, default_length=TEXT_LENGTH)
 
 
 def _vae_compression(root: Path) -> tuple[int, int, int]:
@@ -116,13 +122,15 @@ def build_objective(cfg: Config) -> ResolutionShiftedFlow:
     )
 
 
-def sampling_sigmas(root: str | Path, steps: int, latent_grid: tuple[int, int, int], shift: float = 1.0):
+def sampling_sigmas(
+    root: str | Path, steps: int, latent_grid: tuple[int, int, int], shift: float | None = None
+):
     """``LTXPipeline``'s grid: ``linspace(1, 1/n, n)`` shifted by ``e^mu`` for ``T H W`` latent tokens (the
-    pipeline counts latent positions, not patches) and stretched to ``shift_terminal``; ``shift != 1``
-    replaces the dynamic shift by that static one."""
+    pipeline counts latent positions, not patches) and stretched to ``shift_terminal``; a ``shift`` (1.0:
+    none) replaces the dynamic shift by that static one."""
     config = df.part_config(root, "scheduler")
     t, h, w = latent_grid
-    if shift != 1.0:
+    if shift is not None:
         fixed = {**config, "use_dynamic_shifting": False, "shift": float(shift)}
         return flow_match_sigmas(steps, fixed, sigmas=np.linspace(1.0, 1 / steps, steps))
     mu = resolution_mu(t * h * w, **_shift_settings(config))
@@ -143,6 +151,12 @@ def sample_latents(model: LTXDenoiser, text_encoder, codec, cfg: Config, prompts
         guidance=cfg.sample.guidance,
         negative_prompt=cfg.sample.negative_prompt,
     )
+
+
+def describe_sampler(model: LTXDenoiser, cfg: Config) -> str:
+    """What ``sample_videos`` integrates with, for the log and the mp4 metadata."""
+    shift = "e^mu (resolution-dependent)" if cfg.sample.shift is None else f"{cfg.sample.shift:g}"
+    return f"Euler (LTXPipeline's grid), {cfg.sample.steps} steps, shift {shift}, guidance {cfg.sample.guidance:g}"
 
 
 @torch.no_grad()
