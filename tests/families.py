@@ -216,17 +216,26 @@ def tiny_wan_transformer(i2v: bool = False):
 
 
 def build_tiny_wan(
-    out: str | Path, *, i2v: bool = False, seed: int = 0, vae_seed: int = 0, shift: float = 3.0
+    out: str | Path,
+    *,
+    i2v: bool = False,
+    seed: int = 0,
+    vae_seed: int = 0,
+    shift: float = 3.0,
+    scheduler: str = "euler",
 ) -> Path:
     """A random Wan 2.1 pipeline directory: 2 layers, 2 heads x 8 dims, 4 latent channels, UMT5 text.
 
     ``i2v`` adds the CLIP image encoder (2 layers, width 16, 32x32 images in 16x16 patches: 5 tokens) and
     processor, ``in_channels = 4 + 4 (mask) + 4 (condition)``, ``image_dim``/``added_kv_proj_dim``, saved as
-    a ``WanImageToVideoPipeline``. The scheduler is ``FlowMatchEulerDiscreteScheduler(shift=shift)``.
+    a ``WanImageToVideoPipeline``. The scheduler is ``FlowMatchEulerDiscreteScheduler(shift=shift)``, or with
+    ``scheduler="unipc"`` the ``UniPCMultistepScheduler`` config the released Wan 2.1 folders ship
+    (``flow_prediction``, ``use_flow_sigmas``, ``flow_shift=shift``).
     """
     from diffusers import (
         AutoencoderKLWan,
         FlowMatchEulerDiscreteScheduler,
+        UniPCMultistepScheduler,
         WanImageToVideoPipeline,
         WanPipeline,
     )
@@ -249,7 +258,11 @@ def build_tiny_wan(
         **tiny_text_parts(out, umt5=True),
         vae=vae,
         transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        scheduler=(
+            UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
+            if scheduler == "unipc"
+            else FlowMatchEulerDiscreteScheduler(shift=shift)
+        ),
     )
     if i2v:
         from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel

@@ -233,7 +233,9 @@ class FlowMatching:
         if not 0.0 <= self.min_t < self.max_t <= 1.0:
             raise ValueError(f"need 0 <= min_t < max_t <= 1, got min_t={self.min_t}, max_t={self.max_t}")
         if self.loss_weighting not in ("none", "sigma_sqrt", "cosmap"):
-            raise ValueError(f"loss_weighting must be none, sigma_sqrt or cosmap, got {self.loss_weighting!r}")
+            raise ValueError(
+                f"loss_weighting must be none, sigma_sqrt or cosmap, got {self.loss_weighting!r}"
+            )
         if self.shift != "auto" and not (isinstance(self.shift, (int, float)) and self.shift > 0):
             raise ValueError(f"shift must be a positive number or 'auto', got {self.shift!r}")
         if not 0.0 <= self.s_min < 1.0:
