@@ -199,7 +199,7 @@ def test_lora_export_loads_in_the_pipeline_and_matches_frameloom_sampling(lora_r
     from diffusers import LTXPipeline
 
     run, _ = lora_run
-    export_run(run, fmt="lora", out=tmp_path / "lora", comfyui=True)
+    export_run(run, fmt="lora", out=tmp_path / "lora", comfyui=True, dtype="fp32")
     cfg, model, _ = load_run_denoiser(run)
     encoder, codec = pl.load_text_encoder(cfg, "cpu"), pl.load_codec(cfg, "cpu")
     ours = sample_latents(model, encoder, codec, cfg, ["a red ball"], [7])

@@ -360,7 +360,7 @@ def test_lora_export_loads_in_the_pipeline_and_matches_frameloom_sampling(lora_r
     from diffusers import WanPipeline
 
     run, _ = lora_run
-    written = export_run(run, fmt="lora", out=tmp_path / "lora", comfyui=True)
+    written = export_run(run, fmt="lora", out=tmp_path / "lora", comfyui=True, dtype="fp32")
     assert [p.name for p in written] == ["pytorch_lora_weights.safetensors", "lora_comfyui.safetensors"]
     cfg, model, _ = load_run_denoiser(run)
     ours = sample_latents(
@@ -391,7 +391,7 @@ def test_i2v_lora_trains_exports_and_matches_the_pipeline(wan_i2v_dir, manifest,
     targets = "model.lora.target_modules=[to_q, to_k, to_v, to_out.0, add_k_proj, add_v_proj]"
     result = train(wan_cfg(wan_i2v_dir, manifest, run, "model.lora.rank=4", targets, "optim.lr=1e-2"))
     assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
-    export_run(run, fmt="lora", out=tmp_path / "lora")
+    export_run(run, fmt="lora", out=tmp_path / "lora", dtype="fp32")
     cfg, model, _ = load_run_denoiser(run)
     encoder, codec = pl.load_text_encoder(cfg, "cpu"), pl.load_codec(cfg, "cpu")
     u8 = torch.randint(0, 256, (3, 32, 32), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)

@@ -135,7 +135,13 @@ def _cmd_export(args: argparse.Namespace, _: list[str]) -> int:
     from frameloom.export import export_run
 
     paths = export_run(
-        args.run_dir, fmt=args.format, out=args.out, checkpoint=args.checkpoint, comfyui=args.comfyui
+        args.run_dir,
+        fmt=args.format,
+        out=args.out,
+        checkpoint=args.checkpoint,
+        comfyui=args.comfyui,
+        kohya=args.kohya,
+        dtype=args.dtype,
     )
     for p in paths:
         print(p)
@@ -302,7 +308,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--comfyui",
         action="store_true",
-        help="with --format lora: also write lora_comfyui.safetensors with ComfyUI key names",
+        help="with --format lora: also write lora_comfyui.safetensors with the module names of ComfyUI's own "
+        "model (diffusion_model.<name>.lora_down/lora_up/alpha)",
+    )
+    p.add_argument(
+        "--kohya",
+        action="store_true",
+        help="with --format lora: also write lora_kohya.safetensors (lora_unet_<name with _> keys, as "
+        "musubi-tuner and sd-scripts write them; ComfyUI loads it too)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=["bf16", "fp32"],
+        help="precision of the LoRA files (default: bf16; fp32 keeps the trained values exactly)",
     )
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_cmd_export)

@@ -373,6 +373,11 @@ class DiffusersDenoiser(nn.Module):
     def is_lora(self) -> bool:
         return self.lora is not None
 
+    @property
+    def checkpoint_trainable_only(self) -> bool:
+        """A LoRA run's checkpoints hold the adapter, not the frozen base (checkpoint/trainable.py)."""
+        return self.is_lora
+
     def __getattr__(self, name: str) -> Any:
         """The transformer's block lists (``transformer_blocks``, ``blocks``, ...) read through the adapter,
         so the parallel layer (checkpointing, compile, FSDP units) finds them on the module it is given.

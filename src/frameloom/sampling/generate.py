@@ -16,6 +16,7 @@ import torch
 
 from frameloom import pipeline
 from frameloom.checkpoint import io as ckpt
+from frameloom.checkpoint.trainable import load_weights
 from frameloom.config import Config, apply_overrides, load_config
 from frameloom.errors import FrameloomError
 from frameloom.sampling.flow_euler import euler_sample
@@ -161,7 +162,7 @@ def load_for_sampling(
         weights = dict(loaded["model"])
         if cfg.sample.use_ema and loaded["ema"] is not None:
             weights.update(loaded["ema"])
-        model.load_state_dict(weights)
+        load_weights(model, weights, str(path))  # a LoRA checkpoint holds the adapter: the base is pretrained
     return model.to(device).eval()
 
 

@@ -17,12 +17,14 @@ from frameloom.models import diffusers_family as df
 from frameloom.models.cogvideox.model import CogVideoXDenoiser
 from frameloom.models.cogvideox.objective import CogVideoXObjective
 from frameloom.models.cogvideox.sampling import describe_sampler, sample_videos, validate
+from frameloom.models.lora import module_path_map
 from frameloom.models.text import PaddedT5TextEncoder
 from frameloom.objectives.ddpm import DDPMSchedule
 
 __all__ = [
     "build_denoiser",
     "build_objective",
+    "comfyui_module",
     "describe_sampler",
     "load_codec",
     "load_denoiser",
@@ -31,8 +33,33 @@ __all__ = [
     "validate",
 ]
 
-#: ComfyUI's CogVideoX loaders use diffusers' module names (export's LoRA key map is the identity).
-comfyui_module = None
+#: ComfyUI's own CogVideoX model (comfy/ldm/cogvideo/model.py: ``CogVideoXBlock`` names its layers
+#: ``q, k, v, attn_out, ff_proj, ff_out``; ``CogVideoXTransformer3DModel`` keeps its blocks in ``blocks`` and
+#: flattens the time/ofs embeddings to ``time_embedding_linear_1`` ...). diffusers module path -> ComfyUI's.
+comfyui_module = module_path_map(
+    "cogvideox",
+    blocks=("transformer_blocks", "blocks"),
+    inner={
+        "attn1.to_q": "q",
+        "attn1.to_k": "k",
+        "attn1.to_v": "v",
+        "attn1.to_out.0": "attn_out",
+        "ff.net.0.proj": "ff_proj",
+        "ff.net.2": "ff_out",
+        "norm1.linear": "norm1.linear",
+        "norm2.linear": "norm2.linear",
+    },
+    top={
+        "patch_embed.proj": "patch_embed.proj",
+        "patch_embed.text_proj": "patch_embed.text_proj",
+        "time_embedding.linear_1": "time_embedding_linear_1",
+        "time_embedding.linear_2": "time_embedding_linear_2",
+        "ofs_embedding.linear_1": "ofs_embedding_linear_1",
+        "ofs_embedding.linear_2": "ofs_embedding_linear_2",
+        "norm_out.linear": "norm_out.linear",
+        "proj_out": "proj_out",
+    },
+)
 
 
 def load_codec(cfg: Config, device: torch.device):

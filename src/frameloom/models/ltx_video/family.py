@@ -19,6 +19,7 @@ import torch
 
 from frameloom.config.schema import Config, ModelConfig
 from frameloom.models import diffusers_family as df
+from frameloom.models.lora import module_path_map
 from frameloom.models.ltx_video.adapter import LTXDenoiser, LTXVideoCodec, ResolutionShiftedFlow
 from frameloom.models.text import PaddedT5TextEncoder
 from frameloom.sampling.family_sampling import (
@@ -32,6 +33,7 @@ from frameloom.sampling.family_sampling import (
 __all__ = [
     "build_denoiser",
     "build_objective",
+    "comfyui_module",
     "describe_sampler",
     "load_codec",
     "load_denoiser",
@@ -42,8 +44,27 @@ __all__ = [
     "validate",
 ]
 
-#: LTX-Video's original (and ComfyUI's) module names are diffusers' names: the LoRA key map is the identity.
-comfyui_module = None
+#: ComfyUI's LTX-Video model (comfy/ldm/lightricks/model.py, ``LTXVModel``) keeps LTX-Video's original names:
+#: the blocks' linear layers are diffusers' (``transformer_blocks.N.attn1.to_q`` ...), but the input
+#: projection is ``patchify_proj`` (diffusers: ``proj_in``) and the timestep embedding ``adaln_single``
+#: (diffusers: ``time_embed``), as diffusers' own converter (scripts/convert_ltx_to_diffusers.py) renames them.
+_LTX_BLOCK_LINEARS = ("to_q", "to_k", "to_v", "to_out.0")
+comfyui_module = module_path_map(
+    "ltx_video",
+    blocks=("transformer_blocks", "transformer_blocks"),
+    inner={
+        **{f"{a}.{m}": f"{a}.{m}" for a in ("attn1", "attn2") for m in _LTX_BLOCK_LINEARS},
+        "ff.net.0.proj": "ff.net.0.proj",
+        "ff.net.2": "ff.net.2",
+    },
+    top={
+        "proj_in": "patchify_proj",
+        "caption_projection.linear_1": "caption_projection.linear_1",
+        "caption_projection.linear_2": "caption_projection.linear_2",
+        "proj_out": "proj_out",
+    },
+    prefixes={"time_embed": "adaln_single"},
+)
 
 
 def load_codec(cfg: Config, device: torch.device) -> LTXVideoCodec:
