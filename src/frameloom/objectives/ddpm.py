@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from frameloom.errors import FrameloomError
-from frameloom.objectives.base import TrainingInputs
+from frameloom.objectives.base import StepContext, TrainingInputs
 
 __all__ = [
     "DDPMSchedule",
@@ -250,7 +250,9 @@ class VPredictionDDPM:
         if not 0 <= self.t_low < self.t_high <= n:
             raise FrameloomError(f"objective.min_t/max_t {t_range} leave no timestep of {n}")
 
-    def draw(self, x0: torch.Tensor, generator: torch.Generator) -> TrainingInputs:
+    def draw(
+        self, x0: torch.Tensor, generator: torch.Generator, ctx: StepContext | None = None
+    ) -> TrainingInputs:
         t = self.schedule.sample_timesteps(x0.shape[0], generator, self.t_low, self.t_high)  # (B,) int64
         noise = torch.randn(x0.shape, generator=generator, device=generator.device)
         t, noise = t.to(x0.device), noise.to(x0.device, x0.dtype)
