@@ -422,14 +422,20 @@ def unwrap_text_encoder(text_encoder: Any) -> Any:
 
 
 def build_pipeline(
-    root: str | os.PathLike, transformer: nn.Module, text_encoder: Any, codec: Any, **parts: Any
+    root: str | os.PathLike,
+    transformer: nn.Module,
+    text_encoder: Any,
+    codec: Any,
+    pipeline_cls: type | None = None,
+    **parts: Any,
 ):
     """The family's diffusers pipeline around already-loaded parts (no second copy of any weight):
     ``transformer`` (the in-training one, LoRA layers included), the frozen text encoder's model and
     tokenizer, the codec's VAE, the scheduler from ``<root>/scheduler``, and any further ``parts`` the
-    pipeline class takes (Wan I2V: ``image_encoder``, ``image_processor``)."""
+    pipeline class takes (Wan I2V: ``image_encoder``, ``image_processor``). ``pipeline_cls`` replaces the
+    class ``model_index.json`` names (LTX-Video's image-to-video pipeline around a T2V folder)."""
     root = Path(root)
-    cls = pipeline_class(root)
+    cls = pipeline_cls or pipeline_class(root)
     scheduler = component_class(root, "scheduler").from_pretrained(str(root), subfolder="scheduler")
     te = unwrap_text_encoder(text_encoder)
     return cls(

@@ -39,7 +39,8 @@ pipelines. Family-neutral: the family folders only say which grid, which conditi
    the ones training saw (``model.id_token`` included) and optional text-cleaning packages the pipeline
    would call (Wan I2V's ``ftfy``) are not needed.
 
-4. I2V conditioning images: ``model.config.validation_images`` (``validation_images``, ``load_images``).
+4. I2V conditioning images: ``sample.image`` (``frameloom sample --image``) or
+   ``model.config.validation_images`` (``validation_images``, ``load_images``).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ __all__ = [
     "folder_scheduler",
     "is_euler",
     "scheduler_sample",
+    "conditioning_image_paths",
     "load_images",
     "resolution_mu",
     "scheduler_shift",
@@ -207,14 +209,16 @@ def flow_sample_latents(
     steps: int | None = None,
     negative_prompt: str = "",
     conditions: torch.Tensor | None = None,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Latents ``(N, C, t, h, w)`` for ``prompts[i]`` from ``seeds[i]`` (module docstring, section 2).
 
     The solver is Euler on ``sigmas``, or a diffusers ``scheduler`` stepping ``steps`` times (the model
     folder's multistep solver, e.g. Wan's UniPC: ``scheduler.step`` on the guided velocity, the model called
     at ``timestep / 1000``). ``latent_shape`` is ``(C, t, h, w)``; ``conditions`` ``(N, K, t, h, w)`` are
-    channels appended to ``x`` at every model call (Wan I2V's ``[cond | image]``). The prompts are encoded
-    with ``model.id_token``, the negative prompt without it.
+    channels appended to ``x`` at every model call (Wan I2V's ``[cond | image]``); ``model_kwargs`` go to
+    every call (LTX-Video's ``frame_rate``). The prompts are encoded with ``model.id_token``, the negative
+    prompt without it.
     """
     from frameloom.models.diffusers_family import unwrap_text_encoder
 
@@ -232,7 +236,7 @@ def flow_sample_latents(
         def model_fn(x, t, text, text_mask, cond=cond):
             if cond is not None:  # the classifier-free batch is [uncond; cond]: repeat the conditions
                 x = torch.cat([x, cond.expand(x.shape[0], *cond.shape[1:])], dim=1)
-            return model(x, t, text, text_mask).float()
+            return model(x, t, text, text_mask, **(model_kwargs or {})).float()
 
         text, uncond = (emb.to(device), mask.to(device)), (neg_emb.to(device), neg_mask.to(device))
         g = guidance if guidance > 1.0 else 1.0  # guidance is skipped at g <= 1, as the pipelines do
@@ -319,18 +323,20 @@ def validate_with_pipeline(
     out_dir: str | Path,
     *,
     extra: Callable[[int], dict] | None = None,
+    pipeline_cls: type | None = None,
     **parts: Any,
 ) -> list[Path]:
     """``validation.prompts`` through the family's diffusers pipeline around the in-training transformer
     (LoRA layers active), one mp4 each in ``out_dir``; returns the paths (module docstring, section 3).
 
     ``parts`` are pipeline parts beyond the transformer, text encoder, VAE and scheduler (Wan I2V's image
-    encoder and processor); ``extra(i)`` adds per-prompt pipeline arguments (an I2V image, LTX's frame rate).
+    encoder and processor); ``extra(i)`` adds per-prompt pipeline arguments (an I2V image, LTX's frame rate);
+    ``pipeline_cls`` replaces the folder's pipeline class.
     The negative prompt is encoded without ``model.id_token``, as the pipeline would encode the string.
     """
     from frameloom.models.diffusers_family import build_pipeline, unwrap_text_encoder
 
-    pipe = build_pipeline(model.pretrained, model.transformer, text_encoder, codec, **parts)
+    pipe = build_pipeline(model.pretrained, model.transformer, text_encoder, codec, pipeline_cls, **parts)
     pipe.set_progress_bar_config(disable=True)
     if cfg.sample.shift is not None and ({"shift", "flow_shift"} & set(pipe.scheduler.config)):
         pipe.scheduler = folder_scheduler(model.pretrained, cfg.sample.shift)  # a flow family's sample.shift
@@ -382,12 +388,21 @@ def load_images(paths: Sequence[str], height: int, width: int) -> torch.Tensor:
     return torch.stack(out)
 
 
+def conditioning_image_paths(cfg: Config) -> list[str]:
+    """The image-to-video first frames the config names: ``sample.image`` (``frameloom sample --image``,
+    one image for every prompt), else ``model.config.validation_images`` (one per prompt, cycled)."""
+    if cfg.sample.image:
+        return [cfg.sample.image]
+    return list(cfg.model.config.get("validation_images") or [])
+
+
 def validation_images(cfg: Config, n: int) -> torch.Tensor:
-    """``model.config.validation_images`` for ``n`` prompts (cycled), ``(n, 3, H, W)`` in [-1, 1] at the
-    run's size: the conditioning images of image-to-video sampling and validation."""
-    paths = list(cfg.model.config.get("validation_images") or [])
+    """The conditioning images (``conditioning_image_paths``) for ``n`` prompts, ``(n, 3, H, W)`` in
+    [-1, 1] at the run's size: the first frames of image-to-video sampling and validation."""
+    paths = conditioning_image_paths(cfg)
     if not paths:
         raise FrameloomError(
-            "an image-to-video model needs model.config.validation_images (one image per prompt)"
+            "an image-to-video model needs a first frame: frameloom sample --image PATH, or "
+            "model.config.validation_images (one image per prompt)"
         )
     return load_images([paths[i % len(paths)] for i in range(n)], cfg.data.height, cfg.data.width)
