@@ -442,3 +442,43 @@ def test_lora_checkpoints_hold_the_adapter_and_resume_bit_exactly(cog10, manifes
 
     (path,) = sample_command(str(tmp_path / "b"), prompts=["a red ball"], out=str(tmp_path / "out"))
     assert path.stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------------ validation ergonomics
+
+
+def test_validation_at_step_0_and_videos_in_tensorboard(cog10, manifest, tmp_path):
+    """validation.at_start samples before training (step 0); every validation mp4 also lands in TensorBoard
+    as an animated image at its step."""
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    extra = ("model.lora.rank=4", "validation.every=2", "validation.prompts=[a red ball]")
+    run = tmp_path / "run"
+    train(_cfg(cog10, manifest, run, *extra, "validation.at_start=true", "logging.tensorboard=true"))
+    assert [p.parent.name for p in sorted((run / "samples").glob("*/*.mp4"))] == [
+        "step-00000000",
+        "step-00000002",
+    ]
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
+    events = acc.Images("validation/000-a_red_ball-seed0")
+    assert [e.step for e in events] == [0, 2]
+    gif = Image.open(io.BytesIO(events[0].encoded_image_string))
+    assert gif.format == "GIF" and gif.n_frames == 5 and gif.size == (16, 16)
+
+
+def test_sample_image_flag_conditions_an_i2v_run(tmp_path, manifest):
+    """`frameloom sample --image` gives an I2V family its first frame (before: only
+    model.config.validation_images, and an error without it)."""
+    from frameloom.cli import main
+
+    pre = build_tiny_cogvideox(tmp_path / "i2v", version="1.0", i2v=True)
+    train(_cfg(pre, manifest, tmp_path / "run", "model.lora.rank=4", "train.steps=1"))
+    image = solid_image(tmp_path / "first.png", 16, 200)
+    out = tmp_path / "out"
+    args = ["sample", str(tmp_path / "run"), "--prompt", "a cat", "--out", str(out)]
+    assert main(args) == 2  # an I2V model needs a first frame
+    assert main([*args, "--image", str(image)]) == 0
+    assert [p.name for p in out.glob("*.mp4")] == ["000-a_cat-seed0.mp4"]

@@ -68,10 +68,14 @@ def test_family_defaults_and_refusals(tmp_path):
     dit = build_objective(load_config(None, ["objective.min_t=0.1"]))
     assert (dit.timestep_sampling, dit.shift, dit.min_t) == ("logit_normal", 1.0, 0.1)
     # LTX-Video: logit-normal with the resolution shift e^mu; a set shift (also 1.0) replaces it
-    assert build_objective(cfg("ltx_video", ltx)).shift == "auto"
-    assert build_objective(cfg("ltx_video", ltx, "objective.shift=1.0")).shift == 1.0
+    assert build_objective(cfg("ltx_video", ltx)).flow.shift == "auto"
+    assert build_objective(cfg("ltx_video", ltx, "objective.shift=auto")).flow.shift == "auto"
+    assert build_objective(cfg("ltx_video", ltx, "objective.shift=1.0")).flow.shift == 1.0
     weighted = build_objective(cfg("ltx_video", ltx, "objective.loss_weighting=cosmap"))
-    assert weighted.loss_weighting == "cosmap"
+    assert weighted.flow.loss_weighting == "cosmap"
+    assert build_objective(load_config(None, ["objective.shift=auto"])).shift == "auto"  # Open-Sora's rule
+    with pytest.raises(FrameloomError, match="shift must be a positive number or 'auto'"):
+        build_objective(load_config(None, ["objective.shift=fast"]))
     # CogVideoX: DDPM only. objective.name=flow used to be accepted and silently ignored.
     with pytest.raises(FrameloomError, match="objective.name=ddpm"):
         build_objective(cfg("cogvideox", cog, "objective.name=flow"))

@@ -156,9 +156,11 @@ class ObjectiveConfig:
     """Mean of the normal before the sigmoid (logit_normal)."""
     logit_std: float = 1.0
     """Std of the normal before the sigmoid (logit_normal; the scale of `sigmoid` and `shift`)."""
-    shift: float | None = None
-    """Timestep shift s in t' = s t / (1 + (s - 1) t); null: the family's own (dit: none; wan: the
-    scheduler config's flow_shift; ltx_video: e^mu from the latent size). 1.0 is an unshifted schedule."""
+    shift: float | str | None = None
+    """Timestep shift s in t' = s t / (1 + (s - 1) t): a number (1.0 is an unshifted schedule), `auto` (the
+    resolution-dependent shift: dit Open-Sora 2.0's rule from the latent size, ltx_video e^mu; wan has none
+    and uses its scheduler's), or null: the family's own (dit: none; wan: the scheduler config's
+    flow_shift; ltx_video: e^mu from the latent size)."""
     min_t: float = 0.0
     """Training times are mapped into [min_t, max_t] after drawing (and shifting): t' = min_t + (max_t -
     min_t) t (musubi-tuner's min/max_timestep / 1000). For ddpm: integer timesteps in [min_t N, max_t N)."""

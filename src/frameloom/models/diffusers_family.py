@@ -287,7 +287,9 @@ def flow_objective(
     from frameloom.objectives.flow import FlowMatching
 
     check_objective_name(cfg, "flow")
-    settings = flow_settings(cfg.objective, default_shift, default_sampling)
+    # `auto` is the family's resolution-dependent shift: its default when it has one (LTX's e^mu), else the
+    # scheduler's (Wan)
+    settings = flow_settings(cfg.objective, default_shift, default_sampling, auto_shift=default_shift)
     try:
         return (flow_cls or FlowMatching)(**settings, **extra)
     except ValueError as exc:

@@ -59,16 +59,28 @@ __all__ = [
 
 
 def flow_settings(
-    o: ObjectiveConfig, default_shift: float | str = 1.0, default_sampling: str = "logit_normal"
+    o: ObjectiveConfig,
+    default_shift: float | str = 1.0,
+    default_sampling: str = "logit_normal",
+    auto_shift: float | str = "auto",
 ) -> dict:
-    """``FlowMatching`` keyword arguments from ``objective.*``; a null ``objective.shift`` /
+    """``FlowMatching`` keyword arguments from ``objective.*``: a null ``objective.shift`` /
     ``objective.timestep_sampling`` takes the family's ``default_shift`` (1.0 = none, frameloom's own DiT) /
-    ``default_sampling``."""
+    ``default_sampling``; ``shift: auto`` the family's resolution-dependent ``auto_shift`` ("auto": Open-Sora
+    2.0's rule for the DiT)."""
+    if o.shift is None:
+        shift = default_shift
+    elif o.shift == "auto":
+        shift = auto_shift
+    else:
+        shift = (
+            o.shift if isinstance(o.shift, str) else float(o.shift)
+        )  # another string: FlowMatching says no
     return dict(
         timestep_sampling=o.timestep_sampling or default_sampling,
         logit_mean=o.logit_mean,
         logit_std=o.logit_std,
-        shift=float(o.shift) if o.shift is not None else default_shift,
+        shift=shift,
         min_t=o.min_t,
         max_t=o.max_t,
         loss_weighting=o.loss_weighting,

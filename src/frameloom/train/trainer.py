@@ -508,6 +508,8 @@ class Trainer:
         if resumed is not None:
             bar.write(f"resumed from {resumed} at step {self.step}")
         losses: list[float] = []
+        if cfg.validation.at_start and cfg.validation.prompts and self.step == 0:
+            self.validate()  # samples/step-00000000: the model before any training
         last_ckpt: Path | None = resumed
         preempted = False
         batches = iter(self._loader())
@@ -601,6 +603,10 @@ class Trainer:
             if self.cached:  # back out of memory until the next validation
                 self._release_encoders()
             model.train(was_training)
+            if self.cfg.logging.tensorboard:  # the mp4s also as animated images (train/video_log.py)
+                from frameloom.train.video_log import log_videos
+
+                log_videos(self.run_dir, paths, self.step, self.cfg.sample.fps)
         dist_env.barrier()
         return paths
 
