@@ -223,7 +223,8 @@ def load_trainable_transformer(model_cfg: ModelConfig, subfolder: str = "transfo
     """Load ``<pretrained>/<subfolder>`` with its class from ``model_index.json`` and make it trainable.
 
     Full fine-tune (``model.lora.rank == 0``): all weights in ``model.dtype``, trainable. LoRA: the base in
-    ``model.dtype`` and frozen, PEFT adapters on ``model.lora.target_modules`` in ``model.lora.dtype``.
+    ``model.dtype`` and frozen, PEFT adapters on ``model.lora.target_modules`` in ``model.lora.dtype``;
+    with ``model.fp8_base`` the blocks' frozen linear weights are stored in fp8 (memory/fp8.py).
     """
     from frameloom.models.lora import apply_lora
 
@@ -240,6 +241,13 @@ def load_trainable_transformer(model_cfg: ModelConfig, subfolder: str = "transfo
         apply_lora(transformer, model_cfg.lora, parse_dtype(model_cfg.lora.dtype, "model.lora.dtype"))
     else:
         transformer.requires_grad_(True)
+    if model_cfg.fp8_base:
+        if model_cfg.lora.rank <= 0:
+            raise FrameloomError("model.fp8_base stores a frozen base: it needs a LoRA (model.lora.rank > 0)")
+        from frameloom.memory.fp8 import quantize_frozen_linears
+        from frameloom.parallel.memory import transformer_blocks
+
+        quantize_frozen_linears(transformer_blocks(transformer))
     return transformer.train()
 
 
