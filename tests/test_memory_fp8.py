@@ -4,7 +4,6 @@ CogVideoX LoRA whose fp8 base gives the bf16 base's output within a stated toler
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch

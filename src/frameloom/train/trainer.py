@@ -38,6 +38,7 @@ from frameloom.checkpoint.distributed import (
 from frameloom.config import Config, dump_yaml
 from frameloom.data.sampler import build_sampler
 from frameloom.errors import FrameloomError
+from frameloom.memory.block_swap import place_on_device
 from frameloom.models.registry import get_family
 from frameloom.objectives import Conditioning, StepContext, build_objective, caption_dropout_mask, predict
 from frameloom.parallel import env as dist_env
@@ -157,7 +158,9 @@ class Trainer:
         self._fit_text_statistics(self.model)
         if self.cached:
             self._release_encoders()
-        self.model.to(self.device).train()
+        # the device, except the frozen weights of parallel.blocks_to_swap blocks (memory/block_swap.py)
+        self.swapper = place_on_device(self.model, self.device, cfg.parallel)
+        self.model.train()
         self._check_sequence_split(self.model)
         self.par: Parallelized | None = None
         self.model = self.parallelize(self.model)  # what to call (a DDP wrapper, or the module itself)
