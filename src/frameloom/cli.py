@@ -157,6 +157,23 @@ def _cmd_export(args: argparse.Namespace, _: list[str]) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    import os
+
+    from frameloom.config import load_config
+    from frameloom.memory.plan import plan_memory
+
+    if args.gpu_memory is not None and args.gpu_memory <= 0:
+        raise FrameloomError("--gpu-memory must be a positive number of GiB")
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 1:
+        raise FrameloomError("--world-size must be >= 1")
+    gpu = int(args.gpu_memory * 1024**3) if args.gpu_memory is not None else None
+    plan = plan_memory(load_config(args.config, overrides), gpu_memory=gpu, world_size=world)
+    print(plan.to_json() if args.json else plan.table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="frameloom",
@@ -278,6 +295,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="YAML config")
     p.set_defaults(func=_cmd_train, takes_overrides=True)
+
+    p = sub.add_parser(
+        "plan",
+        help="memory estimate per process for the config's model, buckets and parallel layout",
+        description="Builds the model from its configs on the meta device (no weights are read) and traces "
+        "one training step per bucket: weights, gradients, optimizer and EMA per process for the parallel "
+        "layout (FSDP/DDP, CPU offload, block swapping), activations per bucket, the total, whether it fits "
+        "the GPU and the largest batch that does. See src/frameloom/memory/plan.py for what is counted.",
+    )
+    p.add_argument("config", help="YAML config")
+    p.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="GPU memory per process in GiB (default: this machine's GPU, if any)",
+    )
+    p.add_argument(
+        "--world-size", type=int, default=None, help="processes of the run (default: WORLD_SIZE or 1)"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.set_defaults(func=_cmd_plan, takes_overrides=True)
 
     p = sub.add_parser(
         "sample",

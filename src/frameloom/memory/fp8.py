@@ -50,9 +50,9 @@ class FP8Linear(nn.Linear):
     weight_scale: torch.Tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = (
-            torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        )
+        kind = x.device.type
+        autocast = kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind)  # (not on meta: the planner)
+        dtype = torch.get_autocast_dtype(kind) if autocast else x.dtype
         w = dequantize_rows(self.weight, self.weight_scale, dtype)
         bias = self.bias.to(dtype) if self.bias is not None else None
         return F.linear(x.to(dtype), w, bias)

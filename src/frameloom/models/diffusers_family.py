@@ -26,8 +26,11 @@ What a family folder adds is only what differs: its adapter, objective rules, en
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +62,8 @@ __all__ = [
     "part_config",
     "pipeline_class",
     "read_model_index",
+    "skeleton",
+    "vae_latent_shape",
     "text_length",
     "unwrap_text_encoder",
     "with_id_token",
@@ -219,6 +224,46 @@ def text_length(model_cfg: ModelConfig, default: int) -> int:
     return int(model_cfg.text_max_length) if model_cfg.text_max_length is not None else int(default)
 
 
+_SKELETON = contextvars.ContextVar("frameloom_skeleton", default=False)
+
+
+@contextlib.contextmanager
+def skeleton() -> Iterator[None]:
+    """Inside: ``load_trainable_transformer`` builds the transformer from its config alone, no weights read
+    (with ``torch.device("meta")`` around it, a model of any size costs nothing: the memory planner)."""
+    token = _SKELETON.set(True)
+    try:
+        yield
+    finally:
+        _SKELETON.reset(token)
+
+
+def vae_latent_shape(root: str | os.PathLike) -> tuple[int, tuple[int, int, int]]:
+    """``(latent channels, (t, h, w) compression)`` of ``<root>/vae`` from its config alone (a meta-device
+    skeleton, so the codec's own compression rule applies)."""
+    from frameloom.models.codecs import _compression_from_model
+
+    cls = component_class(root, "vae")
+    with torch.device("meta"):
+        vae = cls.from_config(cls.load_config(str(Path(root) / "vae")))
+    cfg = vae.config
+    compression = _compression_from_model(vae, True)
+    if compression is None:
+        raise FrameloomError(f"{Path(root) / 'vae'}: cannot tell the VAE's compression from its config")
+    return int(cfg.get("latent_channels") or cfg.get("z_dim")), compression
+
+
+def _cast_like_from_pretrained(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``dtype`` everywhere but in the modules the class keeps in float32 (``_keep_in_fp32_modules``), as
+    ``from_pretrained(torch_dtype=dtype)`` casts (Wan keeps its norms, time embedder and RoPE in fp32)."""
+    nn.Module.to(model, dtype)
+    keep = set(getattr(type(model), "_keep_in_fp32_modules", None) or [])
+    for name, module in model.named_modules():
+        if keep & set(name.split(".")):
+            nn.Module.to(module, torch.float32)
+    return model
+
+
 def load_trainable_transformer(model_cfg: ModelConfig, subfolder: str = "transformer") -> nn.Module:
     """Load ``<pretrained>/<subfolder>`` with its class from ``model_index.json`` and make it trainable.
 
@@ -232,9 +277,14 @@ def load_trainable_transformer(model_cfg: ModelConfig, subfolder: str = "transfo
     cls = component_class(root, subfolder)
     dtype = parse_dtype(model_cfg.dtype, "model.dtype")
     try:
-        transformer = cls.from_pretrained(
-            str(root), subfolder=subfolder, torch_dtype=dtype, local_files_only=True
-        )
+        if _SKELETON.get():  # the planner: shapes and dtypes only
+            transformer = _cast_like_from_pretrained(
+                cls.from_config(cls.load_config(str(root / subfolder))), dtype
+            )
+        else:
+            transformer = cls.from_pretrained(
+                str(root), subfolder=subfolder, torch_dtype=dtype, local_files_only=True
+            )
     except (OSError, ValueError) as exc:
         raise FrameloomError(f"cannot load {cls.__name__} from {root / subfolder}: {exc}") from None
     if model_cfg.lora.rank > 0:

@@ -26,6 +26,7 @@ __all__ = [
     "build_objective",
     "comfyui_module",
     "describe_sampler",
+    "input_shapes",
     "load_codec",
     "load_denoiser",
     "load_text_encoder",
@@ -93,6 +94,18 @@ def build_denoiser(model_cfg: ModelConfig, latent_channels: int, text_dim: int) 
         text=(text_dim, config.text_embed_dim),
     )
     return CogVideoXDenoiser(transformer, model_cfg.pretrained, model_cfg.lora)
+
+
+def input_shapes(cfg: Config):
+    """Latent and text shapes from the directory's configs (``frameloom plan``)."""
+    from frameloom.memory.plan import InputShapes
+
+    root = df.check_pretrained(cfg.model, df.PARTS)
+    channels, compression = df.vae_latent_shape(root)
+    t = df.part_config(root, "transformer")
+    return InputShapes(
+        channels, compression, int(t.get("max_text_seq_length", 226)), int(t["text_embed_dim"])
+    )
 
 
 def load_denoiser(path: str) -> CogVideoXDenoiser:

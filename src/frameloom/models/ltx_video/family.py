@@ -44,6 +44,7 @@ __all__ = [
     "clip_frame_rate",
     "comfyui_module",
     "describe_sampler",
+    "input_shapes",
     "load_codec",
     "load_denoiser",
     "load_text_encoder",
@@ -121,6 +122,16 @@ def build_denoiser(model_cfg: ModelConfig, latent_channels: int, text_dim: int) 
         vae_compression=_vae_compression(root),
         frame_rate=float(model_cfg.config.get("frame_rate", 25.0)),  # training/sampling pass clip_frame_rate
     )
+
+
+def input_shapes(cfg: Config):
+    """Latent and text shapes from the directory's configs (``frameloom plan``)."""
+    from frameloom.memory.plan import InputShapes
+
+    root = df.check_pretrained(cfg.model, df.PARTS)
+    channels, compression = df.vae_latent_shape(root)
+    caption = int(df.part_config(root, "transformer")["caption_channels"])
+    return InputShapes(channels, compression, df.text_length(cfg.model, TEXT_LENGTH), caption)
 
 
 def load_denoiser(path: str) -> LTXDenoiser:

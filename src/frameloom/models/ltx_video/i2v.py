@@ -71,14 +71,15 @@ class FirstFrameConditionedFlow:
         # 2. Which samples condition on their first frame (one uniform each, after the noise).
         b, frames = x0.shape[0], x0.shape[2]
         first = (torch.rand(b, generator=generator, device=generator.device) < self.p).to(x0.device)
-        # 3. Their first latent frame is clean at time 0; the loss leaves it out.
+        # 3. Their first latent frame is clean at time 0; the loss leaves it out. (torch.where, not boolean
+        #    indexing: no data-dependent shapes, so the memory planner can trace it on the meta device.)
         sigma = inputs.t  # (B,)
         frame_t = sigma[:, None].expand(b, frames).clone()  # (B, T)
-        frame_t[first, 0] = 0.0
+        frame_t[:, 0] = torch.where(first, torch.zeros_like(sigma), sigma)
         x_t = inputs.x_t.clone()
-        x_t[first, :, 0] = x0[first, :, 0].to(x_t.dtype)
+        x_t[:, :, 0] = torch.where(first.view(b, 1, 1, 1), x0[:, :, 0].to(x_t.dtype), x_t[:, :, 0])
         keep = torch.ones(b, frames, device=x0.device)
-        keep[first, 0] = 0.0
+        keep[:, 0] = (~first).to(keep.dtype)
         inputs.x_t, inputs.t = x_t, frame_t
         inputs.extras.update(sigma=sigma, frame_mask=keep, first_frame=first)
         return inputs

@@ -21,7 +21,7 @@ from frameloom.errors import FrameloomError
 from frameloom.models import diffusers_family as df
 from frameloom.models.codecs import DiffusersVAECodec
 from frameloom.models.wan.adapter import WanDenoiser
-from frameloom.models.wan.i2v import ConditionedFlow, WanI2VCodec, pack_image_embeds
+from frameloom.models.wan.i2v import ConditionedFlow, WanI2VCodec, image_channels, pack_image_embeds
 from frameloom.models.wan.text import WanTextEncoder
 from frameloom.sampling.family_sampling import (
     decode_latents,
@@ -39,6 +39,7 @@ __all__ = [
     "build_objective",
     "comfyui_module",
     "describe_sampler",
+    "input_shapes",
     "is_i2v",
     "load_codec",
     "load_denoiser",
@@ -107,6 +108,27 @@ def build_denoiser(model_cfg: ModelConfig, latent_channels: int, text_dim: int) 
         text_len=df.text_length(model_cfg, TEXT_LENGTH),
         image_tokens=image_tokens,
     )
+
+
+def input_shapes(cfg: Config):
+    """Latent and text shapes from the directory's configs (``frameloom plan``); an I2V clip's latent also
+    carries the condition and the packed image tokens (wan/i2v.py)."""
+    from frameloom.memory.plan import InputShapes
+
+    root = df.check_pretrained(cfg.model, _parts(cfg.model))
+    channels, compression = df.vae_latent_shape(root)
+    text_dim = int(df.part_config(root, "transformer")["text_dim"])
+    extra = None
+    if is_i2v(root):
+        vision = df.part_config(root, "image_encoder")
+        vision = vision.get("vision_config", vision)
+        tokens = (int(vision["image_size"]) // int(vision["patch_size"])) ** 2 + 1
+        dim = int(vision["hidden_size"])
+
+        def extra(grid, channels=channels, tokens=tokens, dim=dim):
+            return channels + image_channels(tokens, dim, grid)
+
+    return InputShapes(channels, compression, df.text_length(cfg.model, TEXT_LENGTH), text_dim, extra)
 
 
 def load_denoiser(path: str) -> WanDenoiser:
