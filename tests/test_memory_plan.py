@@ -125,7 +125,7 @@ def test_plan_matches_the_measured_peak_on_cpu(dirs, family, extra):
     with checkpointing 16.73 vs 16.76 MB (+0.2%); LTX-Video LoRA 1.82 vs 1.92 MB (+5.4%). Tolerance 10%."""
     root, cog, ltx = dirs
     cfg = _cfg(root, family, cog if family == "cogvideox" else ltx, *extra)
-    planned = plan_memory(cfg).buckets[0].total
+    planned = plan_memory(cfg, device_type="cpu").buckets[0].total
     measured = measured_step(cfg)
     assert abs(planned - measured) / measured < 0.10, (planned, measured)
 
@@ -133,7 +133,9 @@ def test_plan_matches_the_measured_peak_on_cpu(dirs, family, extra):
 def test_static_parts_by_layout_and_the_largest_batch(dirs):
     root, cog, _ = dirs
     lora = ("model.lora.rank=4", "model.dtype=bfloat16", "parallel.activation_checkpointing=full")
-    single = plan_memory(_cfg(root, "cogvideox", cog, *lora, "train.ema_decay=0.9"), gpu_memory=2**24)
+    single = plan_memory(
+        _cfg(root, "cogvideox", cog, *lora, "train.ema_decay=0.9"), gpu_memory=2**24, device_type="cpu"
+    )
     s = single.static
     model = get_family("cogvideox").build_denoiser(_cfg(root, "cogvideox", cog, *lora).model, 0, 0)
     trainable = [p for p in model.parameters() if p.requires_grad]

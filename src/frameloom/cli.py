@@ -169,7 +169,9 @@ def _cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     if world < 1:
         raise FrameloomError("--world-size must be >= 1")
     gpu = int(args.gpu_memory * 1024**3) if args.gpu_memory is not None else None
-    plan = plan_memory(load_config(args.config, overrides), gpu_memory=gpu, world_size=world)
+    plan = plan_memory(
+        load_config(args.config, overrides), gpu_memory=gpu, world_size=world, device_type=args.device
+    )
     print(plan.to_json() if args.json else plan.table())
     return 0
 
@@ -314,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--world-size", type=int, default=None, help="processes of the run (default: WORLD_SIZE or 1)"
+    )
+    p.add_argument(
+        "--device",
+        default="cuda",
+        choices=["cuda", "cpu"],
+        help="where the run trains: cuda (default; train.mixed_precision auto means bf16) or cpu",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(func=_cmd_plan, takes_overrides=True)

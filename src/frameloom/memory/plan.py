@@ -93,7 +93,7 @@ class Static:
 class BucketPlan:
     name: str
     latent: tuple[int, int, int, int]
-    tokens: int
+    latent_positions: int
     batch: int
     activations: int
     """Bytes of the step above the static memory (activations, temporaries, gradients, optimizer step)."""
@@ -128,13 +128,13 @@ class MemoryPlan:
             f"  optimizer (AdamW)    {g(s.optimizer_device)} {g(s.optimizer_host)}",
             f"  EMA                  {g(s.ema)}",
             f"  DDP gradient buckets {g(s.ddp_buckets)}",
-            "bucket (frames x h x w)   latent (C, t, h, w)   tokens   batch  activations    total  fits  max batch",
+            "bucket (frames x h x w)   latent (C, t, h, w) positions  batch  activations    total  fits  max batch",
         ]
         for b in self.buckets:
             fits = "-" if b.fits is None else ("yes" if b.fits else "NO")
             largest = "-" if b.max_batch is None else str(b.max_batch)
             lines.append(
-                f"  {b.name:<23} {str(b.latent):<21} {b.tokens:>7} {b.batch:>6} {g(b.activations)} "
+                f"  {b.name:<23} {str(b.latent):<21} {b.latent_positions:>9} {b.batch:>6} {g(b.activations)} "
                 f"{g(b.total)}  {fits:>4}  {largest:>9}"
             )
         return "\n".join(lines)
@@ -277,6 +277,30 @@ def _zero_grads(model: torch.nn.Module) -> None:
         q.grad = None
 
 
+@contextlib.contextmanager
+def saved_tensors_on_host() -> Iterator[None]:
+    """Inside: tensors autograd saves for backward leave the device (``parallel.offload_activations``, which
+    uses ``save_on_cpu``); on meta they are kept as shapes and come back as fresh meta tensors when used."""
+
+    def pack(t: torch.Tensor):
+        return t.shape, t.dtype, t.stride() if t.is_contiguous() else None
+
+    def unpack(packed):
+        shape, dtype, _ = packed
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+def autocast_like(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the float32 parameters of a meta skeleton to ``dtype``: what bf16 autocast computes in, so the
+    traced activations have the sizes the GPU run keeps (fp8 and other dtypes untouched)."""
+    for p in model.parameters():
+        if p.dtype == torch.float32:
+            p.data = p.data.to(dtype)
+
+
 def trace_step(
     cfg: Config, model: torch.nn.Module, objective: Any, shapes: InputShapes, batch: int, frames_hw
 ) -> tuple[int, int]:
@@ -288,7 +312,8 @@ def trace_step(
     emb = torch.zeros(batch, shapes.text_length, shapes.text_dim, device="meta")
     mask = torch.ones(batch, shapes.text_length, dtype=torch.bool, device="meta")
     generator = torch.Generator().manual_seed(cfg.seed)
-    with flash_like_attention(), torch.enable_grad(), LiveBytes() as live:
+    offload = saved_tensors_on_host() if cfg.parallel.offload_activations else contextlib.nullcontext()
+    with flash_like_attention(), torch.enable_grad(), LiveBytes() as live, offload:
         inputs = objective.draw(x0, generator, StepContext())
         pred = predict(objective, model, inputs, Conditioning(emb, mask, {}))
         loss = objective.loss(pred, inputs)
@@ -299,9 +324,13 @@ def trace_step(
     return live.peak, end
 
 
-def plan_memory(cfg: Config, *, gpu_memory: int | None = None, world_size: int = 1) -> MemoryPlan:
+def plan_memory(
+    cfg: Config, *, gpu_memory: int | None = None, world_size: int = 1, device_type: str = "cuda"
+) -> MemoryPlan:
     """The memory plan of ``cfg`` for one process of ``world_size`` (module docstring); ``gpu_memory`` in
-    bytes (None: the local GPU's, if any) decides ``fits`` and the largest batch."""
+    bytes (None: the local GPU's, if any) decides ``fits`` and the largest batch. ``device_type`` is where the
+    run will train: on ``cuda`` ``train.mixed_precision`` auto/bf16 computes in bf16 (autocast), on ``cpu``
+    in the weights' dtypes."""
     from frameloom import pipeline
     from frameloom.objectives import build_objective
 
@@ -311,6 +340,15 @@ def plan_memory(cfg: Config, *, gpu_memory: int | None = None, world_size: int =
     model = skeleton_model(cfg, shapes)
     objective = build_objective(cfg)
     static, layout = static_memory(cfg, model, world_size)
+    mixed = cfg.train.mixed_precision == "bf16" or (
+        cfg.train.mixed_precision == "auto" and device_type == "cuda"
+    )
+    if mixed:  # the step computes in bf16: trace a bf16 copy (the static part keeps the real dtypes)
+        model = skeleton_model(cfg, shapes)
+        autocast_like(model, torch.bfloat16)
+        layout += ", bf16 autocast"
+    if cfg.parallel.offload_activations:
+        layout += ", activations offloaded"
     trainable = _bytes(q for q in model.parameters() if q.requires_grad)
     sp = max(1, cfg.parallel.sp_size)
     out = MemoryPlan(cfg.model.family, layout, gpu_memory, static)
@@ -332,7 +370,7 @@ def plan_memory(cfg: Config, *, gpu_memory: int | None = None, world_size: int =
         plan = BucketPlan(
             f"{frames}x{height}x{width}",
             (shapes.channels(grid), *grid),
-            grid[0] * grid[1] * grid[2],
+            grid[0] * grid[1] * grid[2],  # latent positions (the transformer's tokens are patches of them)
             batch,
             activations,
             per_sample,
