@@ -44,7 +44,6 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(HERE.parent / "tests"))
     from families import build_tiny_cogvideox, family_config
-
     from frameloom.config import load_config
     from frameloom.data import synthetic
     from frameloom.train.trainer import train
