@@ -43,6 +43,9 @@ class DataConfig:
     num_frames is a maximum: shorter videos give the longest valid clip they hold."""
     caption_fps_suffix: bool = False
     """Open-Sora: append " {fps} FPS." (the clip's frame rate, fps // stride) to every non-empty caption."""
+    caption_motion_score: bool = False
+    """Open-Sora 2.0: append the row's motion score (column `motion` or `score_vmafmotion`, rounded):
+    " 3 motion score.", or " 24 FPS, 3 motion score." with caption_fps_suffix."""
     caption_aesthetic: str = "off"
     """Open-Sora-Plan aesthetic phrases for scores <= 4.25 / >= 5.75: `off`, `fixed` (first phrase, after the
     caption; one text per sample, cache-friendly) or `random` (phrase and side drawn per seed, sample, epoch)."""
@@ -145,13 +148,16 @@ class ObjectiveConfig:
     """The training objective."""
 
     name: str | None = None
-    """contract. `flow` (rectified flow), `ddpm`, ...; null: the family's own (dit, wan, ltx_video: flow;
-    cogvideox: ddpm). A family refuses an objective it does not have."""
+    """contract. `flow` (rectified flow), `ddpm` (discrete DDPM, linear betas 0.0001..0.02 over 1000 steps, for
+    frameloom's own DiT), ...; null: the family's own (dit, wan, ltx_video: flow; cogvideox: its scheduler's
+    v-prediction DDPM). A family refuses an objective it does not have."""
     timestep_sampling: str | None = None
     """Flow times: `uniform`, `logit_normal` (sigmoid(N(logit_mean, logit_std))), `sigmoid`
     (sigmoid(logit_std * N(0, 1)), never shifted: musubi-tuner's `sigmoid`) or `shift` (the same draw, then
-    shifted: musubi-tuner's `shift`); `uniform` and `logit_normal` are shifted too. null: the family's own
-    (dit, ltx_video: logit_normal; wan: uniform; cogvideox: uniform integer timesteps, its only choice)."""
+    shifted: musubi-tuner's `shift`); `uniform` and `logit_normal` are shifted too. ddpm: `uniform` or
+    `explicit_uniform` (one stratum of [0, 1000) per micro-batch of the step's global batch, Open-Sora-Plan's
+    rank-stratified sampling). null: the family's own (dit, ltx_video: logit_normal; wan: uniform; ddpm and
+    cogvideox: uniform integer timesteps, cogvideox's only choice)."""
     logit_mean: float = 0.0
     """Mean of the normal before the sigmoid (logit_normal)."""
     logit_std: float = 1.0
@@ -169,6 +175,12 @@ class ObjectiveConfig:
     loss_weighting: str = "none"
     """Per-sample flow loss weight: `none`, `sigma_sqrt` (1 / t^2) or `cosmap` (2 / (pi (1 - 2t + 2t^2)));
     SD3's schemes (diffusers' compute_loss_weighting_for_sd3)."""
+    prediction_type: str = "epsilon"
+    """ddpm: what the denoiser predicts, `epsilon` or `v_prediction` (Open-Sora-Plan v1.3)."""
+    rescale_betas_zero_snr: bool = False
+    """ddpm: rescale the betas to zero terminal SNR (Lin et al. 2023); samplers then use trailing timesteps."""
+    snr_gamma: float | None = None
+    """ddpm: min-SNR-gamma loss weighting (Open-Sora-Plan v1.3: 5.0); null: unweighted MSE."""
     caption_dropout: float = 0.1
     """Probability of replacing a caption by the empty prompt (enables classifier-free guidance)."""
     extras_dropout: float | None = None
@@ -282,7 +294,12 @@ class SampleConfig:
     """Sampling defaults for `frameloom sample` and validation."""
 
     steps: int = 30
-    """Euler steps."""
+    """Sampling steps."""
+    scheduler: str = "auto"
+    """Solver of frameloom's own sampler. ddpm objective: `euler_ancestral` (auto), `euler`, `ddim` or
+    `dpmsolver++` (diffusers' schedulers' maths, frameloom.sampling.ddpm_samplers). Diffusers flow families
+    (wan, ltx_video): `auto` = the model folder's scheduler (e.g. UniPC for the released Wan folders) or
+    `euler` (Euler on the same shifted grid). frameloom's DiT integrates with Euler."""
     guidance: float = 5.0
     """Classifier-free guidance scale; 1 disables guidance."""
     negative_prompt: str = ""
@@ -290,9 +307,6 @@ class SampleConfig:
     shift: float | None = None
     """Timestep shift of the sampling grid; null: the family's own (dit: none; wan: the scheduler's
     flow_shift; ltx_video: e^mu from the latent size); 1.0 is an unshifted grid."""
-    scheduler: str = "auto"
-    """Solver of frameloom's own sampler for flow families: `auto` (the model folder's scheduler, e.g. UniPC
-    for the released Wan folders) or `euler` (Euler on the same shifted grid)."""
     seed: int = 0
     """Noise seed."""
     fps: float = 8.0
@@ -301,6 +315,12 @@ class SampleConfig:
     """Sample from the EMA weights when the checkpoint has them."""
     image: str | None = None
     """Image-to-video: the first frame to condition on (`frameloom sample --image`), for families that can."""
+    image_guidance: float | None = None
+    """Image guidance scale, separate from the text's (opensora2; None: the family's default, 3)."""
+    oscillating_guidance: bool = False
+    """opensora2: after 10 steps, guide only every other step (and scale image guidance over time)."""
+    image_mode: str = "head"
+    """opensora2 with `sample.image`: the image is the first frame (`head`), the last (`tail`) or both (`loop`)."""
 
 
 @dataclass
