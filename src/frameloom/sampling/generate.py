@@ -17,6 +17,7 @@ import torch
 
 from frameloom import pipeline
 from frameloom.checkpoint import io as ckpt
+from frameloom.checkpoint.trainable import load_weights
 from frameloom.config import Config, apply_overrides, load_config
 from frameloom.errors import FrameloomError
 from frameloom.sampling.flow_euler import euler_sample
@@ -111,11 +112,14 @@ def generate_to_files(
         model, text_encoder, codec, cfg, [p for _, p, _ in pairs], [s for _, _, s in pairs]
     )
     out_dir.mkdir(parents=True, exist_ok=True)
+    from frameloom.models.registry import get_family
+
+    solver = sampler_description(get_family(cfg.model.family), model, cfg)
     for path, video in zip(names[rank::world], videos):
         if suffix == ".png":
             write_png(video, path)
         else:
-            write_mp4(video, path, fps=cfg.sample.fps)
+            write_mp4(video, path, fps=cfg.sample.fps, metadata={"comment": f"frameloom sampler: {solver}"})
     return names
 
 
@@ -124,7 +128,10 @@ def generate_batch(model, text_encoder, codec, cfg: Config, prompts: Sequence[st
     (e.g. CogVideoX's v-prediction DDIM, dit_class's learned-variance DDPM), else the flow Euler sampler."""
     from frameloom.models.registry import get_family
 
-    family_sample = get_family(cfg.model.family).sample
+    family = get_family(cfg.model.family)
+    family_sample = family.sample
+    solver = sampler_description(family, model, cfg)
+    logging.getLogger("frameloom.sample").info("sampling with %s", solver)
     if family_sample is not None:  # the family's own sampler (e.g. CogVideoX: v-prediction DDIM)
         return family_sample(model, text_encoder, codec, cfg, list(prompts), list(seeds))
     if cfg.objective.name == "ddpm":  # a DDPM-trained native DiT: the DDPM samplers (sample.scheduler)
@@ -143,7 +150,7 @@ def generate_batch(model, text_encoder, codec, cfg: Config, prompts: Sequence[st
         steps=cfg.sample.steps,
         guidance=cfg.sample.guidance,
         negative_prompt=cfg.sample.negative_prompt,
-        shift=cfg.sample.shift,
+        shift=cfg.sample.shift if cfg.sample.shift is not None else 1.0,  # null: none for the DiT
     )
 
 
@@ -195,6 +202,15 @@ def generate_fid_npz(
     return final
 
 
+def sampler_description(family, model: torch.nn.Module, cfg: Config) -> str:
+    """The solver, steps, shift and guidance ``generate_to_files`` samples with (the family's own words, or
+    frameloom's flow Euler): logged and written into each mp4's ``comment`` tag."""
+    if family.describe_sampler is not None:
+        return family.describe_sampler(model, cfg)
+    shift = cfg.sample.shift if cfg.sample.shift is not None else 1.0
+    return f"Euler, {cfg.sample.steps} steps, shift {shift:g}, guidance {cfg.sample.guidance:g}"
+
+
 def load_for_sampling(
     cfg: Config, checkpoint: str | None, device: torch.device, *, codec, text_encoder
 ) -> torch.nn.Module:
@@ -219,7 +235,7 @@ def load_for_sampling(
         weights = dict(loaded["model"])
         if cfg.sample.use_ema and loaded["ema"] is not None:
             weights.update(loaded["ema"])
-        model.load_state_dict(weights)
+        load_weights(model, weights, str(path))  # a LoRA checkpoint holds the adapter: the base is pretrained
     return model.to(device).eval()
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "DiTClassOptions",
     "build_denoiser",
     "build_objective",
+    "describe_sampler",
     "export_diffusers",
     "export_released",
     "load_codec",
@@ -282,6 +283,18 @@ def build_objective(cfg: Config):
 
 # --------------------------------------------------------------------------------------------------------
 # sampling
+
+
+def describe_sampler(model, cfg: Config) -> str:  # noqa: ARG001
+    """What ``sample_videos`` integrates with, for the log and the files' metadata."""
+    opts = options(cfg.model)
+    channels = opts.guided_channels
+    where = "all channels" if channels is None else f"the first {channels} channels"
+    kind = "DDPM, learned variance" if opts.sampler == "ddpm" else f"DDIM, eta {opts.ddim_eta:g}"
+    return (
+        f"{kind}, {cfg.sample.steps} of {opts.num_train_timesteps} steps respaced, "
+        f"guidance {cfg.sample.guidance:g} on {where}"
+    )
 
 
 @torch.no_grad()
