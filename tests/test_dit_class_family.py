@@ -132,10 +132,11 @@ def test_train_sample_export(manifest, tmp_path):
     # export: the released .pt layout and diffusers, each loading back into the same model
     assert cli(["export", str(tmp_path / "run"), "--format", "native", "--out", str(tmp_path / "pt")]) == 0
     assert cli(["export", str(tmp_path / "run"), "--format", "diffusers", "--out", str(tmp_path / "hf")]) == 0
-    from frameloom.export import _checkpoint_weights
+    from frameloom.checkpoint import io as ckpt
     from frameloom.models.dit_class.family import load_denoiser
 
-    weights, _ = _checkpoint_weights(cfg, "latest")
+    loaded = ckpt.load_checkpoint(ckpt.resolve_checkpoint(cfg.run_dir, "latest"))
+    weights = {**loaded["model"], **loaded["ema"]}  # the EMA weights, as export writes them
     released = torch.load(tmp_path / "pt" / "dit.pt", weights_only=True)
     assert all(torch.equal(released[k], v) for k, v in weights.items() if k in released)
     a, b = load_denoiser(tmp_path / "pt" / "dit.pt", {"num_heads": 2}), load_denoiser(tmp_path / "hf")

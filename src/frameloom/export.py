@@ -311,7 +311,7 @@ def _export_own_diffusers(cfg: Config, out: Path, checkpoint: str) -> list[Path]
     export = getattr(module, "export_diffusers", None)
     if export is None:
         return None
-    weights, _ = _checkpoint_weights(cfg, checkpoint)
+    weights = _checkpoint_weights(cfg, _resolve(cfg, checkpoint))
     return export(cfg, weights, out)
 
 
