@@ -255,8 +255,9 @@ def load_pretrained_denoiser(build_denoiser, family: str, path: str | os.PathLik
 
 def flow_objective(cfg: Config, default_shift: float | str, flow_cls: type | None = None, **extra):
     """Flow matching from ``objective.*`` for a flow family: ``objective.name`` must be ``flow``; the shift is
-    ``objective.shift``, or the family's ``default_shift`` (its scheduler's) when that is left at 1;
+    ``objective.shift``, or the family's ``default_shift`` (its scheduler's) when that is 1 or ``auto``;
     ``flow_cls`` (default ``FlowMatching``) gets ``extra`` too."""
+    from frameloom.config.values import shift_value
     from frameloom.objectives.flow import FlowMatching
 
     o = cfg.objective
@@ -264,12 +265,13 @@ def flow_objective(cfg: Config, default_shift: float | str, flow_cls: type | Non
         raise FrameloomError(
             f"model.family {cfg.model.family} trains with objective.name=flow, not {o.name!r}"
         )
+    shift = shift_value(o.shift)  # 1 and auto: the family's own (its scheduler's) shift
     try:
         return (flow_cls or FlowMatching)(
             timestep_sampling=o.timestep_sampling,
             logit_mean=o.logit_mean,
             logit_std=o.logit_std,
-            shift=float(o.shift) if o.shift != 1.0 else default_shift,
+            shift=default_shift if shift in (1.0, "auto") else shift,
             **extra,
         )
     except ValueError as exc:

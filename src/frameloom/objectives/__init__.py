@@ -61,6 +61,8 @@ def build_objective(cfg: Config) -> Objective:
     family = get_family(cfg.model.family)
     if family.build_objective is not None:
         return family.build_objective(cfg)
+    from frameloom.config.values import shift_value
+
     o = cfg.objective
     if o.name == "flow":
         try:
@@ -68,7 +70,7 @@ def build_objective(cfg: Config) -> Objective:
                 timestep_sampling=o.timestep_sampling,
                 logit_mean=o.logit_mean,
                 logit_std=o.logit_std,
-                shift=o.shift,
+                shift=shift_value(o.shift),  # a number, or auto: Open-Sora 2.0's rule from the latent size
             )
         except ValueError as exc:
             raise FrameloomError(f"objective: {exc}") from None
