@@ -23,7 +23,11 @@ def stream_seed(*keys: int) -> int:
 
 
 def step_generator(
-    seed: int, step: int, slot: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    seed: int,
+    step: int,
+    slot: int,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
 ) -> torch.Generator:
     """The generator of one micro-step, seeded by (seed, step, slot) (slot = micro * data_world + data_rank).
 

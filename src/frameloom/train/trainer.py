@@ -45,7 +45,7 @@ from frameloom.config import Config, dump_yaml
 from frameloom.data.sampler import build_sampler
 from frameloom.errors import FrameloomError
 from frameloom.models.registry import get_family
-from frameloom.objectives import build_objective, caption_dropout_mask
+from frameloom.objectives import Conditioning, StepContext, build_objective, caption_dropout_mask, predict
 from frameloom.parallel import env as dist_env
 from frameloom.parallel.parallelize import Parallelized
 from frameloom.parallel.parallelize import parallelize as apply_parallelism
@@ -160,7 +160,7 @@ class Trainer:
         self.text_encoder = dist_env.main_first(lambda: pipeline.load_text_encoder(cfg, self.device))
         self.policy = pipeline.bucket_policy(cfg)  # data.bucket (None: none); the cache and sampler share it
         self.dataset, self.cached = self._build_dataset()
-        self.empty_emb, self.empty_mask = self._empty_prompt()
+        self.empty_emb, self.empty_mask, self.empty_extras = self._empty_prompt()
         # What the model needs of the encoders; with a complete cache, training reads latents and embeddings
         # only, so the VAE and text encoder leave memory until validation reloads them (`_encoders`).
         self.latent_channels, self.text_dim = self.codec.latent_channels, self.text_encoder.dim
@@ -191,6 +191,7 @@ class Trainer:
         self.interval = IntervalLog(world_size=self.world_size)
         self.batches_consumed = 0
         self._empty_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # empty prompt per text length
+        self._empty_extras_on: dict[str, torch.Tensor] = {}  # the empty prompt's extras on the device
         self._pending: PendingSave | None = None  # an async checkpoint still being written
         self._ckpt_group = None  # gloo group of the async checkpoint writer
         self._stop_poll = StopPoll(self._cpu_group() if dist_env.is_distributed() else None)
@@ -247,7 +248,9 @@ class Trainer:
                     f"data.require_cache=true, but this run cannot train from the cache: {'; '.join(reasons)}"
                 )
             if self.rank == 0:
-                log.warning("not reading the latent cache: %s; decoding and encoding on the fly", "; ".join(reasons))
+                log.warning(
+                    "not reading the latent cache: %s; decoding and encoding on the fly", "; ".join(reasons)
+                )
             return on_the_fly()
         cached = CachedClipDataset(
             manifest,
@@ -297,10 +300,12 @@ class Trainer:
         return sorted({tuple(self.codec.latent_size(*s)) for s in shapes})
 
     @torch.no_grad()
-    def _empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The empty prompt's tokens (L, D), mask (L,) and extra tensors {name: (...)} (caption dropout)."""
         emb, mask = self.text_encoder.encode([""])
+        extras = {k: v[0].float().cpu() for k, v in self.text_encoder.encode_extras([""]).items()}
         length = int(mask[0].sum())
-        return emb[0, :length].float().cpu(), mask[0, :length].cpu()
+        return emb[0, :length].float().cpu(), mask[0, :length].cpu(), extras
 
     @torch.no_grad()
     def _fit_text_statistics(self, model: torch.nn.Module, max_captions: int = 2048) -> None:
@@ -382,18 +387,46 @@ class Trainer:
         return build_loader(self.dataset, self.sampler, self._collate, self.cfg.data, self.device)
 
     @torch.no_grad()
-    def _encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> latents (B, C, t, h, w), text embeddings (B, L, D), text mask (B, L), on the device."""
-        if self.cached:  # page-locked batches on CUDA: asynchronous copies
-            return (
-                batch["latent"].to(self.device, non_blocking=True).float(),
+    def _encode(self, batch: dict) -> tuple[torch.Tensor, Conditioning]:
+        """-> latents (B, C, t, h, w) and the text conditioning (tokens (B, L, D), mask (B, L), extras
+        {name: (B, ...)}), on the device. Page-locked batches on CUDA: the copies are asynchronous."""
+        if self.cached:
+            extras = {
+                k: v.to(self.device, non_blocking=True).float()
+                for k, v in batch.get("text_extras", {}).items()
+            }
+            return batch["latent"].to(self.device, non_blocking=True).float(), Conditioning(
                 batch["text_emb"].to(self.device, non_blocking=True).float(),
                 batch["text_mask"].to(self.device, non_blocking=True),
+                extras,
             )
-        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+        precision = (
+            torch.autocast(self.device.type, dtype=self.autocast)
+            if self.autocast is not None
+            else contextlib.nullcontext()
+        )
+        with precision:  # on-the-fly encoding in the training precision (bf16 on CUDA by default)
             latent = self.codec.encode(batch["video"].to(self.device, non_blocking=True))
             emb, mask = self.text_encoder.encode(batch["text"])
-        return latent.float(), emb.float(), mask.to(self.device)
+            extras = {
+                k: v.to(self.device).float()
+                for k, v in self.text_encoder.encode_extras(batch["text"]).items()
+            }
+        return latent.float(), Conditioning(emb.float(), mask.to(self.device), extras)
+
+    def _drop_extras(self, extras: dict[str, torch.Tensor], drop: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Replace the extra text tensors of the rows where `drop` is True by the empty prompt's (a select on
+        the device: the host never reads `drop`)."""
+        if not extras:
+            return extras
+        keep = ~drop.to(next(iter(extras.values())).device)
+        out = {}
+        for k, v in extras.items():
+            empty = self._empty_extras_on.get(k)
+            if empty is None or empty.device != v.device or empty.dtype != v.dtype:
+                empty = self._empty_extras_on[k] = self.empty_extras[k].to(v)  # one copy per run
+            out[k] = torch.where(keep.view(-1, *[1] * (v.dim() - 1)), v, empty)
+        return out
 
     def _empty_row(self, length: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The empty prompt padded to `length` tokens, on the device (cached: one copy per length)."""
@@ -426,21 +459,33 @@ class Trainer:
 
     def _micro_step(self, batch: dict, micro: int) -> torch.Tensor:
         """Forward + backward of one micro-batch; returns the (unscaled) loss, a 0-dim device tensor."""
-        latent, emb, mask = self._encode(batch)  # (B, C, t, h, w), (B, L, D), (B, L)
+        latent, cond = self._encode(batch)  # (B, C, t, h, w); tokens (B, L, D), mask (B, L), extras
         # The micro-batch's place in the step's global batch: one process with accumulation 2 and two
         # processes without draw the same numbers for the same samples. On the device: noise is drawn where
         # it is used (no host copy); the stream is reseeded from the keys, so resume is exact.
-        slot = micro * self.data_world + self.data_rank
-        g = step_generator(self.cfg.seed, self.step, slot, generator=self.generator)
-        inputs = self.objective.draw(latent, g)  # times, noise -> x_t (B, C, t, h, w), target
+        ctx = StepContext(
+            step=self.step,
+            micro=micro,
+            data_rank=self.data_rank,
+            data_world=self.data_world,
+            sync_rank=self.plan.sync_rank(self.rank),
+            sync_size=self.plan.video_sync_group,
+        )
+        g = step_generator(self.cfg.seed, self.step, ctx.slot, generator=self.generator)
+        inputs = self.objective.draw(latent, g, ctx)  # times, noise -> x_t (B, C, t, h, w), target
         drop = caption_dropout_mask(latent.shape[0], self.cfg.objective.caption_dropout, g)
-        emb, mask = self._drop_captions(emb, mask, drop)
+        emb, mask = self._drop_captions(cond.emb, cond.mask, drop)
+        p_extras = self.cfg.objective.extras_dropout
+        if p_extras is not None and cond.extras:  # dropped independently of the tokens (Open-Sora 2.0)
+            drop = caption_dropout_mask(latent.shape[0], p_extras, g)
+        extras = self._drop_extras(cond.extras, drop)
         if self.plan.sp > 1:  # masked padding to a multiple of sp (families split text with the sequence)
             emb, mask = pad_text_for_sp(emb, mask, self.plan.sp)  # (B, L', D), (B, L')
+        cond = Conditioning(emb, mask, extras)
         last = micro == self.cfg.train.grad_accum - 1
         with self.par.gradient_sync(last), self.par.activation_context():
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                pred = self.model(inputs.x_t, inputs.t, emb, mask)
+                pred = predict(self.objective, self.model, inputs, cond)
             loss = self.objective.loss(pred, inputs)
             # Always backward, also on a non-finite loss (its step is dropped below): every process must run
             # the same collectives. loss_scale = sp turns the data-parallel mean over sp ranks into a sum.

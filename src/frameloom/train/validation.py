@@ -100,7 +100,9 @@ def validate_shared(
         else:
             device = next(model.parameters()).device
             precision = (
-                torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+                torch.autocast(device.type, dtype=autocast)
+                if autocast is not None
+                else contextlib.nullcontext()
             )
             with precision:
                 videos = generate(
