@@ -39,7 +39,9 @@ def video_name(index: int, prompt: str, seed: int) -> str:
 
 @contextlib.contextmanager
 def gathered_root(model: torch.nn.Module) -> Iterator[None]:
-    """Under FSDP2, the root module's own (non-block) parameters whole for the duration of the block."""
+    """Under FSDP2, the root module's own (non-block) parameters whole for the duration of the block; every
+    FSDP unit resharded afterwards (a unit that keeps its weights after forward, such as the last block,
+    would otherwise stay gathered, and the trained weights must be restored into the shards)."""
     from torch.distributed.fsdp import FSDPModule
 
     if not isinstance(model, FSDPModule):
@@ -49,7 +51,9 @@ def gathered_root(model: torch.nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        model.reshard()
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
 
 def _share_config(cfg: Config, picks: list[int]) -> Config:
