@@ -133,7 +133,9 @@ def test_manifest_relative_to_config_file(tmp_path):
 def test_yaml_boolean_words_of_string_options(tmp_path):
     """YAML 1.1 reads `no` and `off` as false: string options whose word that was take it back; any other
     string option says to quote the value."""
-    cfg = load_config(write(tmp_path / "c.yaml", "train: {mixed_precision: no}\ndata: {caption_aesthetic: off}\n"))
+    cfg = load_config(
+        write(tmp_path / "c.yaml", "train: {mixed_precision: no}\ndata: {caption_aesthetic: off}\n")
+    )
     assert (cfg.train.mixed_precision, cfg.data.caption_aesthetic) == ("no", "off")
     assert load_config(None, ["train.mixed_precision=no", "--data.caption_aesthetic", "off"]) == cfg
     with pytest.raises(ConfigError, match=r"^parallel.mixed_precision: YAML reads no/off/false as the boolean "

@@ -7,6 +7,7 @@ device.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -111,20 +112,26 @@ def generate_to_files(
             model, text_encoder, codec, cfg, [p for _, p, _ in pairs], [s for _, _, s in pairs]
         )
     else:
-        videos = generate(
-            model,
-            text_encoder,
-            codec,
-            [p for _, p, _ in pairs],
-            seeds=[s for _, _, s in pairs],
-            num_frames=cfg.data.num_frames,
-            height=cfg.data.height,
-            width=cfg.data.width,
-            steps=cfg.sample.steps,
-            guidance=cfg.sample.guidance,
-            negative_prompt=cfg.sample.negative_prompt,
-            shift=cfg.sample.shift,
+        device = next(model.parameters()).device
+        dtype = pipeline.autocast_dtype(cfg.train.mixed_precision, device)  # bf16 on CUDA by default
+        precision = (
+            torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
         )
+        with precision:
+            videos = generate(
+                model,
+                text_encoder,
+                codec,
+                [p for _, p, _ in pairs],
+                seeds=[s for _, _, s in pairs],
+                num_frames=cfg.data.num_frames,
+                height=cfg.data.height,
+                width=cfg.data.width,
+                steps=cfg.sample.steps,
+                guidance=cfg.sample.guidance,
+                negative_prompt=cfg.sample.negative_prompt,
+                shift=cfg.sample.shift,
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     for path, video in zip(names[rank::world], videos):
         write_mp4(video, path, fps=cfg.sample.fps)

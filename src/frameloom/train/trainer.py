@@ -96,15 +96,6 @@ def pad_text(embs: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch
     return out, mask
 
 
-def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
-    """`train.mixed_precision` -> the autocast dtype (None: fp32): auto is bf16 on CUDA, fp32 elsewhere."""
-    if mixed_precision == "no" or (mixed_precision == "auto" and device.type != "cuda"):
-        return None
-    if mixed_precision in ("auto", "bf16"):
-        return torch.bfloat16
-    raise FrameloomError(f"train.mixed_precision must be auto, bf16 or no, not {mixed_precision!r}")
-
-
 def enable_fast_fp32(device: torch.device) -> None:
     """TF32 tensor-core matmuls and convolutions for what still runs in fp32 on CUDA (no effect elsewhere)."""
     if device.type == "cuda":
@@ -148,7 +139,7 @@ class Trainer:
         self.plan = plan_parallel(cfg.parallel, self.world_size, cfg.train.batch_size)
         # ranks of one sp group (and one video_sync_group) read the same batch
         self.data_rank, self.data_world = self.plan.data_rank(self.rank), self.plan.data_world
-        self.autocast = autocast_dtype(cfg.train.mixed_precision, self.device)
+        self.autocast = pipeline.autocast_dtype(cfg.train.mixed_precision, self.device)
         self.objective = build_objective(cfg)
         self._check_video_sync_group_use()
 
@@ -202,9 +193,6 @@ class Trainer:
         return self.interval.skipped_steps
 
     # ------------------------------------------------------------------ construction helpers
-
-    def _autocast_dtype(self) -> torch.dtype | None:
-        return autocast_dtype(self.cfg.train.mixed_precision, self.device)
 
     @staticmethod
     def _cpu_group():
