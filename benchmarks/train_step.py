@@ -4,6 +4,9 @@
    device, caption dropout, clipping, fused AdamW with the non-finite skip, EMA, metrics.jsonl) against a bare
    PyTorch loop over the same model, batch shapes and fused AdamW on tensors already in memory. Median of
    `--repeats` interleaved measurements (the machine may be shared). Target: overhead at most 2% on CPU.
+   Beside it, the seconds per step of each part of the loop (`step_parts_ms`) and frameloom's own share
+   (EMA, bookkeeping, data wait, host-to-device copies) relative to forward/backward + optimizer
+   (`frameloom_extra_pct`): the same question, answered without comparing two noisy timings.
 2. Host synchronizations per optimizer step, between logging steps and at a logging step. On CUDA every
    synchronizing call is reported by `torch.cuda.set_sync_debug_mode("warn")`; on CPU nothing synchronizes,
    so the calls that would (`.item()`, `.tolist()`, `bool()`, `float()`, `int()` of a tensor, `.nonzero()`)
@@ -102,6 +105,63 @@ def host_syncs(cfg, log_every: int) -> dict:
     }
 
 
+def step_parts(cfg) -> dict:
+    """Seconds per step spent in each part of the trainer's loop (a load-independent view of the overhead:
+    everything but the forward/backward and the optimizer step is frameloom's own)."""
+    import collections
+
+    trainer = Trainer(cfg)
+    spent: collections.Counter[str] = collections.Counter()
+
+    def timed(obj, name, key):
+        fn = getattr(obj, name)
+
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - start
+
+        setattr(obj, name, wrapper)
+
+    loader = trainer._loader
+
+    def timed_loader():
+        batches = iter(loader())
+
+        class Waiting:
+            def __iter__(self):
+                return self
+
+            def __next__(self):
+                start = time.perf_counter()
+                try:
+                    return next(batches)
+                finally:
+                    spent["data_wait"] += time.perf_counter() - start
+
+        return Waiting()
+
+    trainer._loader = timed_loader
+    timed(trainer, "_encode", "host_to_device")
+    timed(trainer, "_micro_step", "forward_backward")
+    timed(trainer, "_optimizer_step", "clip_and_optimizer")
+    if trainer.ema is not None:
+        timed(trainer.ema, "update", "ema")
+    timed(trainer.interval, "add", "bookkeeping")
+    timed(trainer, "_flush", "bookkeeping")
+    steps = trainer.fit().step
+    spent["forward_backward"] -= spent["host_to_device"]  # _encode runs inside _micro_step
+    per_step = {k: v / steps for k, v in spent.items()}
+    compute = per_step["forward_backward"] + per_step["clip_and_optimizer"]
+    extra = sum(v for k, v in per_step.items() if k not in ("forward_backward", "clip_and_optimizer"))
+    return {
+        "step_parts_ms": {k: round(1000 * v, 2) for k, v in sorted(per_step.items())},
+        "frameloom_extra_pct": round(100 * extra / compute, 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
@@ -148,6 +208,10 @@ def main() -> None:
             cfg.train.log_every,
         )
 
+        parts = step_parts(
+            load_config(ROOT / "configs" / "quickstart.yaml", [*overrides, f"train.steps={args.steps}"])
+        )
+
         # 3. The data loader alone.
         loader = iter(trainer._loader())
         next(loader)
@@ -173,6 +237,7 @@ def main() -> None:
                 "bare_runs": [round(x, 3) for x in bare_runs],
                 "trainer_overhead_pct": round(100 * (bare_sps / frameloom_sps - 1), 2),
                 "target_overhead_pct": 2.0,
+                **parts,
                 **syncs,
                 "target_host_syncs_between_logging": 0,
                 "loader_batches_per_s": round(loader_bps, 1),
