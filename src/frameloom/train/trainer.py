@@ -732,7 +732,6 @@ class Trainer:
                     dp_rank=self.plan.dp_rank(self.rank),
                     dp_size=self.plan.dp_size,
                     writer=self.plan.sp_rank(self.rank) == 0,
-                    autocast=self.autocast,
                 )
         finally:
             del text_encoder, codec

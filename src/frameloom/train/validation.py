@@ -79,11 +79,10 @@ def validate_shared(
     dp_rank: int = 0,
     dp_size: int = 1,
     writer: bool = True,
-    autocast: torch.dtype | None = None,
 ) -> list[Path]:
     """Sample this rank's share of `cfg.validation.prompts` with `model` into `out_dir` (module docstring);
     returns every prompt's file path (the other ranks write theirs)."""
-    from frameloom.sampling.generate import generate
+    from frameloom.sampling.generate import sample_videos
     from frameloom.sampling.video_io import write_mp4
 
     prompts, seed = list(cfg.validation.prompts), int(cfg.sample.seed)
@@ -101,28 +100,10 @@ def validate_shared(
                 if i is not None and writer:
                     Path(path).replace(names[i])
             shutil.rmtree(scratch, ignore_errors=True)
-        else:
-            device = next(model.parameters()).device
-            precision = (
-                torch.autocast(device.type, dtype=autocast)
-                if autocast is not None
-                else contextlib.nullcontext()
+        else:  # the run's own sampler (family's, DDPM or flow Euler), under the run's autocast
+            videos = sample_videos(
+                model, text_encoder, codec, cfg, [prompts[i] for i in run], [seed] * len(run)
             )
-            with precision:
-                videos = generate(
-                    model,
-                    text_encoder,
-                    codec,
-                    [prompts[i] for i in run],
-                    seeds=[seed] * len(run),
-                    num_frames=cfg.data.num_frames,
-                    height=cfg.data.height,
-                    width=cfg.data.width,
-                    steps=cfg.sample.steps,
-                    guidance=cfg.sample.guidance,
-                    negative_prompt=cfg.sample.negative_prompt,
-                    shift=cfg.sample.shift,
-                )
             for i, video in zip(picks, videos):
                 if i is not None and writer:
                     write_mp4(video, names[i], fps=cfg.sample.fps)
