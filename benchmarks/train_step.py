@@ -131,6 +131,8 @@ def step_parts(cfg) -> dict:
         batches = iter(loader())
 
         class Waiting:
+            first = True
+
             def __iter__(self):
                 return self
 
@@ -138,8 +140,9 @@ def step_parts(cfg) -> dict:
                 start = time.perf_counter()
                 try:
                     return next(batches)
-                finally:
-                    spent["data_wait"] += time.perf_counter() - start
+                finally:  # the first batch includes starting the workers: once per run, not per step
+                    spent["loader_startup" if self.first else "data_wait"] += time.perf_counter() - start
+                    self.first = False
 
         return Waiting()
 
@@ -153,11 +156,13 @@ def step_parts(cfg) -> dict:
     timed(trainer, "_flush", "bookkeeping")
     steps = trainer.fit().step
     spent["forward_backward"] -= spent["host_to_device"]  # _encode runs inside _micro_step
+    startup = spent.pop("loader_startup", 0.0)
     per_step = {k: v / steps for k, v in spent.items()}
     compute = per_step["forward_backward"] + per_step["clip_and_optimizer"]
     extra = sum(v for k, v in per_step.items() if k not in ("forward_backward", "clip_and_optimizer"))
     return {
         "step_parts_ms": {k: round(1000 * v, 2) for k, v in sorted(per_step.items())},
+        "loader_startup_ms": round(1000 * startup, 1),
         "frameloom_extra_pct": round(100 * extra / compute, 2),
     }
 
