@@ -43,7 +43,10 @@ class IntervalLog:
         self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, skipped: torch.Tensor, **host: Any
     ) -> None:
         """Record step `step` (0-dim device tensors: this rank's loss, the global grad norm, the skip flag)."""
-        values = torch.stack([loss.float(), grad_norm.float(), skipped.float()])  # (3,) no host read
+        # (3,) on the loss's device, no host read (the norm is on the host under FSDP CPU offload)
+        values = torch.stack(
+            [loss.float(), grad_norm.to(loss.device).float(), skipped.to(loss.device).float()]
+        )
         self.pending.append(_Pending(step, values, host))
 
     def flush(self, reduce: Any = None) -> list[dict[str, Any]]:
