@@ -242,7 +242,7 @@ def test_objective_shift_auto():
     # a family reads auto (and 1) as its scheduler's own shift; a number replaces it
     assert df.flow_objective(cfg, 3.0).shift == 3.0
     assert df.flow_objective(load_config(None, ["objective.shift=2.5"]), 3.0).shift == 2.5
-    with pytest.raises(FrameloomError, match="objective.shift must be a positive number or auto, not 'fast'"):
+    with pytest.raises(FrameloomError, match="shift must be a positive number or 'auto', got 'fast'"):
         build_objective(load_config(None, ["objective.shift=fast"]))
 
 

@@ -81,10 +81,9 @@ def parallelize(
     batch_size: int = 1,
     compile_backend: str = "inductor",
 ) -> Parallelized:
-    """Apply the configured parallelism and memory savers to `model` and place it on `env.device`.
-
-    `model` may be on the CPU: a single process and DDP move it whole; FSDP2 moves and shards it one unit
-    at a time (`apply_fsdp`), so a model larger than one device trains with `cpu_offload`."""
+    """Apply the configured parallelism and memory savers to `model`: on `env.device` already, except for
+    FSDP, where it may still be on the CPU (FSDP2 moves and shards it one unit at a time, `apply_fsdp`, so a
+    model larger than one device trains with `cpu_offload`)."""
     plan = plan_parallel(p, env.world_size, batch_size)
     mesh = build_mesh(plan, env.device.type) if env.distributed else None
     # 1. sequence parallel
@@ -102,13 +101,12 @@ def parallelize(
     # 3. compile
     if p.compile:
         compile_blocks(model, backend=compile_backend)
-    # 4. data parallel (and placement)
+    # 4. data parallel
     forward: nn.Module = model
-    if env.distributed and p.data_parallel == "fsdp":
-        apply_fsdp(model, data_parallel_mesh(plan, env.device.type), p, env.device)
-    else:
-        model.to(env.device)
-        if env.distributed:
+    if env.distributed:
+        if p.data_parallel == "fsdp":
+            apply_fsdp(model, data_parallel_mesh(plan, env.device.type), p, env.device)
+        else:
             forward = apply_ddp(model, env.device)
     return Parallelized(
         module=model, forward=forward, plan=plan, config=p, env=env, mesh=mesh, checkpointed_blocks=n_ckpt

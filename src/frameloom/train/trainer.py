@@ -44,6 +44,7 @@ from frameloom.checkpoint.distributed import (
 from frameloom.config import Config, dump_yaml
 from frameloom.data.sampler import build_sampler
 from frameloom.errors import FrameloomError
+from frameloom.memory.block_swap import place_on_device
 from frameloom.models.registry import get_family
 from frameloom.objectives import Conditioning, StepContext, build_objective, caption_dropout_mask, predict
 from frameloom.parallel import env as dist_env
@@ -164,12 +165,20 @@ class Trainer:
         self._fit_text_statistics(self.model)
         if self.cached:
             self._release_encoders()
+        # FSDP2 moves the model to the device one unit at a time while sharding it (never whole); otherwise
+        # the device, except the frozen weights of parallel.blocks_to_swap blocks (memory/block_swap.py,
+        # which refuses FSDP)
+        fsdp = self.world_size > 1 and cfg.parallel.data_parallel == "fsdp"
+        self.swapper = (
+            None
+            if fsdp and not cfg.parallel.blocks_to_swap
+            else place_on_device(self.model, self.device, cfg.parallel)
+        )
         self.model.train()
         self._check_sequence_split(self.model)
         for t, _, _ in self.latent_grids:
             check_video_sync_group(t, self.plan.video_sync_group)
         self.par: Parallelized | None = None
-        # placement included: DDP moves the model to the device, FSDP2 moves it one shard at a time
         self.model = self.parallelize(self.model)  # what to call (a DDP wrapper, or the module itself)
         self.module = self.par.module if self.par is not None else self.model  # original parameter names
         self.ema = EMA(self.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
@@ -644,6 +653,8 @@ class Trainer:
         if resumed is not None:
             bar.write(f"resumed from {resumed} at step {self.step}")
         losses: list[float] = []
+        if cfg.validation.at_start and cfg.validation.prompts and self.step == 0:
+            self.validate()  # samples/step-00000000: the model before any training
         last_ckpt: Path | None = resumed
         preempted = False
         self._samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * self.data_world
@@ -738,7 +749,11 @@ class Trainer:
             if self.cached:  # back out of memory until the next validation
                 self._release_encoders()
             module.train(was_training)
-        dist_env.barrier()
+        dist_env.barrier()  # every rank's files are written
+        if self.rank == 0 and self.cfg.logging.tensorboard:  # the mp4s also as animated images (video_log.py)
+            from frameloom.train.video_log import log_videos
+
+            log_videos(self.run_dir, [p for p in paths if p.exists()], self.step, self.cfg.sample.fps)
         return paths
 
 

@@ -82,7 +82,7 @@ def validate_shared(
 ) -> list[Path]:
     """Sample this rank's share of `cfg.validation.prompts` with `model` into `out_dir` (module docstring);
     returns every prompt's file path (the other ranks write theirs)."""
-    from frameloom.sampling.generate import sample_videos
+    from frameloom.sampling.generate import sample_videos, sampler_description
     from frameloom.sampling.video_io import write_mp4
 
     prompts, seed = list(cfg.validation.prompts), int(cfg.sample.seed)
@@ -104,7 +104,8 @@ def validate_shared(
             videos = sample_videos(
                 model, text_encoder, codec, cfg, [prompts[i] for i in run], [seed] * len(run)
             )
+            tag = {"comment": f"frameloom sampler: {sampler_description(family, model, cfg)}"}
             for i, video in zip(picks, videos):
                 if i is not None and writer:
-                    write_mp4(video, names[i], fps=cfg.sample.fps)
+                    write_mp4(video, names[i], fps=cfg.sample.fps, metadata=tag)
     return names
