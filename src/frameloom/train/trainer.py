@@ -32,7 +32,7 @@ from frameloom.checkpoint.distributed import (
     FULL,
     SHARDED,
     PendingSave,
-    load_training_checkpoint,
+    resume_training_checkpoint,
     save_training_checkpoint,
 )
 from frameloom.config import Config, dump_yaml
@@ -388,8 +388,8 @@ class Trainer:
             return None
         path = pending.finish()
         self._pending = None
-        if self.rank == 0:
-            ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
+        if self.rank == 0:  # never deletes `path`, the newest verified checkpoint
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last, verified=path)
         return path
 
     def save(self) -> Path:
@@ -417,18 +417,18 @@ class Trainer:
         return pending.final
 
     def resume(self) -> Path | None:
-        if self.rank == 0:
-            ckpt.cleanup_partial(self.run_dir)
-        dist_env.barrier()
-        path = ckpt.resolve_checkpoint(self.run_dir, self.cfg.checkpoint.resume)
-        if path is None:
-            return None
-        state = load_training_checkpoint(
-            path,
-            module=self.module,
-            optimizer=self.optimizer,
-            ema=self.ema.state_dict() if self.ema else None,
+        found = (
+            resume_training_checkpoint(  # verified; falls back past damaged ones (checkpoint/distributed.py)
+                self.run_dir,
+                self.cfg.checkpoint.resume,
+                module=self.module,
+                optimizer=self.optimizer,
+                ema=self.ema.state_dict() if self.ema else None,
+            )
         )
+        if found is None:
+            return None
+        path, state = found
         self.scheduler.load_state_dict(state["scheduler"])
         # The saved lr belongs to the old run's schedule; recompute it from this config's schedule, so that a
         # run resumed with a longer train.steps follows its new schedule (identical when nothing changed).
