@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -269,7 +270,7 @@ def resume_training_checkpoint(
                     load_training_checkpoint(path, module=module, optimizer=optimizer, ema=ema),
                     None,
                 )
-            except Exception as exc:  # noqa: BLE001 - any failure to load means: try the previous checkpoint
+            except (Exception, CheckpointException) as exc:  # any failure to load: try the previous one
                 state, error = (
                     None,
                     f"cannot load: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",

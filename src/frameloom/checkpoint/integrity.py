@@ -118,3 +118,18 @@ def verify_checkpoint(folder: str | Path) -> VerifyResult:
         result.files += 1
         result.bytes += size
     return result
+
+
+def verify_run(run_dir: str | Path) -> list[VerifyResult]:
+    """`frameloom verify`: every `step-*` folder of a run, oldest first (complete or not)."""
+    from frameloom.errors import FrameloomError
+
+    root = Path(run_dir) / "checkpoints"
+    if not Path(run_dir).is_dir():
+        raise FrameloomError(f"run directory not found: {run_dir}")
+    if not root.is_dir():
+        raise FrameloomError(f"{run_dir} has no checkpoints/ folder")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    if not folders:
+        raise FrameloomError(f"no checkpoint in {root}")
+    return [verify_checkpoint(p) for p in folders]
