@@ -32,6 +32,11 @@ class DataConfig:
     """auto: read the cache when it is complete for this run's spec, else encode on the fly; never: always on the fly."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    decode_timeout: float = 60.0
+    """Seconds one sample may take to decode when decoding on the fly. Each loader process decodes in a
+    sandbox subprocess (data/sandbox.py): a sample whose decoder crashes or runs longer than this is replaced
+    like any undecodable one and listed in run_dir/quarantine.jsonl. 0 decodes in the loader process itself
+    (no protection)."""
     # -- frame and caption rules of the seeds, path safety (data/video.py, data/captions.py, docs/datasets.md) --
     speed_factor: float = 1.0
     """Open-Sora-Plan speed_factor (>= 1): subsample the strided frames further, by up to this factor."""
@@ -247,6 +252,9 @@ class ParallelConfig:
     """torch.compile each transformer block (after checkpointing, before DDP/FSDP)."""
     async_checkpoint: bool = False
     """Sharded checkpoints are written in the background (dcp.async_save); training continues meanwhile."""
+    timeout_s: float = 600.0
+    """Seconds a collective may wait for the other processes (the process group's timeout). A rank whose peer
+    died or hangs gives up after this long instead of forever; keep it above the longest checkpoint write."""
     video_sync_group: int = 1
     """Pyramid Flow: consecutive data-parallel ranks that receive the same video (each trains its own AR unit)."""
 

@@ -36,6 +36,8 @@ from frameloom.checkpoint.distributed import (
     save_training_checkpoint,
 )
 from frameloom.config import Config, dump_yaml
+from frameloom.data.quarantine import FILE as QUARANTINE_FILE
+from frameloom.data.quarantine import Quarantine
 from frameloom.data.sampler import build_sampler
 from frameloom.errors import FrameloomError
 from frameloom.models.registry import get_family
@@ -129,7 +131,9 @@ class Trainer:
         if cfg.train.steps < 1 or cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
             raise FrameloomError("train.steps, train.batch_size and train.grad_accum must be >= 1")
         # 0. Processes: torchrun's environment (one process without it); the mesh layout, checked up front.
-        self.env = dist_env.init_distributed(pipeline.resolve_device(cfg.train.device))
+        self.env = dist_env.init_distributed(
+            pipeline.resolve_device(cfg.train.device), timeout_s=cfg.parallel.timeout_s
+        )
         self.device = self.env.device
         self.rank, self.world_size = self.env.rank, self.env.world_size
         self.plan = plan_parallel(cfg.parallel, self.world_size, cfg.train.batch_size)
@@ -144,6 +148,7 @@ class Trainer:
         # rank 0 first: a tiny-byt5 encoder is built on first use, and must not be built by every rank at once
         self.text_encoder = dist_env.main_first(lambda: pipeline.load_text_encoder(cfg, self.device))
         self.policy = pipeline.bucket_policy(cfg)  # data.bucket (None: none); the cache and sampler share it
+        self.quarantine = Quarantine(self.run_dir / QUARANTINE_FILE)  # samples that failed to decode
         self.dataset, self.cached = self._build_dataset()
         self.empty_emb, self.empty_mask = self._empty_prompt()
         # What the model needs of the encoders; with a complete cache, training reads latents and embeddings
@@ -208,7 +213,15 @@ class Trainer:
             )
             if not cached.missing():
                 return cached, True
-        return pipeline.ClipDataset(manifest, self.spec, seed=self.cfg.seed, caption_rules=rules), False
+        dataset = pipeline.ClipDataset(
+            manifest,
+            self.spec,
+            seed=self.cfg.seed,
+            caption_rules=rules,
+            decode_timeout=self.cfg.data.decode_timeout,  # crashes and hangs cost one sample (data/sandbox.py)
+            quarantine=self.quarantine.path,
+        )
+        return dataset, False
 
     @torch.no_grad()
     def _empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,6 +295,7 @@ class Trainer:
             "text": [it["text"] for it in items],
             "index": torch.tensor([it["index"] for it in items]),
             "substituted": sum(it.get("substituted", 0) for it in items),
+            "failures": [f for it in items for f in it.get("failures", ())],
         }
 
     def _loader(self) -> DataLoader:
@@ -486,6 +500,8 @@ class Trainer:
                     batch = next(batches)
                     self.batches_consumed += 1
                     self.substituted_samples += int(batch.get("substituted", 0))
+                    if batch.get("failures"):  # recorded as consumed: the same list in resumed runs
+                        self.quarantine.record(batch["failures"])
                     micro_losses.append(self._micro_step(batch, m))
                 loss = float(torch.stack(micro_losses).mean())
                 loss = dist_env.all_reduce_mean(loss, self.device)  # every rank agrees (and skips) together
