@@ -93,9 +93,9 @@ class Quarantine:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                if os.fstat(fd).st_size > 0 and not self._ends_with_newline():
-                    lines.insert(0, "\n")  # a line torn by a kill stays on its own (and is skipped)
-                os.write(fd, "".join(lines).encode())
+                torn = os.fstat(fd).st_size > 0 and not self._ends_with_newline()
+                text = ("\n" if torn else "") + "".join(lines)  # a line torn by a kill stays on its own
+                os.write(fd, text.encode())
             finally:
                 os.close(fd)
         return len(lines)

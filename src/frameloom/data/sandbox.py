@@ -24,6 +24,7 @@ by the kernel when its parent dies (`die_with_parent`); it also exits when its r
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import json
 import os
 import pickle
@@ -116,6 +117,7 @@ def _serve(requests: int, replies: int, parent: int) -> None:
     """The child's loop: decode requests until the request pipe closes. Never returns into the parent's code
     (the caller `os._exit`s)."""
     die_with_parent(parent)
+    faulthandler.disable()  # a crash is the parent's to report, as one line (no inherited stack dump)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)  # one sample at a time; no OpenMP pool inherited across fork
