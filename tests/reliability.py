@@ -232,3 +232,73 @@ def read_jsonl(path: Path) -> list[dict]:
         except ValueError:
             pass
     return out
+
+
+# ---------------------------------------------------------------- a recorded training run (rank function)
+
+
+def train_recorded(rank: int, overrides: list[str], records: Path, widen: float = 0.0) -> None:
+    """Train with `overrides` and append to records/rank{rank}.jsonl what happened: the resume point, each
+    micro-batch's (step, slot, sample indices, failures) and, on rank 0, when a checkpoint starts to be
+    published. `widen` > 0 sleeps inside the checkpoint write's windows (after the shards are written,
+    after meta.json is written, before a folder is deleted), so a kill lands there more often."""
+    import shutil
+
+    from frameloom.checkpoint import distributed, io
+    from frameloom.config import load_config
+    from frameloom.train.trainer import Trainer
+
+    log = open(records / f"rank{rank}.jsonl", "a", buffering=1)
+
+    def event(**kw: Any) -> None:
+        log.write(json.dumps(dict(kw, t=round(time.time(), 3))) + "\n")
+
+    if widen:
+        publish, fsync_tree, rmtree = distributed.publish, io._fsync_tree, shutil.rmtree
+
+        def slow_publish(tmp, final, meta, checksums=None):
+            event(publish=final.name)
+            time.sleep(widen)
+            return publish(tmp, final, meta, checksums)
+
+        def slow_fsync_tree(folder):
+            fsync_tree(folder)
+            time.sleep(widen)  # meta.json is written, the folder not yet renamed
+
+        def slow_rmtree(path, *args, **kw):
+            time.sleep(widen)
+            return rmtree(path, *args, **kw)
+
+        distributed.publish, io._fsync_tree, shutil.rmtree = slow_publish, slow_fsync_tree, slow_rmtree
+
+    trainer = Trainer(load_config(None, overrides))
+    resume, micro_step = trainer.resume, trainer._micro_step
+
+    def recorded_resume():
+        path = resume()
+        event(resumed=path.name if path else None, step=trainer.step)
+        return path
+
+    def recorded_micro_step(batch, micro, *args, **kw):
+        slot = micro * trainer.data_world + trainer.data_rank
+        event(
+            step=trainer.step + 1,
+            slot=slot,
+            index=batch["index"].tolist(),
+            failures=batch.get("failures", []),
+        )
+        return micro_step(batch, micro, *args, **kw)
+
+    trainer.resume, trainer._micro_step = recorded_resume, recorded_micro_step
+    result = trainer.fit()
+    event(done=result.step)
+
+
+def last_batches(records: Path, world: int = 2) -> dict[int, list[int]]:
+    """step -> the step's global batch (micro-batches in slot order), from the last time it was trained."""
+    by_step: dict[int, dict[int, list[int]]] = {}
+    for rank in range(world):
+        for rec in read_jsonl(records / f"rank{rank}.jsonl"):
+            if "slot" in rec:
+                by_step.setdefault(rec["step"], {})[rec["slot"]] = rec["index"]
+    return {s: sum((slots[k] for k in sorted(slots)), []) for s, slots in sorted(by_step.items())}
