@@ -302,3 +302,31 @@ def last_batches(records: Path, world: int = 2) -> dict[int, list[int]]:
             if "slot" in rec:
                 by_step.setdefault(rec["step"], {})[rec["slot"]] = rec["index"]
     return {s: sum((slots[k] for k in sorted(slots)), []) for s, slots in sorted(by_step.items())}
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Live (not zombie) processes whose environment holds RELIABILITY_TAG=`tag`: a launched tree, including
+    processes that lost their parent (their environment is inherited through fork and exec)."""
+    needle = f"RELIABILITY_TAG={tag}".encode()
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+        except OSError:
+            continue
+        stat = proc_stat(int(entry))
+        if needle in environ.split(b"\0") and stat is not None and stat["state"] != "Z":
+            out.append(int(entry))
+    return out
+
+
+def wait_untagged(tag: str, timeout: float) -> tuple[float, list[int]]:
+    """Seconds until no process carries `tag` (or `timeout`), and the ones left."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if not tagged_processes(tag):
+            return time.monotonic() - start, []
+        time.sleep(0.05)
+    return time.monotonic() - start, tagged_processes(tag)

@@ -18,7 +18,8 @@ import torch.distributed.checkpoint as dcp
 from frameloom.checkpoint import io as ckpt
 from frameloom.checkpoint.distributed import resume_training_checkpoint
 from frameloom.checkpoint.integrity import file_checksums, verify_checkpoint
-from frameloom.checkpoint.safe import MetadataUnpickler, SafeFileSystemReader, UnsafeCheckpointError
+from frameloom.checkpoint.safe import MetadataUnpickler, UnsafeCheckpointError
+from frameloom.checkpoint.safe_dcp import SafeFileSystemReader
 from frameloom.cli import main
 from frameloom.config import load_config
 from frameloom.data import synthetic
@@ -333,3 +334,29 @@ def test_rng_state_round_trips_through_weights_only(tmp_path):
     expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     ckpt.restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+# ---------------------------------------------------------------- restart after a crash elsewhere
+
+
+def test_a_kill_while_building_the_tiny_text_encoder_needs_no_cleanup(tmp_path, monkeypatch):
+    """The quickstart's tiny-byt5 is built on first use; a kill mid-build used to leave a folder with
+    config.json but no weights, which every later start took as built."""
+    from frameloom.models import text
+    from frameloom.models.text import T5TextEncoder
+    from frameloom.pipeline import text_encoder_dir
+
+    cfg = load_config(None, [*TINY, f"run_dir={tmp_path / 'runs' / 'a'}"])
+    real = text.build_tiny_t5
+
+    def killed_build(out, **kw):
+        Path(out).mkdir(parents=True)
+        (Path(out) / "config.json").write_text("{}")  # the first file written, then the kill
+        raise Killed
+
+    monkeypatch.setattr(text, "build_tiny_t5", killed_build)
+    with pytest.raises(Killed):
+        text_encoder_dir(cfg)
+    monkeypatch.setattr(text, "build_tiny_t5", real)
+    path = text_encoder_dir(cfg)  # the restart: no manual cleanup
+    assert T5TextEncoder.from_pretrained(path).dim == 32

@@ -135,8 +135,17 @@ def text_encoder_dir(cfg: Config) -> Path:
         from frameloom.models.text import build_tiny_t5
 
         path = Path(cfg.run_dir).resolve().parent / ".frameloom_models" / TINY_BYT5
-        if not (path / "config.json").exists():
-            build_tiny_t5(path, seed=0)
+        if not path.is_dir():  # built aside and renamed in: a kill mid-build leaves no half encoder here
+            import os
+            import shutil
+
+            tmp = path.parent / f".tmp-{TINY_BYT5}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            build_tiny_t5(tmp, seed=0)
+            try:
+                os.rename(tmp, path)
+            except OSError:  # another process built it meanwhile (the same, deterministic encoder)
+                shutil.rmtree(tmp, ignore_errors=True)
         return path
     path = Path(name)
     if not path.is_dir():

@@ -56,7 +56,7 @@ from frameloom.checkpoint.io import (
     step_name,
     warn_damaged,
 )
-from frameloom.checkpoint.safe import SafeFileSystemReader, SafeLoadPlanner
+from frameloom.checkpoint.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
 from frameloom.parallel.env import all_gather_objects, barrier, broadcast_object, is_distributed
 
 FULL, SHARDED = "full", "sharded"

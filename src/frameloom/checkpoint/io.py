@@ -38,12 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from frameloom.checkpoint.integrity import META, file_checksums, read_meta_json, verify_checkpoint
-from frameloom.checkpoint.safe import (
-    SafeFileSystemReader,
-    SafeLoadPlanner,
-    UnsafeCheckpointError,
-    load_state_file,
-)
+from frameloom.checkpoint.safe import UnsafeCheckpointError, load_state_file
 from frameloom.errors import FrameloomError
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
@@ -287,6 +282,8 @@ def _load_sharded_tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor] 
     in this process alone (DCP assembles each tensor from the shards of every rank that wrote it)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from frameloom.checkpoint.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
 
     reader = SafeFileSystemReader(str(folder))
     metadata = reader.read_metadata().state_dict_metadata

@@ -10,20 +10,19 @@ code at resume. Everything a resume reads goes through this module instead:
 - `dcp/*.distcp`: tensors are read by DCP with `weights_only=True` already; the non-tensor entries
   ("bytes" items such as optimizer hyper-parameters) go through `SafeLoadPlanner`, which reads them with
   `weights_only=True` too (DCP's default planner uses `weights_only=False`).
+The two DCP classes live in safe_dcp.py, so that reading a full checkpoint never imports
+torch.distributed.checkpoint (seconds of start-up).
 
 model/EMA weights are safetensors files (no code at all), meta.json is JSON.
 """
 
 from __future__ import annotations
 
-import io
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from frameloom.errors import FrameloomError
 
@@ -66,36 +65,3 @@ def load_state_file(path: str | Path) -> Any:
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsafeCheckpointError(f"{path} holds more than plain data ({first})") from None
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """`FileSystemReader` whose `.metadata` goes through `MetadataUnpickler`."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as fh:
-            metadata = MetadataUnpickler(fh).load()
-        if not isinstance(metadata, Metadata):
-            raise UnsafeCheckpointError(f"{path} is not a DCP metadata file")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """`DefaultLoadPlanner` that reads non-tensor entries with `weights_only=True`."""
-
-    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-        try:
-            obj = torch.load(value, weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise UnsafeCheckpointError(
-                f"DCP entry {read_item.dest_index.fqn} holds more than plain data"
-            ) from exc
-        # Re-serialize what was read as plain data: the default planner's own (unrestricted) torch.load then
-        # only ever sees bytes written here, never the file's.
-        clean = io.BytesIO()
-        torch.save(obj, clean)
-        clean.seek(0)
-        super().load_bytes(read_item, clean)

@@ -117,7 +117,12 @@ def _serve(requests: int, replies: int, parent: int) -> None:
     """The child's loop: decode requests until the request pipe closes. Never returns into the parent's code
     (the caller `os._exit`s)."""
     die_with_parent(parent)
-    faulthandler.disable()  # a crash is the parent's to report, as one line (no inherited stack dump)
+    # A crash is the parent's to report, as one line: no inherited stack dump (faulthandler) and no
+    # DataLoader worker handler ("Unexpected segmentation fault encountered in worker").
+    faulthandler.disable()
+    for name in ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)  # one sample at a time; no OpenMP pool inherited across fork
