@@ -33,6 +33,7 @@ import signal
 import struct
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +187,9 @@ class DecodeSandbox:
         _grow_pipe(rep_w)
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        with warnings.catch_warnings():  # Python >= 3.12 warns about forking a process with threads: the
+            warnings.simplefilter("ignore", DeprecationWarning)  # child only decodes (see _serve)
+            pid = os.fork()
         if pid == 0:  # the child: serve, then leave without running any of the parent's exit handlers
             code = 0
             try:
