@@ -48,13 +48,12 @@ from frameloom.checkpoint.io import (
     capture_rng,
     checkpoint_dir,
     cleanup_partial,
+    first_valid,
     load_state,
     new_tmp,
     publish,
     read_meta,
-    resume_candidates,
     step_name,
-    warn_damaged,
 )
 from frameloom.checkpoint.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
 from frameloom.parallel.env import all_gather_objects, barrier, broadcast_object, is_distributed
@@ -71,6 +70,11 @@ def _rank() -> int:
 
 def _full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _world() -> int:
@@ -247,42 +251,29 @@ def resume_training_checkpoint(
 ) -> tuple[Path, dict[str, Any]] | None:
     """`checkpoint.resume` (None, `latest` or a folder) loaded into module, optimizer and EMA (collective).
 
-    Rank 0 first removes what killed saves left (`io.cleanup_partial`). Then, newest first, rank 0 verifies
-    a candidate's checksums and every rank loads it; a damaged or unloadable one is skipped on every rank with
-    a warning naming the file, and the previous one is tried (for `latest`; a named folder must be valid).
-    Returns (folder, non-tensor state) or None when there is nothing to resume; raises `CheckpointError` when
-    checkpoints exist but none is valid."""
+    Rank 0 first removes what killed saves left (`io.cleanup_partial`). Then, newest first (`io.first_valid`),
+    rank 0 verifies a candidate's checksums and every rank loads it; a damaged or unloadable one is skipped on
+    every rank with a warning naming the file, and the previous one is tried (for `latest`; a named folder
+    must be valid). Returns (folder, non-tensor state) or None when there is nothing to resume; raises
+    `CheckpointError` when checkpoints exist but none is valid."""
+    loaded: dict[str, Any] = {}
+
+    def check(path: Path) -> list[str]:
+        """Rank 0 verifies the checksums; if they hold, every rank loads; the problems of all ranks."""
+        problems = broadcast_object(verify_checkpoint(path).problems if _rank() == 0 else None)
+        if problems:
+            return problems
+        error = None
+        try:
+            loaded["state"] = load_training_checkpoint(path, module=module, optimizer=optimizer, ema=ema)
+        except (Exception, CheckpointException) as exc:  # any failure to load: try the previous one
+            error = f"cannot load: {_first_line(exc)}"
+        return sorted({e for e in all_gather_objects(error) if e})
+
     if _rank() == 0:
         cleanup_partial(run_dir)
-        try:
-            found: Any = [str(p) for p in resume_candidates(run_dir, which)]
-        except CheckpointError as exc:
-            found = exc
-    found = broadcast_object(found if _rank() == 0 else None)
-    if isinstance(found, Exception):
-        raise CheckpointError(str(found))
-    rejected = []
-    for path in map(Path, found):
-        problems = broadcast_object(verify_checkpoint(path).problems if _rank() == 0 else None)
-        if not problems:
-            try:
-                state, error = (
-                    load_training_checkpoint(path, module=module, optimizer=optimizer, ema=ema),
-                    None,
-                )
-            except (Exception, CheckpointException) as exc:  # any failure to load: try the previous one
-                state, error = (
-                    None,
-                    f"cannot load: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
-                )
-            problems = sorted({e for e in all_gather_objects(error) if e})
-            if not problems:
-                return path, state
-        if which != "latest":
-            raise CheckpointError(f"checkpoint {path} is damaged: {'; '.join(problems)}")
-        if _rank() == 0:
-            warn_damaged(path, problems)
-        rejected.append(f"{path.name}: {problems[0]}")
-    if rejected:
-        raise CheckpointError(f"no valid checkpoint in {checkpoint_dir(run_dir)} ({'; '.join(rejected)})")
-    return None
+    barrier()
+    # Every rank walks the same candidates (one shared folder listing) and `check` returns the same problems
+    # on every rank, so all of them skip, load or fail together.
+    found = first_valid(run_dir, which, check, warn=_rank() == 0)
+    return (found, loaded["state"]) if found is not None else None

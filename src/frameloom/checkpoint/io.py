@@ -30,6 +30,7 @@ import random
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -227,31 +228,38 @@ def resume_candidates(run_dir: str | Path, which: str | None) -> list[Path]:
     return [path]
 
 
-def warn_damaged(path: Path, problems: list[str]) -> None:
-    log.warning(
-        "checkpoint %s is damaged (%s); falling back to the previous valid checkpoint",
-        path,
-        "; ".join(problems),
-    )
+def first_valid(
+    run_dir: str | Path, which: str | None, check: Callable[[Path], list[str]], *, warn: bool = True
+) -> Path | None:
+    """The first of `resume_candidates(run_dir, which)` for which `check(folder)` finds no problem.
+
+    A folder with problems is skipped with a warning naming them (if `warn`; for `latest`: a folder named
+    explicitly must pass). None when there is no candidate; `CheckpointError` when there are some and none
+    passes."""
+    rejected = []
+    for path in resume_candidates(run_dir, which):
+        problems = check(path)
+        if not problems:
+            return path
+        if which != "latest":
+            raise CheckpointError(f"checkpoint {path} is damaged: {'; '.join(problems)}")
+        if warn:
+            log.warning(
+                "checkpoint %s is damaged (%s); falling back to the previous valid checkpoint",
+                path,
+                "; ".join(problems),
+            )
+        rejected.append(f"{path.name}: {problems[0]}")
+    if rejected:
+        raise CheckpointError(f"no valid checkpoint in {checkpoint_dir(run_dir)} ({'; '.join(rejected)})")
+    return None
 
 
 def resolve_checkpoint(run_dir: str | Path, which: str | None) -> Path | None:
     """`None` -> None; `latest` -> the newest checkpoint whose files match their checksums (damaged newer
     ones are skipped with a warning naming the bad file; None if there is no checkpoint; an error if every
     one is damaged); else the named folder, which must be complete and undamaged."""
-    candidates = resume_candidates(run_dir, which)
-    damaged = []
-    for path in candidates:
-        result = verify_checkpoint(path)
-        if result.ok:
-            return path
-        if which != "latest":
-            raise CheckpointError(f"checkpoint {path} is damaged: {'; '.join(result.problems)}")
-        warn_damaged(path, result.problems)
-        damaged.append(f"{path.name}: {result.problems[0]}")
-    if damaged:
-        raise CheckpointError(f"no valid checkpoint in {checkpoint_dir(run_dir)} ({'; '.join(damaged)})")
-    return None
+    return first_valid(run_dir, which, lambda path: verify_checkpoint(path).problems)
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
