@@ -35,6 +35,10 @@ def install_stall(spec: str) -> None:
 
 
 if __name__ == "__main__":
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a stack dump on demand (a hung process)
     if os.environ.get("RELIABILITY_STALL"):
         install_stall(os.environ["RELIABILITY_STALL"])
     from frameloom.cli import main
