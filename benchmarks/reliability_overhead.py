@@ -2,9 +2,9 @@
 
 - decode: seconds per clip of `decode_clip` in the loading process (one torch thread, as in a DataLoader
   worker) against the same clips through the decode sandbox (data/sandbox.py: a forked child, the clip
-  copied back through a pipe), median of `--repeats` passes over a synthetic set; plus the one-time cost of
-  forking the child. Also a whole loader: `ClipDataset` batches per second with `--workers` workers,
-  `data.decode_timeout` 0 (no sandbox) against the default sandbox.
+  copied back through a pipe), median of `--repeats` interleaved passes over a synthetic set; plus the
+  one-time cost of forking the child. Also a whole loader: `ClipDataset` batches per second with `--workers`
+  workers, `data.decode_timeout` 0 (no sandbox) against the default sandbox (interleaved rounds, median).
 - checksums: SHA-256 throughput of checkpoint files (what `publish` adds to a save and `verify` costs), on
   a `--checkpoint-mb` file.
 
@@ -47,18 +47,27 @@ def per_clip(fns: dict, rows: list[dict], repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def loader_rate(manifest: Path, spec: ClipSpec, timeout: float, workers: int, batches: int) -> float:
-    dataset = ClipDataset(manifest, spec, decode_timeout=timeout)
-    sampler = ResumableBatchSampler(len(dataset), 4, seed=0)
-    loader = DataLoader(
-        dataset, batch_sampler=sampler, num_workers=workers, collate_fn=lambda items: len(items)
-    )
-    it = iter(loader)
-    next(it)  # workers (and their sandboxes) started
-    start = time.perf_counter()
-    for _ in itertools.islice(it, batches):
-        pass
-    return batches / (time.perf_counter() - start)
+def loader_rates(
+    manifest: Path, spec: ClipSpec, workers: int, batches: int, repeats: int
+) -> dict[str, float]:
+    """Batches per second of two loaders (no sandbox, sandbox), both kept alive and measured in interleaved
+    rounds of `batches` (median), so load drifts hit both alike (and both start a round with their prefetched
+    batches ready)."""
+    iters = {}
+    for name, timeout in (("no_sandbox", 0), ("sandbox", 60)):
+        dataset = ClipDataset(manifest, spec, decode_timeout=timeout)
+        sampler = ResumableBatchSampler(len(dataset), 4, seed=0)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=len)
+        iters[name] = iter(loader)
+        next(iters[name])  # workers (and their sandboxes) started
+    rates: dict[str, list[float]] = {name: [] for name in iters}
+    for _ in range(repeats):
+        for name, it in iters.items():
+            start = time.perf_counter()
+            for _ in itertools.islice(it, batches):
+                pass
+            rates[name].append(batches / (time.perf_counter() - start))
+    return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def main() -> None:
@@ -92,9 +101,9 @@ def main() -> None:
         )
         in_process, sandboxed = timed["in_process"], timed["sandbox"]
         box.close()
-        batches = max(4, args.clips // 4 * 2)
-        plain = loader_rate(manifest, spec, 0, args.workers, batches)
-        boxed = loader_rate(manifest, spec, 60, args.workers, batches)
+        # rounds much longer than the batches prefetched meanwhile (2 per worker), which come for free
+        rates = loader_rates(manifest, spec, args.workers, 12 * args.workers, args.repeats)
+        plain, boxed = rates["no_sandbox"], rates["sandbox"]
 
         blob = root / "blob.bin"
         with open(blob, "wb") as fh:

@@ -42,7 +42,10 @@ def crashing(monkeypatch):
     monkeypatch.setattr(sandbox, "decode_clip", crashing_decoder)
 
 
-def test_sandbox_returns_exactly_what_decode_clip_returns(data):
+@pytest.mark.parametrize("through", ["shared memory", "pipe"])
+def test_sandbox_returns_exactly_what_decode_clip_returns(data, monkeypatch, through):
+    if through == "pipe":  # where there is no memfd
+        monkeypatch.setattr(sandbox, "_new_shared_memory", lambda: None)
     box = DecodeSandbox(timeout=30)
     clean = data["root"] / "clean"
     for row in synthetic_rows(clean)[:3]:
