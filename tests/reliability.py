@@ -10,9 +10,7 @@ import multiprocessing as mp
 import os
 import random
 import signal
-import socket
 import time
-import traceback
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
@@ -24,6 +22,8 @@ from frameloom.data import sandbox
 from frameloom.data.manifest import from_rows, read_manifest, write_manifest
 from frameloom.data.video import ClipSpec, DecodeError
 from media import truncate, write_video
+from test_parallel import _entry as rank_entry  # torchrun's environment, one thread, leaves the group
+from test_parallel import free_port
 
 # ---------------------------------------------------------------- a corrupt clip set
 
@@ -160,34 +160,11 @@ def wait_gone(sid: int, timeout: float) -> tuple[float, list[int]]:
     return time.monotonic() - start, session_processes(sid)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_entry(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-    import torch
-
-    torch.set_num_threads(1)
-    from frameloom.parallel import destroy_distributed
-
-    try:
-        fn(rank, *args)
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        destroy_distributed()
-
-
 def _leader(world: int, fn: Callable, args: tuple) -> None:
     os.setsid()  # the tree is one session: killpg reaches every rank, worker and decoder
     ctx = mp.get_context("fork")
     port = free_port()
-    ranks = [ctx.Process(target=_rank_entry, args=(r, world, port, fn, args)) for r in range(world)]
+    ranks = [ctx.Process(target=rank_entry, args=(r, fn, world, port, args)) for r in range(world)]
     for p in ranks:
         p.start()
     for p in ranks:
