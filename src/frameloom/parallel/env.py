@@ -80,13 +80,22 @@ def die_with_parent(parent_pid: int | None = None, sig: int = signal.SIGKILL) ->
     return True
 
 
+def default_backend(device_type: str, *, cpu_collectives: bool = False) -> str:
+    """The process group's backend: gloo on CPU; NCCL on CUDA, with gloo beside it for CPU tensors
+    (`cuda:nccl,cpu:gloo`) when `cpu_collectives` (FSDP CPU offload: gradient norms of CPU shards)."""
+    if device_type != "cuda":
+        return "gloo"
+    return "cuda:nccl,cpu:gloo" if cpu_collectives else "nccl"
+
+
 def init_distributed(
     device: torch.device | str = "cpu", *, backend: str | None = None, timeout_s: float | None = None
 ) -> DistEnv:
     """Join the default process group when WORLD_SIZE > 1 (or one is already initialised).
 
     `device` is the configured device type (`cpu` or `cuda`); on CUDA each process takes GPU LOCAL_RANK.
-    `backend` overrides the choice (NCCL on CUDA, gloo on CPU), e.g. gloo for CPU-only collectives.
+    `backend` overrides the choice (`default_backend`: NCCL on CUDA, gloo on CPU), e.g. gloo for CPU-only
+    collectives, `cuda:nccl,cpu:gloo` for both.
     `timeout_s` bounds every collective (`parallel.timeout_s`; None: PyTorch's default), so a rank whose
     peer died or hangs gives up instead of waiting forever. A process started by a launcher (WORLD_SIZE > 1)
     dies with it (`die_with_parent`). Idempotent: a second call returns the same environment.
@@ -114,11 +123,11 @@ def init_distributed(
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         die_with_parent()  # the launcher (torchrun) is our parent: never outlive it
-        chosen = backend or ("nccl" if device.type == "cuda" else "gloo")
+        chosen = backend or default_backend(device.type)
         kwargs: dict[str, Any] = {"backend": chosen, "rank": rank, "world_size": world}
         if timeout_s:
             kwargs["timeout"] = timedelta(seconds=timeout_s)
-        if chosen == "nccl":
+        if "nccl" in chosen:
             kwargs["device_id"] = device  # binds the communicator to this GPU up front
         dist.init_process_group(**kwargs)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
