@@ -162,6 +162,17 @@ def _cmd_export(args: argparse.Namespace, _: list[str]) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace, _: list[str]) -> int:
+    from frameloom.checkpoint.integrity import verify_run
+
+    results = verify_run(args.run_dir)
+    for result in results:
+        print(result.line())
+    damaged = sum(not r.ok for r in results)
+    print(f"{len(results)} checkpoint(s): {len(results) - damaged} ok, {damaged} damaged")
+    return 1 if damaged else 0
+
+
 def _cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     import os
 
@@ -422,6 +433,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "verify",
+        help="check every checkpoint's files against their checksums",
+        description="Recomputes the checksum of every file of every checkpoints/step-* folder of a run and "
+        "compares it with the one recorded in its meta.json; prints one line per checkpoint naming each "
+        "missing, truncated, altered or unlisted file. Exit status 0 when all are intact, 1 when any is "
+        "damaged, 2 when RUN_DIR has no checkpoints.",
+    )
+    p.add_argument("run_dir", help="run directory")
+    p.set_defaults(func=_cmd_verify)
     return parser
 
 
