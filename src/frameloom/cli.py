@@ -121,10 +121,14 @@ def _cmd_sample(args: argparse.Namespace, overrides: list[str]) -> int:
     from frameloom.parallel.env import destroy_distributed
     from frameloom.sampling.generate import sample_command
 
-    if (args.prompt is None) == (args.class_labels is None):
+    if args.prompt is not None and args.class_labels is not None:
+        raise FrameloomError("give either --prompt TEXT... or --class N..., not both")
+    if args.prompt is None and args.class_labels is None and args.fid_npz is None:
         raise FrameloomError("give either --prompt TEXT... or --class N...")
+    if args.fid_npz is not None and args.fid_npz < 1:
+        raise FrameloomError(f"--fid-npz must be a positive sample count, got {args.fid_npz}")
     # a class index is the "caption" of a class-conditional model (its label encoder reads the number)
-    prompts = args.prompt if args.prompt is not None else [str(c) for c in args.class_labels]
+    prompts = args.prompt if args.prompt is not None else [str(c) for c in args.class_labels or []]
     if args.image is not None:
         if not Path(args.image).is_file():
             raise FrameloomError(f"--image not found: {args.image}")
@@ -140,6 +144,7 @@ def _cmd_sample(args: argparse.Namespace, overrides: list[str]) -> int:
             seeds=args.seed,
             negative_prompt=args.negative_prompt,
             overrides=overrides,
+            fid_npz=args.fid_npz,
         )
     finally:
         destroy_distributed()
@@ -153,10 +158,46 @@ def _cmd_export(args: argparse.Namespace, _: list[str]) -> int:
     from frameloom.export import export_run
 
     paths = export_run(
-        args.run_dir, fmt=args.format, out=args.out, checkpoint=args.checkpoint, comfyui=args.comfyui
+        args.run_dir,
+        fmt=args.format,
+        out=args.out,
+        checkpoint=args.checkpoint,
+        comfyui=args.comfyui,
+        kohya=args.kohya,
+        dtype=args.dtype,
     )
     for p in paths:
         print(p)
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace, _: list[str]) -> int:
+    from frameloom.checkpoint.integrity import verify_run
+
+    results = verify_run(args.run_dir)
+    for result in results:
+        print(result.line())
+    damaged = sum(not r.ok for r in results)
+    print(f"{len(results)} checkpoint(s): {len(results) - damaged} ok, {damaged} damaged")
+    return 1 if damaged else 0
+
+
+def _cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    import os
+
+    from frameloom.config import load_config
+    from frameloom.memory.plan import plan_memory
+
+    if args.gpu_memory is not None and args.gpu_memory <= 0:
+        raise FrameloomError("--gpu-memory must be a positive number of GiB")
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 1:
+        raise FrameloomError("--world-size must be >= 1")
+    gpu = int(args.gpu_memory * 1024**3) if args.gpu_memory is not None else None
+    plan = plan_memory(
+        load_config(args.config, overrides), gpu_memory=gpu, world_size=world, device_type=args.device
+    )
+    print(plan.to_json() if args.json else plan.table())
     return 0
 
 
@@ -212,8 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--format",
         default="auto",
-        choices=["auto", "folder", "opensora", "opensora-plan", "cogvideox", "pyramid"],
-        help="source dialect (default: auto-detect from the layout)",
+        choices=[
+            "auto",
+            "folder",
+            "opensora",
+            "opensora-plan",
+            "cogvideox",
+            "pyramid",
+            "imagenet",
+            "fastdit",
+        ],
+        help="source dialect (default: auto-detect from the layout; imagenet = class folders or a "
+        "path/label table, fastdit = fast-DiT's .npy features + labels: only by name)",
     )
     p.add_argument("--workers", type=int, default=1, help="parallel probe processes (default: 1)")
     p.add_argument(
@@ -263,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--to",
         required=True,
-        choices=["folder", "opensora", "opensora-plan", "cogvideox", "pyramid"],
+        choices=["folder", "opensora", "opensora-plan", "cogvideox", "pyramid", "imagenet"],
         help="target dialect",
     )
     p.add_argument(
@@ -299,9 +350,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train, takes_overrides=True)
 
     p = sub.add_parser(
+        "plan",
+        help="memory estimate per process for the config's model, buckets and parallel layout",
+        description="Builds the model from its configs on the meta device (no weights are read) and traces "
+        "one training step per bucket: weights, gradients, optimizer and EMA per process for the parallel "
+        "layout (FSDP/DDP, CPU offload, block swapping), activations per bucket, the total, whether it fits "
+        "the GPU and the largest batch that does. See src/frameloom/memory/plan.py for what is counted.",
+    )
+    p.add_argument("config", help="YAML config")
+    p.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="GPU memory per process in GiB (default: this machine's GPU, if any)",
+    )
+    p.add_argument(
+        "--world-size", type=int, default=None, help="processes of the run (default: WORLD_SIZE or 1)"
+    )
+    p.add_argument(
+        "--device",
+        default="cuda",
+        choices=["cuda", "cpu"],
+        help="where the run trains: cuda (default; train.mixed_precision auto means bf16) or cpu",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.set_defaults(func=_cmd_plan, takes_overrides=True)
+
+    p = sub.add_parser(
         "sample",
         help="generate mp4s from a run or config",
-        description="Generates one H.264 mp4 per prompt and seed, from the EMA weights by default.",
+        description="Generates one H.264 mp4 per prompt and seed (a PNG for image models: data.num_frames 1), "
+        "from the EMA weights by default; --fid-npz N writes an FID sample batch instead.",
     )
     p.add_argument("source", help="a run directory or a YAML config")
     p.add_argument("--prompt", nargs="+", default=None, help="one or more prompts")
@@ -321,6 +401,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--checkpoint", default="latest", help="checkpoint folder or 'latest' (default)")
+    p.add_argument(
+        "--fid-npz",
+        type=int,
+        default=None,
+        metavar="N",
+        help="write N samples as OUT/samples_N.npz (arr_0 uint8 NHWC, what FID tools read) instead of files; "
+        "sample i uses class/prompt i mod K (default: every class in turn) and seed sample.seed + i",
+    )
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: config sample.steps)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: sample.guidance)")
     p.add_argument(
@@ -347,15 +435,40 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         choices=["diffusers", "lora", "safetensors", "native"],
         help="lora (diffusers LoRA file), diffusers (pipeline directory), safetensors (one weights file) or "
-        "native (the seed system's released layout: Open-Sora-Plan's model folder)",
+        "native (the seed system's released layout: Open-Sora-Plan's model folder, Open-Sora 2.0's "
+        "Open_Sora_v2.safetensors, dit_class: DiT's .pt)",
     )
     p.add_argument(
         "--comfyui",
         action="store_true",
-        help="with --format lora: also write lora_comfyui.safetensors with ComfyUI key names",
+        help="with --format lora: also write lora_comfyui.safetensors with the module names of ComfyUI's own "
+        "model (diffusion_model.<name>.lora_down/lora_up/alpha)",
+    )
+    p.add_argument(
+        "--kohya",
+        action="store_true",
+        help="with --format lora: also write lora_kohya.safetensors (lora_unet_<name with _> keys, as "
+        "musubi-tuner and sd-scripts write them; ComfyUI loads it too)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=["bf16", "fp32"],
+        help="precision of the LoRA files (default: bf16; fp32 keeps the trained values exactly)",
     )
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "verify",
+        help="check every checkpoint's files against their checksums",
+        description="Recomputes the checksum of every file of every checkpoints/step-* folder of a run and "
+        "compares it with the one recorded in its meta.json; prints one line per checkpoint naming each "
+        "missing, truncated, altered or unlisted file. Exit status 0 when all are intact, 1 when any is "
+        "damaged, 2 when RUN_DIR has no checkpoints.",
+    )
+    p.add_argument("run_dir", help="run directory")
+    p.set_defaults(func=_cmd_verify)
     return parser
 
 

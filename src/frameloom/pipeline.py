@@ -29,6 +29,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """`train.mixed_precision` -> the autocast dtype of training, validation and sampling (None: fp32):
+    `auto` is bf16 on CUDA and fp32 elsewhere, `bf16` always, `no` never."""
+    if mixed_precision == "no" or (mixed_precision == "auto" and device.type != "cuda"):
+        return None
+    if mixed_precision in ("auto", "bf16"):
+        return torch.bfloat16
+    raise FrameloomError(f"train.mixed_precision must be auto, bf16 or no, not {mixed_precision!r}")
+
+
 def clip_spec(cfg: Config) -> ClipSpec:
     """The config's clip spec, checked: one stride rule, speed_factor >= 1, a known temporal crop and frame
     policy, and a num_frames valid under that policy (docs/datasets.md, "Frame rules")."""
@@ -63,12 +73,25 @@ def clip_spec(cfg: Config) -> ClipSpec:
         temporal_crop=d.temporal_crop,
         frame_policy=d.frame_policy,
         sp_size=cfg.parallel.sp_size if d.frame_policy == "opensora_plan" else 1,
+        resize=_checked_resize(d.resize),
+        hflip=bool(d.hflip),
     )
 
 
+def _checked_resize(name: str) -> str:
+    if name not in ("cover", "adm"):
+        raise FrameloomError(f"data.resize must be cover or adm, not {name!r}")
+    return name
+
+
 def caption_rules(cfg: Config) -> CaptionRules:
-    """The config's caption rules (``data.caption_aesthetic``, ``data.caption_fps_suffix``), checked."""
-    return CaptionRules(aesthetic=cfg.data.caption_aesthetic, fps_suffix=bool(cfg.data.caption_fps_suffix))
+    """The config's caption rules (``data.caption_aesthetic``, ``data.caption_fps_suffix``,
+    ``data.caption_motion_score``), checked."""
+    return CaptionRules(
+        aesthetic=cfg.data.caption_aesthetic,
+        fps_suffix=bool(cfg.data.caption_fps_suffix),
+        motion_score=bool(cfg.data.caption_motion_score),
+    )
 
 
 def bucket_policy(cfg: Config):
@@ -135,8 +158,17 @@ def text_encoder_dir(cfg: Config) -> Path:
         from frameloom.models.text import build_tiny_t5
 
         path = Path(cfg.run_dir).resolve().parent / ".frameloom_models" / TINY_BYT5
-        if not (path / "config.json").exists():
-            build_tiny_t5(path, seed=0)
+        if not path.is_dir():  # built aside and renamed in: a kill mid-build leaves no half encoder here
+            import os
+            import shutil
+
+            tmp = path.parent / f".tmp-{TINY_BYT5}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            build_tiny_t5(tmp, seed=0)
+            try:
+                os.rename(tmp, path)
+            except OSError:  # another process built it meanwhile (the same, deterministic encoder)
+                shutil.rmtree(tmp, ignore_errors=True)
         return path
     path = Path(name)
     if not path.is_dir():
@@ -151,9 +183,9 @@ def load_text_encoder(cfg: Config, device: torch.device | str = "cpu"):
     family = get_family(cfg.model.family)
     if family.load_text_encoder is not None:
         return family.load_text_encoder(cfg, torch.device(device))
-    return T5TextEncoder.from_pretrained(text_encoder_dir(cfg), max_length=cfg.model.text_max_length).to(
-        device
-    )
+    return T5TextEncoder.from_pretrained(
+        text_encoder_dir(cfg), max_length=cfg.model.text_max_length or 64
+    ).to(device)
 
 
 def open_store(cfg: Config):
@@ -199,8 +231,13 @@ class ClipDataset(Dataset):
     An item is a row index, or a ``SampleRef`` (row, bucket, epoch) from a bucketed sampler: the clip is then
     decoded at the bucket's shape (``use_buckets``), with the epoch's temporal crop. A row that fails to
     decode is replaced by ``substitute_index``'s pick from its bucket (a pure function of seed, epoch, row
-    and attempt), logged with its path; the item says ``substituted: 1`` so the trainer can count it.
+    and attempt), logged with its path; the item says ``substituted: 1`` so the trainer can count it, and
+    lists each failure (``failures``: path, row, kind, reason) for the run's quarantine.jsonl.
     Rows are read one at a time from the columnar manifest (no list of row dicts).
+
+    ``decode_timeout`` > 0 decodes in a sandbox subprocess (``data/sandbox.py``): a crash or a hang longer
+    than that many seconds fails only its sample. ``quarantine`` (``data/quarantine.py``) names the run's
+    quarantine file: a sample recorded there as crashed or hung is not decoded again.
 
     The item's draw ``(seed, row, epoch)`` decides the ``random`` temporal window (a new one each epoch, the
     same one in a resumed run) and the ``random`` aesthetic phrase; the caption is ``keys.caption``'s text
@@ -216,7 +253,12 @@ class ClipDataset(Dataset):
         *,
         seed: int = 0,
         caption_rules: CaptionRules | None = None,
+        decode_timeout: float = 0.0,
+        quarantine: str | Path | None = None,
     ):
+        from frameloom.data.quarantine import Quarantine
+        from frameloom.data.sandbox import DecodeSandbox
+
         self.manifest = Path(manifest)
         self.table = read_manifest(self.manifest)  # decode_clip reads cut/crop/rotation too
         self.spec = spec
@@ -224,6 +266,8 @@ class ClipDataset(Dataset):
         self.seed = seed
         self.caption_rules = caption_rules
         self.planner = None  # sampler.EpochPlanner when a bucket policy is active
+        self.sandbox = DecodeSandbox(decode_timeout) if decode_timeout > 0 else None
+        self.quarantine = Quarantine(quarantine) if quarantine is not None else None
 
     def use_buckets(self, planner, *, seed: int) -> None:
         """Decode at the shapes of ``planner``'s policy (None: every clip at ``spec``); ``seed`` drives the
@@ -249,6 +293,17 @@ class ClipDataset(Dataset):
             return np.arange(len(self))
         return self.planner.members(epoch, bucket)
 
+    def _decode(self, row: dict, spec: ClipSpec, draw: tuple[int, int, int]) -> torch.Tensor:
+        """One clip: refused at once if quarantined as crashing/hanging, else decoded (in the sandbox)."""
+        from frameloom.data.sandbox import DecodeCrash
+
+        known = self.quarantine.known(str(row["path"])) if self.quarantine is not None else None
+        if known is not None:
+            raise DecodeCrash(str(row["path"]), known["reason"], known["kind"])
+        if self.sandbox is not None:
+            return self.sandbox.decode(row, spec, root=self.root, output="float", draw=draw)
+        return decode_clip(row, spec, root=self.root, output="float", draw=draw)
+
     def __getitem__(self, item) -> dict:
         import logging
 
@@ -257,13 +312,18 @@ class ClipDataset(Dataset):
 
         index, bucket, epoch = tuple(item) if isinstance(item, tuple) else (int(item), -1, 0)
         current = index
+        failures = []
         for attempt in range(self.MAX_SUBSTITUTES + 1):
             row = self.row(current)
             spec = self._spec(row, bucket)
             draw = (self.seed, current, epoch)
             try:
-                video = decode_clip(row, spec, root=self.root, output="float", draw=draw)
+                video = self._decode(row, spec, draw)
             except DecodeError as exc:
+                kind = getattr(exc, "kind", "error")
+                failures.append(
+                    {"path": str(row["path"]), "row": current, "kind": kind, "reason": exc.reason}
+                )
                 replacement = substitute_index(self.seed, epoch, index, attempt, self._members(epoch, bucket))
                 logging.getLogger("frameloom.data").warning(
                     "sample %d (%s) failed to decode (%s); substituting sample %s",
@@ -277,5 +337,11 @@ class ClipDataset(Dataset):
                 current = replacement
                 continue
             text = row_caption(row, self.caption_rules, spec, draw)
-            return {"video": video, "text": text, "index": current, "substituted": int(current != index)}
+            return {
+                "video": video,
+                "text": text,
+                "index": current,
+                "substituted": int(current != index),
+                "failures": failures,
+            }
         raise DecodeError(str(self.row(index)["path"]), f"it and {self.MAX_SUBSTITUTES} substitutes failed")

@@ -29,9 +29,24 @@ class DataConfig:
     cache_dir: str | None = None
     """Latent/text-embedding store; default: `.frameloom_cache` beside the manifest."""
     use_cache: str = "auto"
-    """auto: read the cache when it is complete for this run's spec, else encode on the fly; never: always on the fly."""
+    """auto: read the cache when it is complete for this run's spec, else encode on the fly (with a warning
+    that counts the missing entries); never: always on the fly."""
+    require_cache: bool = False
+    """Refuse to start (naming how many entries are missing) unless every training sample comes from the
+    cache; the presets set it, so an incomplete `frameloom cache` never silently turns into decoding."""
     num_workers: int = 0
-    """DataLoader worker processes."""
+    """DataLoader worker processes (they ignore SIGTERM/SIGINT: the trainer handles preemption)."""
+    persistent_workers: bool = True
+    """With num_workers > 0: keep the workers alive for the whole run (no restart at epoch boundaries)."""
+    pin_memory: bool = True
+    """Page-locked host batches for asynchronous copies to the GPU (CUDA only; ignored on CPU)."""
+    prefetch_factor: int = 2
+    """With num_workers > 0: batches each worker prepares ahead."""
+    decode_timeout: float = 60.0
+    """Seconds one sample may take to decode when decoding on the fly. Each loader process decodes in a
+    sandbox subprocess (data/sandbox.py): a sample whose decoder crashes or runs longer than this is replaced
+    like any undecodable one and listed in run_dir/quarantine.jsonl. 0 decodes in the loader process itself
+    (no protection)."""
     # -- frame and caption rules of the seeds, path safety (data/video.py, data/captions.py, docs/datasets.md) --
     speed_factor: float = 1.0
     """Open-Sora-Plan speed_factor (>= 1): subsample the strided frames further, by up to this factor."""
@@ -43,6 +58,9 @@ class DataConfig:
     num_frames is a maximum: shorter videos give the longest valid clip they hold."""
     caption_fps_suffix: bool = False
     """Open-Sora: append " {fps} FPS." (the clip's frame rate, fps // stride) to every non-empty caption."""
+    caption_motion_score: bool = False
+    """Open-Sora 2.0: append the row's motion score (column `motion` or `score_vmafmotion`, rounded):
+    " 3 motion score.", or " 24 FPS, 3 motion score." with caption_fps_suffix."""
     caption_aesthetic: str = "off"
     """Open-Sora-Plan aesthetic phrases for scores <= 4.25 / >= 5.75: `off`, `fixed` (first phrase, after the
     caption; one text per sample, cache-friendly) or `random` (phrase and side drawn per seed, sample, epoch)."""
@@ -86,6 +104,11 @@ class DataConfig:
     8 for temporal)."""
     latent_multiple: int = 1
     """temporal: latent frame counts are rounded down to a multiple of this (Pyramid Flow video_sync_group)."""
+    resize: str = "cover"
+    """`cover` (antialiased bilinear resize, center crop) or `adm` (DiT's center_crop_arr: BOX halvings +
+    BICUBIC, center crop; square sizes)."""
+    hflip: bool = False
+    """Random horizontal flip, drawn per sample and epoch (DiT); in the cache, once per file (fast-DiT)."""
 
 
 @dataclass
@@ -120,14 +143,21 @@ class ModelConfig:
     """`pixel` (the denoiser works on pixels) or a local directory of a diffusers VAE."""
     text_encoder: str | None = None
     """Local directory of a T5 encoder + tokenizer; `tiny-byt5` builds the quickstart's tiny frozen encoder."""
-    text_max_length: int = 64
-    """Text tokens kept per caption."""
+    text_max_length: int | None = None
+    """Text tokens kept per caption; null: the family's own length (dit 64, cogvideox the transformer's
+    max_text_seq_length (226), wan 512, ltx_video 128: what each pipeline uses)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA settings."""
     id_token: str | None = None
     """Trigger word prepended (with a space) to every non-empty caption when encoding (CogVideoX --id_token)."""
     dtype: str = "float32"
     """Precision of a pretrained denoiser: its trained weights (full fine-tune) or its frozen base (LoRA)."""
+    text_statistics: str = "auto"
+    """Mean/std a pooled-text denoiser standardizes its text with: `auto` (fit on the training captions for a
+    model built from scratch, keep a pretrained model's saved values), `fit` (always refit), `keep`."""
+    fp8_base: bool = False
+    """LoRA only: store the frozen base's block linear weights in float8 (e4m3, one scale per output row) and
+    compute in `model.dtype` (weight-only quantization: about half the memory of a bf16 base)."""
     encoder_dtype: str = "float32"
     """Precision of a family's frozen VAE and text encoder (`float32`, `bfloat16`, `float16`)."""
     vae_tiling: bool = False
@@ -140,18 +170,34 @@ class ModelConfig:
 class ObjectiveConfig:
     """The training objective."""
 
-    name: str = "flow"
-    """contract. `flow` (rectified flow), `ddpm` (discrete DDPM, linear betas 0.0001..0.02 over 1000 steps);
-    later `pyramid_flow`."""
-    timestep_sampling: str = "logit_normal"
-    """flow: `uniform` or `logit_normal`; ddpm: `uniform` or `explicit_uniform` (one stratum of [0, 1000) per
-    micro-batch of the step's global batch, Open-Sora-Plan's rank-stratified sampling)."""
+    name: str | None = None
+    """contract. `flow` (rectified flow), `ddpm` (discrete DDPM, linear betas 0.0001..0.02 over 1000 steps, for
+    frameloom's own DiT), ...; null: the family's own (dit, wan, ltx_video: flow; cogvideox: its scheduler's
+    v-prediction DDPM). A family refuses an objective it does not have."""
+    timestep_sampling: str | None = None
+    """Flow times: `uniform`, `logit_normal` (sigmoid(N(logit_mean, logit_std))), `sigmoid`
+    (sigmoid(logit_std * N(0, 1)), never shifted: musubi-tuner's `sigmoid`) or `shift` (the same draw, then
+    shifted: musubi-tuner's `shift`); `uniform` and `logit_normal` are shifted too. ddpm: `uniform` or
+    `explicit_uniform` (one stratum of [0, 1000) per micro-batch of the step's global batch, Open-Sora-Plan's
+    rank-stratified sampling). null: the family's own (dit, ltx_video: logit_normal; wan: uniform; ddpm and
+    cogvideox: uniform integer timesteps, cogvideox's only choice)."""
     logit_mean: float = 0.0
     """Mean of the normal before the sigmoid (logit_normal)."""
     logit_std: float = 1.0
-    """Std of the normal before the sigmoid (logit_normal)."""
-    shift: float = 1.0
-    """Timestep shift s in t' = s t / (1 + (s - 1) t); 1 = none."""
+    """Std of the normal before the sigmoid (logit_normal; the scale of `sigmoid` and `shift`)."""
+    shift: float | str | None = None
+    """Timestep shift s in t' = s t / (1 + (s - 1) t): a number (1.0 is an unshifted schedule), `auto` (the
+    resolution-dependent shift: dit Open-Sora 2.0's rule from the latent size, ltx_video e^mu; wan has none
+    and uses its scheduler's), or null: the family's own (dit: none; wan: the scheduler config's
+    flow_shift; ltx_video: e^mu from the latent size)."""
+    min_t: float = 0.0
+    """Training times are mapped into [min_t, max_t] after drawing (and shifting): t' = min_t + (max_t -
+    min_t) t (musubi-tuner's min/max_timestep / 1000). For ddpm: integer timesteps in [min_t N, max_t N)."""
+    max_t: float = 1.0
+    """Upper end of the training time range (see min_t)."""
+    loss_weighting: str = "none"
+    """Per-sample flow loss weight: `none`, `sigma_sqrt` (1 / t^2) or `cosmap` (2 / (pi (1 - 2t + 2t^2)));
+    SD3's schemes (diffusers' compute_loss_weighting_for_sd3)."""
     prediction_type: str = "epsilon"
     """ddpm: what the denoiser predicts, `epsilon` or `v_prediction` (Open-Sora-Plan v1.3)."""
     rescale_betas_zero_snr: bool = False
@@ -204,7 +250,11 @@ class TrainConfig:
     device: str = "auto"
     """`auto` (CUDA when available), `cpu`, or `cuda`."""
     log_every: int = 10
-    """Steps between TensorBoard scalar writes (metrics.jsonl gets every step)."""
+    """Steps between host reads of the loss and grad norm: every `log_every` steps one all-reduce brings the
+    interval's values to the host, metrics.jsonl gets one record per step and TensorBoard the interval's."""
+    max_consecutive_skips: int = 20
+    """Stop the run (exit status 2, last good checkpoint kept) after this many consecutive steps with a
+    non-finite gradient; checked every `log_every` steps and before each checkpoint. 0 = never stop."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -258,8 +308,16 @@ class ParallelConfig:
     """torch.compile each transformer block (after checkpointing, before DDP/FSDP)."""
     async_checkpoint: bool = False
     """Sharded checkpoints are written in the background (dcp.async_save); training continues meanwhile."""
+    timeout_s: float = 600.0
+    """Seconds a collective may wait for the other processes (the process group's timeout). A rank whose peer
+    died or hangs gives up after this long instead of forever; keep it above the longest checkpoint write."""
+    blocks_to_swap: int = 0
+    """Keep the frozen weights of the last N transformer blocks in CPU memory and bring each to the device
+    only while it runs (forward and backward), prefetching the next one; LoRA only, needs
+    activation_checkpointing (docs/families.md, "24 GB")."""
     video_sync_group: int = 1
-    """Pyramid Flow: consecutive data-parallel ranks that receive the same video (each trains its own AR unit)."""
+    """Pyramid Flow: consecutive data-parallel ranks that receive the same video (each trains its own AR unit).
+    Refused (> 1) by every objective that does not use it."""
 
 
 @dataclass
@@ -269,14 +327,17 @@ class SampleConfig:
     steps: int = 30
     """Sampling steps."""
     scheduler: str = "auto"
-    """ddpm objective: `euler_ancestral` (auto), `euler`, `ddim` or `dpmsolver++` (diffusers' schedulers'
-    maths, frameloom.sampling.ddpm_samplers); flow objectives always integrate with Euler."""
+    """Solver of frameloom's own sampler. ddpm objective: `euler_ancestral` (auto), `euler`, `ddim` or
+    `dpmsolver++` (diffusers' schedulers' maths, frameloom.sampling.ddpm_samplers). Diffusers flow families
+    (wan, ltx_video): `auto` = the model folder's scheduler (e.g. UniPC for the released Wan folders) or
+    `euler` (Euler on the same shifted grid). frameloom's DiT integrates with Euler."""
     guidance: float = 5.0
     """Classifier-free guidance scale; 1 disables guidance."""
     negative_prompt: str = ""
     """Prompt the guidance steers away from."""
-    shift: float = 1.0
-    """Timestep shift of the sampling grid."""
+    shift: float | None = None
+    """Timestep shift of the sampling grid; null: the family's own (dit: none; wan: the scheduler's
+    flow_shift; ltx_video: e^mu from the latent size); 1.0 is an unshifted grid."""
     seed: int = 0
     """Noise seed."""
     fps: float = 8.0
@@ -285,6 +346,12 @@ class SampleConfig:
     """Sample from the EMA weights when the checkpoint has them."""
     image: str | None = None
     """Image-to-video: the first frame to condition on (`frameloom sample --image`), for families that can."""
+    image_guidance: float | None = None
+    """Image guidance scale, separate from the text's (opensora2; None: the family's default, 3)."""
+    oscillating_guidance: bool = False
+    """opensora2: after 10 steps, guide only every other step (and scale image guidance over time)."""
+    image_mode: str = "head"
+    """opensora2 with `sample.image`: the image is the first frame (`head`), the last (`tail`) or both (`loop`)."""
 
 
 @dataclass
@@ -295,6 +362,8 @@ class ValidationConfig:
     """Steps between validation sampling; 0 disables it."""
     prompts: list[str] = field(default_factory=list)
     """Prompts to sample."""
+    at_start: bool = False
+    """Also sample the prompts before the first step (samples/step-00000000: the untrained baseline)."""
 
 
 @dataclass
@@ -327,3 +396,10 @@ class Config:
 
 # Free-form mappings: any key is allowed below these.
 FREEFORM = {"model.config", "data.bucket_config"}
+
+# String options one of whose words YAML 1.1 reads as a boolean (`no`, `off`, `yes`, `on`, ...): the boolean
+# is taken back to that word. A boolean given to any other string option is an error that says to quote it.
+YAML_BOOL_WORDS: dict[str, dict[bool, str]] = {
+    "train.mixed_precision": {False: "no"},
+    "data.caption_aesthetic": {False: "off"},
+}
