@@ -47,8 +47,13 @@ class DataConfig:
     """Open-Sora-Plan aesthetic phrases for scores <= 4.25 / >= 5.75: `off`, `fixed` (first phrase, after the
     caption; one text per sample, cache-friendly) or `random` (phrase and side drawn per seed, sample, epoch)."""
     extra_roots: list[str] = field(default_factory=list)
-    """Folders besides a dataset file's own root that its entries may point into (`prepare --config`); any
-    other path outside the root is rejected as outside_root."""
+    """Folders besides a dataset file's own root (or the manifest's folder) that its entries may point into
+    (`prepare --config`, and every command that loads the manifest); relative entries are taken from the
+    config file's folder. Other paths leading out of their root are rejected as outside_root."""
+    strict_roots: bool = False
+    """Absolute paths must lie under the root too (the manifest's folder, a dataset file's folder, or an extra
+    root), in every format; by default absolute paths are accepted where the seeds' tools write them (Open-Sora
+    tables, Pyramid Flow jsonl, the manifest)."""
     # -- bucket policies (data/buckets.py; docs/datasets.md, "Buckets") --
     bucket: str = "none"
     """Bucket policy: `none` (every clip at height x width x num_frames), `opensora` (bucket_config),

@@ -1,10 +1,14 @@
 """The Pyramid Flow dialect: a JSON-lines file, one sample per line.
 
 Each line has ``video`` (or ``image``) and ``text``, and optionally ``latent`` and ``text_fea``: paths of
-tensors extracted beforehand (SEED_FACTS.md). Relative paths are taken from the jsonl's folder and checked
-like every other path. Those tensor files are torch files, i.e. pickles: ``load_tensor`` opens them with
-``torch.load(weights_only=True)`` only, which refuses anything but tensors and plain containers, so a
-crafted file cannot run code.
+tensors extracted beforehand (SEED_FACTS.md; ``data/precomputed.py`` reads them). Pyramid Flow's tools write
+absolute paths, which are accepted as written; relative ones are taken from the jsonl's folder and checked
+like every other path (``data/paths.py``). Those tensor files are torch files, i.e. pickles:
+``load_tensor`` opens them with ``torch.load(weights_only=True)`` only, which refuses anything but tensors
+and plain containers, so a crafted file cannot run code.
+
+Read line by line into columns, a part of ``PART_LINES`` lines at a time; a value of the wrong type (a
+number for ``text``, a list for ``video``) is one error naming the file, the line and the key.
 """
 
 from __future__ import annotations
@@ -12,64 +16,118 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from frameloom.data.coerce import CellError
 from frameloom.data.dialects.base import (
     BAD_ENTRY,
-    Entry,
     Listing,
+    Part,
     WriteResult,
     read_json_lines,
-    rebase,
-    table_rows,
+    rebased_paths,
+    typed_table,
 )
 from frameloom.errors import FrameloomError
+
+PART_LINES = 200_000
+
+
+def _text_value(path: Path, number: int, key: str, value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise FrameloomError(f"{path}, line {number}, key {key!r}: {value!r} is not text")
+
+
+def _parts(source: Path, rejects: list[tuple[str, str, str]]) -> Iterator[Part]:
+    root = source.parent
+    columns: dict[str, list[Any]] = {"path": [], "text": [], "is_image": [], "latent": [], "text_fea": []}
+
+    def flush() -> Part:
+        try:
+            table = typed_table(columns, source=str(source))
+        except CellError as exc:
+            raise FrameloomError(str(exc)) from None
+        for values in columns.values():
+            values.clear()
+        return Part(root, table, str(source))
+
+    for number, record in read_json_lines(source):
+        if not isinstance(record, dict):
+            rejects.append((f"{source.name}:{number}", BAD_ENTRY, f"line {number} is not a JSON object"))
+            continue
+        key = "video" if "video" in record else "image"
+        path = _text_value(source, number, key, record.get(key))
+        if path is None or not path.strip():
+            rejects.append((f"{source.name}:{number}", BAD_ENTRY, f"line {number} has no 'video' or 'image'"))
+            continue
+        columns["path"].append(path)
+        columns["text"].append(_text_value(source, number, "text", record.get("text")) or "")
+        columns["is_image"].append(True if key == "image" else None)
+        for name in ("latent", "text_fea"):
+            value = _text_value(source, number, name, record.get(name))
+            columns[name].append(value if value and value.strip() else None)
+        if len(columns["path"]) >= PART_LINES:
+            yield flush()
+    if columns["path"] or not rejects:
+        yield flush()
 
 
 def read_pyramid(source: str | os.PathLike) -> Listing:
     """List a Pyramid Flow jsonl: ``video``/``image`` -> ``path`` (``is_image`` for images), ``text``,
-    ``latent``, ``text_fea``."""
+    ``latent``, ``text_fea``; streamed in parts."""
     source = Path(source)
-    root = source.parent
-    entries, rejects = [], []
-    for number, record in read_json_lines(source):
-        key = "video" if isinstance(record, dict) and "video" in record else "image"
-        path = record.get(key) if isinstance(record, dict) else None
-        if not isinstance(path, str) or not path.strip():
-            rejects.append((f"{source.name}:{number}", BAD_ENTRY, f"line {number} has no 'video' or 'image'"))
-            continue
-        fields: dict[str, Any] = {"text": str(record.get("text") or "")}
-        if key == "image":
-            fields["is_image"] = True
-        for name in ("latent", "text_fea"):
-            if isinstance(record.get(name), str) and record[name].strip():
-                fields[name] = record[name]
-        entries.append(Entry(root=root, path=path, fields=fields))
-    return Listing(entries, rejects)
+    rejects: list[tuple[str, str, str]] = []
+    return Listing(_parts(source, rejects), bound=False, rejects=rejects)
 
 
-def write_pyramid(table: pa.Table, out: str | os.PathLike, *, base: str | os.PathLike) -> WriteResult:
+def _batches(data: pa.Table | Iterable[pa.Table]) -> Iterator[pa.Table]:
+    if isinstance(data, pa.Table):
+        for start in range(0, max(data.num_rows, 1), 262_144):
+            yield data.slice(start, 262_144)
+    else:
+        yield from data
+
+
+def write_pyramid(
+    data: pa.Table | Iterable[pa.Table], out: str | os.PathLike, *, base: str | os.PathLike
+) -> WriteResult:
     """Write the jsonl ``out``; paths (and latent/text_fea) relative to its folder when under it."""
     out, base = Path(out), Path(base)
     if out.is_dir() or not out.suffix:
         out = out / "data.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for row in table_rows(table, base):
-        row = rebase(row, out.parent)
-        record: dict[str, Any] = {"image" if row.get("is_image") else "video": row["path"]}
-        record["text"] = row.get("text") or ""
-        for name in ("latent", "text_fea"):
-            if name in row:
-                record[name] = row[name]
-        lines.append(json.dumps(record, ensure_ascii=False))
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    rows = 0
+    dumps = json.JSONEncoder(ensure_ascii=False).encode
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for table in _batches(data):
+            if table.num_rows == 0:
+                continue
+            names = table.column_names
+            paths = rebased_paths(table.column("path"), base, out.parent).to_pylist()
+            texts = table.column("text").to_pylist() if "text" in names else [None] * len(paths)
+            images = table.column("is_image").to_pylist() if "is_image" in names else [None] * len(paths)
+            extra = {
+                n: rebased_paths(table.column(n), base, out.parent).to_pylist()
+                for n in ("latent", "text_fea")
+                if n in names
+            }
+            lines = []
+            for i, path in enumerate(paths):
+                record: dict[str, Any] = {"image" if images[i] else "video": path, "text": texts[i] or ""}
+                for name, values in extra.items():
+                    if values[i] is not None:
+                        record[name] = values[i]
+                lines.append(dumps(record))
+            fh.write("".join(f"{line}\n" for line in lines))
+            rows += len(lines)
     os.replace(tmp, out)
-    return WriteResult([out], len(lines))
+    return WriteResult([out], rows)
 
 
 def load_tensor(path: str | os.PathLike) -> Any:
@@ -84,8 +142,10 @@ def load_tensor(path: str | os.PathLike) -> Any:
         raise FrameloomError(
             f"{path} holds more than tensors; refused (loaded with weights_only=True): {first}"
         ) from None
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise FrameloomError(f"cannot load tensor file {path}: {exc}") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise FrameloomError(
+            f"cannot load tensor file {path}: {str(exc).splitlines()[0] if str(exc) else exc}"
+        ) from None
 
 
 def detect(source: Path) -> bool:
@@ -96,7 +156,7 @@ def detect(source: Path) -> bool:
         for line in fh:
             if line.strip():
                 try:
-                    first = json.loads(line)
+                    first = json.loads(line.lstrip("\ufeff"))
                 except json.JSONDecodeError:
                     return False
                 return isinstance(first, dict) and ("video" in first or "image" in first)
