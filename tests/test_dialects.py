@@ -324,7 +324,7 @@ def test_opensora_memory_efficient_layout_written_and_read_as_the_seed(tmp_path,
     shard = tmp_path / "out" / "meta" / "00001.parquet"
     pq.write_table(first.set_column(0, "path", pa.array(["x.mp4"] * first.num_rows)), shard)
     with pytest.raises(FrameloomError, match="00001.parquet: its paths differ"):
-        read_dialect("opensora", main_file).entries
+        _ = read_dialect("opensora", main_file).entries
 
 
 def test_opensora_folder_of_parquet_files_is_read_in_name_order(tmp_path):
