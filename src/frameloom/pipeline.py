@@ -13,8 +13,9 @@ from torch.utils.data import Dataset
 
 from frameloom.config.schema import Config
 from frameloom.data.captions import CaptionRules, row_caption
-from frameloom.data.manifest import read_manifest
-from frameloom.data.video import ClipSpec, decode_clip
+from frameloom.data.manifest import load_manifest
+from frameloom.data.paths import OUTSIDE_ROOT, OutsideRoot, PathRules, resolve_entry
+from frameloom.data.video import ClipSpec, DecodeError, decode_clip
 from frameloom.errors import FrameloomError
 
 TINY_BYT5 = "tiny-byt5"
@@ -67,8 +68,15 @@ def clip_spec(cfg: Config) -> ClipSpec:
 
 
 def caption_rules(cfg: Config) -> CaptionRules:
-    """The config's caption rules (``data.caption_aesthetic``, ``data.caption_fps_suffix``), checked."""
-    return CaptionRules(aesthetic=cfg.data.caption_aesthetic, fps_suffix=bool(cfg.data.caption_fps_suffix))
+    """The config's caption rules (``data.caption_aesthetic``, ``data.caption_fps_suffix``,
+    ``data.caption_choice``, ``data.caption_clean``), checked."""
+    d = cfg.data
+    return CaptionRules(
+        aesthetic=d.caption_aesthetic,
+        fps_suffix=bool(d.caption_fps_suffix),
+        choice=d.caption_choice,
+        clean=d.caption_clean,
+    )
 
 
 def bucket_policy(cfg: Config):
@@ -94,6 +102,11 @@ def uncacheable(cfg: Config) -> list[str]:
     if cfg.data.caption_aesthetic == "random":
         reasons.append("data.caption_aesthetic=random draws a new phrase every epoch")
     return reasons
+
+
+def path_rules(cfg: Config) -> PathRules:
+    """The run's path rules (``data/paths.py``): ``data.extra_roots`` and ``data.strict_roots``."""
+    return PathRules.make(cfg.data.extra_roots, cfg.data.strict_roots)
 
 
 def manifest_path(cfg: Config) -> Path:
@@ -216,9 +229,11 @@ class ClipDataset(Dataset):
         *,
         seed: int = 0,
         caption_rules: CaptionRules | None = None,
+        rules: PathRules | None = None,
     ):
         self.manifest = Path(manifest)
-        self.table = read_manifest(self.manifest)  # decode_clip reads cut/crop/rotation too
+        self.rules = rules or PathRules()
+        self.table = load_manifest(self.manifest, self.rules)  # decode_clip reads cut/crop/rotation too
         self.spec = spec
         self.root = self.manifest.resolve().parent
         self.seed = seed
@@ -237,6 +252,15 @@ class ClipDataset(Dataset):
     def row(self, i: int) -> dict:
         return self.table.slice(i, 1).to_pylist()[0]
 
+    def _checked(self, row: dict) -> dict:
+        """The row, its file checked against the path rules where it is opened (symlinks followed): a file
+        that leads out of its root fails like an undecodable one (``outside_root``) and is substituted."""
+        try:
+            resolve_entry(self.root, str(row["path"]), self.rules.extra_roots, bound=self.rules.strict)
+        except OutsideRoot as exc:
+            raise DecodeError(str(row["path"]), f"{OUTSIDE_ROOT}: {exc.detail}") from None
+        return row
+
     def _spec(self, row: dict, bucket: int) -> ClipSpec:
         if self.planner is None or bucket < 0:
             return self.spec
@@ -253,7 +277,6 @@ class ClipDataset(Dataset):
         import logging
 
         from frameloom.data.sampler import substitute_index
-        from frameloom.data.video import DecodeError
 
         index, bucket, epoch = tuple(item) if isinstance(item, tuple) else (int(item), -1, 0)
         current = index
@@ -262,7 +285,7 @@ class ClipDataset(Dataset):
             spec = self._spec(row, bucket)
             draw = (self.seed, current, epoch)
             try:
-                video = decode_clip(row, spec, root=self.root, output="float", draw=draw)
+                video = decode_clip(self._checked(row), spec, root=self.root, output="float", draw=draw)
             except DecodeError as exc:
                 replacement = substitute_index(self.seed, epoch, index, attempt, self._members(epoch, bucket))
                 logging.getLogger("frameloom.data").warning(

@@ -46,6 +46,12 @@ class DataConfig:
     caption_aesthetic: str = "off"
     """Open-Sora-Plan aesthetic phrases for scores <= 4.25 / >= 5.75: `off`, `fixed` (first phrase, after the
     caption; one text per sample, cache-friendly) or `random` (phrase and side drawn per seed, sample, epoch)."""
+    caption_choice: str = "random"
+    """Rows with several captions (`captions`, from Open-Sora-Plan's `cap` list): `random` (one drawn per seed,
+    sample and epoch, as the seed picks one per load; the cache holds them all) or `first`."""
+    caption_clean: str = "off"
+    """`opensora_plan`: clean captions as Open-Sora-Plan does (`text_preprocessing`: lower-case, drop URLs,
+    HTML, handles, codes, odd punctuation; docs/datasets.md), or `off`."""
     extra_roots: list[str] = field(default_factory=list)
     """Folders besides a dataset file's own root (or the manifest's folder) that its entries may point into
     (`prepare --config`, and every command that loads the manifest); relative entries are taken from the
