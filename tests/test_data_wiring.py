@@ -224,9 +224,11 @@ def _batches(trainer: Trainer) -> list[tuple[list[int], torch.Tensor, torch.Tens
     original = trainer._encode
 
     def spy(batch):
-        latent, emb, mask = original(batch)
-        out.append((batch["index"].tolist(), latent.detach().clone(), emb.detach().clone(), mask.clone()))
-        return latent, emb, mask
+        latent, cond = original(batch)
+        out.append(
+            (batch["index"].tolist(), latent.detach().clone(), cond.emb.detach().clone(), cond.mask.clone())
+        )
+        return latent, cond
 
     trainer._encode = spy
     trainer.fit()

@@ -143,8 +143,10 @@ def test_fsdp2_two_processes_match_one_process(two_procs, root, family, mode):
     got = _model_weights(root / "runs" / f"{family}-{mode}-fsdp")
     want = _model_weights(root / "runs" / f"{family}-{mode}-ref")
     assert got.keys() == want.keys()
+    # atol 1e-5 is ~0.1% of the 2-step update (~7e-3): Adam's m / (sqrt(v) + eps) magnifies the summation-order
+    # differences of gradient elements near 0 (measured 3.4e-6 on one LoRA element, 1e-7 elsewhere)
     for key, value in want.items():
-        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-5, msg=key)
     assert any(not torch.equal(got[n], initial[n]) for n in initial)  # the weights compared were trained
     if (family, mode) == VALIDATED:
         samples = root / "runs" / f"{family}-{mode}-fsdp" / "samples" / "step-00000002"

@@ -111,14 +111,23 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _cmd_sample(args: argparse.Namespace, overrides: list[str]) -> int:
     import os
+    from pathlib import Path
 
     from frameloom.parallel.env import destroy_distributed
     from frameloom.sampling.generate import sample_command
 
+    if (args.prompt is None) == (args.class_labels is None):
+        raise FrameloomError("give either --prompt TEXT... or --class N...")
+    # a class index is the "caption" of a class-conditional model (its label encoder reads the number)
+    prompts = args.prompt if args.prompt is not None else [str(c) for c in args.class_labels]
+    if args.image is not None:
+        if not Path(args.image).is_file():
+            raise FrameloomError(f"--image not found: {args.image}")
+        overrides = [*overrides, f"sample.image={Path(args.image).resolve()}"]
     try:  # under torchrun each process generates its share of the (prompt, seed) pairs
         paths = sample_command(
             args.source,
-            prompts=args.prompt,
+            prompts=prompts,
             out=args.out,
             checkpoint=args.checkpoint,
             steps=args.steps,
@@ -282,7 +291,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generates one H.264 mp4 per prompt and seed, from the EMA weights by default.",
     )
     p.add_argument("source", help="a run directory or a YAML config")
-    p.add_argument("--prompt", nargs="+", required=True, help="one or more prompts")
+    p.add_argument("--prompt", nargs="+", default=None, help="one or more prompts")
+    p.add_argument(
+        "--class",
+        dest="class_labels",
+        type=int,
+        nargs="+",
+        default=None,
+        help="class-conditional models (model.family dit_class): one or more class indices instead of prompts",
+    )
+    p.add_argument(
+        "--image",
+        default=None,
+        help="image-to-video: the first frame (PNG/JPEG), for families with image conditioning "
+        "(sets sample.image)",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--checkpoint", default="latest", help="checkpoint folder or 'latest' (default)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: config sample.steps)")

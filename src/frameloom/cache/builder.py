@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from frameloom.cache.keys import KEY_VERSION, caption, row_video_key, text_key
+from frameloom.cache.keys import EXTRA_PREFIX, KEY_VERSION, caption, row_video_key, text_key
 from frameloom.cache.store import CacheStore
 from frameloom.data import video as video_io  # looked up at call time: decode_clip may be patched in tests
 from frameloom.data.buckets import BucketPolicy
@@ -121,13 +121,18 @@ def _cache_texts(
     bar = tqdm(total=len(todo), desc="cache captions", unit="caption", disable=not progress or not todo)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
+        texts_chunk = [t for t, _ in chunk]
         with torch.no_grad():
-            emb, mask = text_encoder.encode([t for t, _ in chunk])  # (B, L, D), (B, L)
+            emb, mask = text_encoder.encode(texts_chunk)  # (B, L, D), (B, L)
+            extras = text_encoder.encode_extras(texts_chunk)  # {name: (B, ...)}, e.g. a pooled vector
         emb, mask = emb.detach().cpu(), mask.detach().cpu().bool()
+        extras = {name: value.detach().cpu() for name, value in extras.items()}
         for i, (text, key) in enumerate(chunk):
             real = mask[i]  # selecting by the mask works for left and right padding alike
             meta = {"kind": "text", "version": KEY_VERSION, "encoder": text_encoder.identity, "text": text}
-            store.put("text", key, {"emb": emb[i][real], "mask": mask[i][real]}, meta)
+            entry = {"emb": emb[i][real], "mask": mask[i][real]}
+            entry.update({EXTRA_PREFIX + name: value[i] for name, value in extras.items()})
+            store.put("text", key, entry, meta)
         report.text_encoded += len(chunk)
         bar.update(len(chunk))
     bar.close()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from frameloom.cache.keys import caption, row_video_key, text_key
+from frameloom.cache.keys import EXTRA_PREFIX, caption, row_video_key, text_key
 from frameloom.cache.store import CacheStore
 from frameloom.data.buckets import BucketPolicy
 from frameloom.data.captions import CaptionRules
@@ -34,7 +34,8 @@ class CacheMissError(FrameloomError):
 def collate_text(batch: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack a batch of items; pad the text to the batch's longest caption with zeros and mask ``False``.
 
-    Returns ``latent (B, C, t, h, w)``, ``text_emb (B, L, D)``, ``text_mask (B, L)`` and ``index (B,)``.
+    Returns ``latent (B, C, t, h, w)``, ``text_emb (B, L, D)``, ``text_mask (B, L)``, ``index (B,)`` and
+    ``text_extras`` ``{name: (B, ...)}`` (the text encoder's extra per-caption tensors; empty for most).
     Latents must share a shape (the sampler batches within one bucket).
     """
     if not batch:
@@ -43,6 +44,10 @@ def collate_text(batch: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     if len(shapes) > 1:
         raise ValueError(f"latents of one batch must share a shape, got {sorted(shapes)}")
     longest = max(item["text_emb"].shape[0] for item in batch)
+    extras = {  # per-caption tensors besides the tokens (a pooled vector): (B, ...)
+        name: torch.stack([item["text_extras"][name] for item in batch])
+        for name in batch[0].get("text_extras", {})
+    }
     dim = batch[0]["text_emb"].shape[1]
     emb = batch[0]["text_emb"].new_zeros(len(batch), longest, dim)  # (B, L, D)
     mask = torch.zeros(len(batch), longest, dtype=torch.bool)  # (B, L)
@@ -55,6 +60,7 @@ def collate_text(batch: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         "text_emb": emb,
         "text_mask": mask,
         "index": torch.tensor([item["index"] for item in batch], dtype=torch.long),
+        "text_extras": extras,
     }
 
 
@@ -179,11 +185,12 @@ class CachedClipDataset(Dataset):
             return sorted({i for (i, _b), keys in self.bucket_keys.items() if absent(*keys)})
         return [i for i, keys in enumerate(zip(self.video_keys, self.text_keys)) if absent(*keys)]
 
-    def _text(self, key: str, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _text(self, key: str, what: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         entry = self.store.get("text", key)
         if entry is None:
             raise CacheMissError(f"{what}: caption embedding not cached (run `frameloom cache` first)")
-        return entry["emb"], entry["mask"].bool()
+        extras = {k[len(EXTRA_PREFIX) :]: v for k, v in entry.items() if k.startswith(EXTRA_PREFIX)}
+        return entry["emb"], entry["mask"].bool(), extras
 
     def _item_keys(self, index: int, bucket: int, epoch: int) -> tuple[str | None, str]:
         if self.policy is None:
@@ -210,9 +217,15 @@ class CachedClipDataset(Dataset):
         entry = self.store.get("video", vkey) if vkey is not None else None
         if entry is None:
             raise CacheMissError(f"row {index} ({path}): latent not cached (run `frameloom cache` first)")
-        emb, mask = self._text(tkey, f"row {index} ({path})")
-        return {"latent": entry["latent"], "text_emb": emb, "text_mask": mask, "index": index}
+        emb, mask, extras = self._text(tkey, f"row {index} ({path})")
+        return {
+            "latent": entry["latent"],
+            "text_emb": emb,
+            "text_mask": mask,
+            "index": index,
+            "text_extras": extras,
+        }
 
     def empty_text(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The empty prompt's ``(emb (L, D), mask (L,))`` (caption dropout, classifier-free guidance)."""
-        return self._text(self.empty_text_key, 'the empty prompt ""')
+        return self._text(self.empty_text_key, 'the empty prompt ""')[:2]

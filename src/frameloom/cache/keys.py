@@ -32,6 +32,8 @@ CHUNK = 1 << 20  # 1 MiB
 
 # Bump when the meaning of an entry changes (layout, dtype policy...), so old entries are not reused.
 KEY_VERSION = "frameloom-cache-v1"
+EXTRA_PREFIX = "extra."
+"""Text entries store a text encoder's extra per-caption tensors (``encode_extras``) under ``extra.<name>``."""
 
 
 def file_identity(path: str | os.PathLike) -> str:

@@ -163,6 +163,9 @@ class ObjectiveConfig:
     """Timestep shift s in t' = s t / (1 + (s - 1) t); 1 = none."""
     caption_dropout: float = 0.1
     """Probability of replacing a caption by the empty prompt (enables classifier-free guidance)."""
+    extras_dropout: float | None = None
+    """Probability of replacing the text encoder's extra tensors (a pooled CLIP vector) by the empty prompt's,
+    drawn independently of the tokens (Open-Sora 2.0 drops T5 and CLIP apart); None: with the tokens."""
 
 
 @dataclass
@@ -280,6 +283,8 @@ class SampleConfig:
     """Frame rate of written mp4s."""
     use_ema: bool = True
     """Sample from the EMA weights when the checkpoint has them."""
+    image: str | None = None
+    """Image-to-video: the first frame to condition on (`frameloom sample --image`), for families that can."""
 
 
 @dataclass

@@ -71,6 +71,31 @@ def _diffusers_family(name: str) -> Family:
     )
 
 
+def _native_family(name: str) -> Family:
+    """A family whose denoiser frameloom implements (seed systems' released models): the hooks its module
+    `frameloom.models.<name>.family` defines (`build_denoiser`, `load_denoiser` required; `load_codec`,
+    `load_text_encoder`, `build_objective`, `sample_videos`, `validate`, `comfyui_module` optional)."""
+    import importlib
+
+    try:
+        m = importlib.import_module(f"frameloom.models.{name}.family")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"frameloom.models.{name}.family" and exc.name != f"frameloom.models.{name}":
+            raise
+        raise FrameloomError(f"model.family {name!r} is not available in this version of frameloom") from None
+    return Family(
+        name,
+        m.build_denoiser,
+        m.load_denoiser,
+        load_codec=getattr(m, "load_codec", None),
+        load_text_encoder=getattr(m, "load_text_encoder", None),
+        build_objective=getattr(m, "build_objective", None),
+        sample=getattr(m, "sample_videos", None),
+        validate=getattr(m, "validate", None),
+        comfyui_module=getattr(m, "comfyui_module", None),
+    )
+
+
 def _pipeline_class(cfg: Config) -> type:
     from frameloom.models import diffusers_family as df
 
@@ -82,6 +107,11 @@ FAMILIES: dict[str, Callable[[], Family]] = {
     "cogvideox": partial(_diffusers_family, "cogvideox"),
     "wan": partial(_diffusers_family, "wan"),
     "ltx_video": partial(_diffusers_family, "ltx_video"),
+    # the seed systems' own models (frameloom implementations that load their released weights)
+    "pyramid_flow": partial(_native_family, "pyramid_flow"),
+    "opensora2": partial(_native_family, "opensora2"),
+    "opensora_plan": partial(_native_family, "opensora_plan"),
+    "dit_class": partial(_native_family, "dit_class"),
 }
 
 

@@ -1,8 +1,9 @@
 """Frozen text encoders: captions -> (embeddings, mask) for the denoiser's cross-attention.
 
 Interface (``TextEncoder``): ``identity`` (changes whenever the embeddings would: weights, config, tokenizer,
-``max_length``, dtype; the text cache keys on it), ``dim``, ``max_length``, and
-``encode(texts) -> (emb (B, L, dim) float, mask (B, L) bool)``.
+``max_length``, dtype; the text cache keys on it), ``dim``, ``max_length``,
+``encode(texts) -> (emb (B, L, dim) float, mask (B, L) bool)``, and optionally
+``encode_extras(texts) -> {name: (B, ...)}`` for per-caption tensors besides the tokens (a pooled vector).
 
 Convention: a batch is padded to its longest caption (at most ``max_length`` tokens, truncation keeps the
 final EOS); ``mask`` marks real tokens and the embeddings at padded positions are zero, so a caption's
@@ -75,6 +76,12 @@ class TextEncoder(ABC):
     @abstractmethod
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``texts`` -> ``(emb (B, L, dim) float, mask (B, L) bool)``, L = longest caption (<= max_length)."""
+
+    def encode_extras(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Per-caption conditioning besides the tokens, ``{name: (B, ...)}`` (e.g. a pooled CLIP vector
+        ``pooled`` (B, P)); none by default. The text cache stores these beside the tokens, caption dropout
+        replaces them by the empty prompt's, and the denoiser receives them as keyword arguments."""
+        return {}
 
     def __repr__(self) -> str:
         name = type(self).__name__

@@ -2,7 +2,7 @@
 
 from frameloom.config.schema import Config
 
-from .base import Objective, TrainingInputs
+from .base import Conditioning, Objective, StepContext, TrainingInputs, call_denoiser, predict
 from .ddpm import (
     DDPMSchedule,
     VPredictionDDPM,
@@ -28,8 +28,12 @@ from .flow import (
 )
 
 __all__ = [
+    "Conditioning",
     "Objective",
+    "StepContext",
     "TrainingInputs",
+    "call_denoiser",
+    "predict",
     "build_objective",
     "DDPMSchedule",
     "VPredictionDDPM",

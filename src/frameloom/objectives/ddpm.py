@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from frameloom.errors import FrameloomError
-from frameloom.objectives.base import TrainingInputs
+from frameloom.objectives.base import StepContext, TrainingInputs
 
 __all__ = [
     "DDPMSchedule",
@@ -241,7 +241,9 @@ class VPredictionDDPM:
             )
         self.schedule = schedule
 
-    def draw(self, x0: torch.Tensor, generator: torch.Generator) -> TrainingInputs:
+    def draw(
+        self, x0: torch.Tensor, generator: torch.Generator, ctx: StepContext | None = None
+    ) -> TrainingInputs:
         t = self.schedule.sample_timesteps(x0.shape[0], generator)  # (B,) int64
         noise = torch.randn(x0.shape, generator=generator, device=generator.device)
         t, noise = t.to(x0.device), noise.to(x0.device, x0.dtype)

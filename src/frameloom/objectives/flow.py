@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from frameloom.objectives.base import TrainingInputs
+from frameloom.objectives.base import StepContext, TrainingInputs
 
 __all__ = [
     "OPENSORA_SIGMA_MIN",
@@ -244,7 +244,9 @@ class FlowMatching:
             return flow_interpolate(x0, noise, t), flow_target(x0, noise)
         return opensora_interpolate(x0, noise, t, self.s_min), opensora_target(x0, noise, self.s_min)
 
-    def draw(self, x0: torch.Tensor, generator: torch.Generator) -> TrainingInputs:
+    def draw(
+        self, x0: torch.Tensor, generator: torch.Generator, ctx: StepContext | None = None
+    ) -> TrainingInputs:
         """Times (drawn first) and noise (second) from ``generator``, then moved to ``x0``'s device.
 
         ``shift="auto"`` takes the latent size from ``x0`` ``(B, C, T_lat, H_lat, W_lat)``.

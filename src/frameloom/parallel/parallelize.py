@@ -87,8 +87,11 @@ def parallelize(
     # 1. sequence parallel
     group = sp_group(mesh)
     if group is not None:
-        if sequence_parallel_kind(model) == "diffusers":
+        kind = sequence_parallel_kind(model)
+        if kind == "diffusers":
             diffusers_context_parallel(model.transformer, plan, env.device.type)
+        elif kind == "model":
+            model.enable_sequence_parallel(group)
         else:
             apply_sequence_parallel(model, group)
     # 2. activation checkpointing
@@ -117,12 +120,15 @@ CP_BROKEN = {
 
 
 def sequence_parallel_kind(model: nn.Module) -> str:
-    """How `parallel.sp_size > 1` is applied to `model`: `native` (frameloom's Ulysses, for the native DiT)
-    or `diffusers` (diffusers' context parallelism on a family adapter's transformer, whose class must declare
+    """How `parallel.sp_size > 1` is applied to `model`: `model` (the model's own
+    `enable_sequence_parallel(group)`, built on `frameloom.parallel.sequence`'s Ulysses pieces: the seed
+    families' transformers), `native` (frameloom's Ulysses, for the native DiT) or `diffusers` (diffusers' context parallelism on a family adapter's transformer, whose class must declare
     a `_cp_plan` and not be in `CP_BROKEN`: Wan in diffusers 0.42.1; not CogVideoX, which has no plan, nor
     LTX-Video)."""
     from frameloom.models.diffusers_family import DiffusersDenoiser
 
+    if hasattr(model, "enable_sequence_parallel"):  # the model splits its own sequence (seed families)
+        return "model"
     if not isinstance(model, DiffusersDenoiser):
         return "native"
     name = type(model.transformer).__name__

@@ -39,7 +39,7 @@ from frameloom.config import Config, dump_yaml
 from frameloom.data.sampler import build_sampler
 from frameloom.errors import FrameloomError
 from frameloom.models.registry import get_family
-from frameloom.objectives import build_objective, caption_dropout_mask
+from frameloom.objectives import Conditioning, StepContext, build_objective, caption_dropout_mask, predict
 from frameloom.parallel import env as dist_env
 from frameloom.parallel.parallelize import Parallelized
 from frameloom.parallel.parallelize import parallelize as apply_parallelism
@@ -145,7 +145,7 @@ class Trainer:
         self.text_encoder = dist_env.main_first(lambda: pipeline.load_text_encoder(cfg, self.device))
         self.policy = pipeline.bucket_policy(cfg)  # data.bucket (None: none); the cache and sampler share it
         self.dataset, self.cached = self._build_dataset()
-        self.empty_emb, self.empty_mask = self._empty_prompt()
+        self.empty_emb, self.empty_mask, self.empty_extras = self._empty_prompt()
         # What the model needs of the encoders; with a complete cache, training reads latents and embeddings
         # only, so the VAE and text encoder leave memory until validation reloads them (`_encoders`).
         self.latent_channels, self.text_dim = self.codec.latent_channels, self.text_encoder.dim
@@ -211,10 +211,12 @@ class Trainer:
         return pipeline.ClipDataset(manifest, self.spec, seed=self.cfg.seed, caption_rules=rules), False
 
     @torch.no_grad()
-    def _empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The empty prompt's tokens (L, D), mask (L,) and extra tensors {name: (...)} (caption dropout)."""
         emb, mask = self.text_encoder.encode([""])
+        extras = {k: v[0].float().cpu() for k, v in self.text_encoder.encode_extras([""]).items()}
         length = int(mask[0].sum())
-        return emb[0, :length].float().cpu(), mask[0, :length].cpu()
+        return emb[0, :length].float().cpu(), mask[0, :length].cpu(), extras
 
     @torch.no_grad()
     def _fit_text_statistics(self, model: torch.nn.Module, max_captions: int = 2048) -> None:
@@ -294,17 +296,35 @@ class Trainer:
         )
 
     @torch.no_grad()
-    def _encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> latents (B, C, t, h, w), text embeddings (B, L, D), text mask (B, L), on the device."""
+    def _encode(self, batch: dict) -> tuple[torch.Tensor, Conditioning]:
+        """-> latents (B, C, t, h, w) and the text conditioning (tokens (B, L, D), mask (B, L), extras
+        {name: (B, ...)}), on the device."""
         if self.cached:
-            return (
-                batch["latent"].to(self.device, non_blocking=True).float(),
+            extras = {
+                k: v.to(self.device, non_blocking=True).float()
+                for k, v in batch.get("text_extras", {}).items()
+            }
+            return batch["latent"].to(self.device, non_blocking=True).float(), Conditioning(
                 batch["text_emb"].to(self.device, non_blocking=True).float(),
                 batch["text_mask"].to(self.device, non_blocking=True),
+                extras,
             )
         latent = self.codec.encode(batch["video"].to(self.device))
         emb, mask = self.text_encoder.encode(batch["text"])
-        return latent.float(), emb.float(), mask.to(self.device)
+        extras = {
+            k: v.to(self.device).float() for k, v in self.text_encoder.encode_extras(batch["text"]).items()
+        }
+        return latent.float(), Conditioning(emb.float(), mask.to(self.device), extras)
+
+    def _drop_extras(self, extras: dict[str, torch.Tensor], drop: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Replace the extra text tensors of the rows where `drop` is True by the empty prompt's."""
+        if not extras or not drop.any():
+            return extras
+        keep = ~drop.to(next(iter(extras.values())).device)
+        return {
+            k: torch.where(keep.view(-1, *[1] * (v.dim() - 1)), v, self.empty_extras[k].to(v))
+            for k, v in extras.items()
+        }
 
     def _drop_captions(self, emb: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor):
         """Replace the captions where `drop` is True by the empty prompt (for classifier-free guidance)."""
@@ -327,19 +347,32 @@ class Trainer:
 
     def _micro_step(self, batch: dict, micro: int) -> torch.Tensor:
         """Forward + backward of one micro-batch; returns the (unscaled) loss."""
-        latent, emb, mask = self._encode(batch)  # (B, C, t, h, w), (B, L, D), (B, L)
+        latent, cond = self._encode(batch)  # (B, C, t, h, w); tokens (B, L, D), mask (B, L), extras
         # The micro-batch's place in the step's global batch: one process with accumulation 2 and two
         # processes without draw the same numbers for the same samples. A CPU generator: same draws anywhere.
-        g = step_generator(self.cfg.seed, self.step, micro * self.data_world + self.data_rank)
-        inputs = self.objective.draw(latent, g)  # times, noise -> x_t (B, C, t, h, w), target
+        ctx = StepContext(
+            step=self.step,
+            micro=micro,
+            data_rank=self.data_rank,
+            data_world=self.data_world,
+            sync_rank=self.plan.sync_rank(self.rank),
+            sync_size=self.plan.video_sync_group,
+        )
+        g = step_generator(self.cfg.seed, self.step, ctx.slot)
+        inputs = self.objective.draw(latent, g, ctx)  # times, noise -> x_t (B, C, t, h, w), target
         drop = caption_dropout_mask(latent.shape[0], self.cfg.objective.caption_dropout, g)
-        emb, mask = self._drop_captions(emb, mask, drop)
+        emb, mask = self._drop_captions(cond.emb, cond.mask, drop)
+        p_extras = self.cfg.objective.extras_dropout
+        if p_extras is not None and cond.extras:  # dropped independently of the tokens (Open-Sora 2.0)
+            drop = caption_dropout_mask(latent.shape[0], p_extras, g)
+        extras = self._drop_extras(cond.extras, drop)
         if self.plan.sp > 1:  # masked padding to a multiple of sp (families split text with the sequence)
             emb, mask = pad_text_for_sp(emb, mask, self.plan.sp)  # (B, L', D), (B, L')
+        cond = Conditioning(emb, mask, extras)
         last = micro == self.cfg.train.grad_accum - 1
         with self.par.gradient_sync(last), self.par.activation_context():
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                pred = self.model(inputs.x_t, inputs.t, emb, mask)
+                pred = predict(self.objective, self.model, inputs, cond)
             loss = self.objective.loss(pred, inputs)
             # Always backward, also on a non-finite loss (its step is dropped below): every process must run
             # the same collectives. loss_scale = sp turns the data-parallel mean over sp ranks into a sum.

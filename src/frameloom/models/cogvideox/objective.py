@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from frameloom.objectives.base import TrainingInputs
+from frameloom.objectives.base import StepContext, TrainingInputs
 from frameloom.objectives.ddpm import DDPMSchedule, VPredictionDDPM
 
 __all__ = ["CogVideoXObjective", "image_condition", "pad_first_frame"]
@@ -75,11 +75,13 @@ class CogVideoXObjective(VPredictionDDPM):
         self.image_noise_mean = image_noise_mean
         self.image_noise_std = image_noise_std
 
-    def draw(self, x0: torch.Tensor, generator: torch.Generator) -> TrainingInputs:
+    def draw(
+        self, x0: torch.Tensor, generator: torch.Generator, ctx: StepContext | None = None
+    ) -> TrainingInputs:
         # 1. CogVideoX 1.5: repeat frame 0 in front up to a multiple of the temporal patch.
         x0 = pad_first_frame(x0, self.patch_size_t)  # (B, C, T', H, W)
         # 2. Timesteps, noise, x_t and the v target (drawn in that order from `generator`).
-        inputs = super().draw(x0, generator)
+        inputs = super().draw(x0, generator, ctx)
         if not self.i2v:
             return inputs
         # 3. I2V: noisy image latent at frame 0, zeros after, concatenated on channels.

@@ -34,7 +34,7 @@ import torch
 
 from frameloom.errors import FrameloomError
 from frameloom.models.codecs import DiffusersVAECodec, LatentCodec, config_sha256, weights_sha256
-from frameloom.objectives.base import TrainingInputs
+from frameloom.objectives.base import StepContext, TrainingInputs
 from frameloom.objectives.flow import FlowMatching, flow_loss
 
 __all__ = [
@@ -115,9 +115,11 @@ class ConditionedFlow:
         self.flow = flow
         self.channels = int(channels)
 
-    def draw(self, x0: torch.Tensor, generator: torch.Generator) -> TrainingInputs:
+    def draw(
+        self, x0: torch.Tensor, generator: torch.Generator, ctx: StepContext | None = None
+    ) -> TrainingInputs:
         z, conditions = x0[:, : self.channels], x0[:, self.channels :]
-        inputs = self.flow.draw(z, generator)  # shift 'auto' etc. see the latent part only
+        inputs = self.flow.draw(z, generator, ctx)  # shift 'auto' etc. see the latent part only
         inputs.x_t = torch.cat([inputs.x_t, conditions.to(inputs.x_t.dtype)], dim=1)
         inputs.extras["conditions"] = conditions
         return inputs
