@@ -203,6 +203,7 @@ def run_cache(cfg: Config, *, progress: bool = True, shard: tuple[int, int] = (0
         shard=shard,
         buckets=policy,
         caption_rules=rules,
+        rules=path_rules(cfg),
     )
 
 

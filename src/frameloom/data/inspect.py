@@ -197,6 +197,16 @@ def default_png(manifest: str | os.PathLike) -> Path:
     return manifest.with_name(manifest.stem + ".inspect.png")
 
 
+def _check_paths(manifest: Path, cfg: Any | None) -> None:
+    """Refuse a manifest whose paths leave its folder, as ``train`` and ``cache`` do (``manifest.check_paths``;
+    the rules of ``cfg``'s ``data.extra_roots``/``data.strict_roots`` when given)."""
+    from frameloom.data.manifest import PATH_COLUMNS, check_paths, read_manifest
+    from frameloom.data.paths import PathRules
+
+    rules = PathRules.make(cfg.data.extra_roots, cfg.data.strict_roots) if cfg is not None else PathRules()
+    check_paths(read_manifest(manifest, columns=PATH_COLUMNS), manifest, rules)
+
+
 def inspect_manifest(
     manifest: str | os.PathLike,
     cfg: Any | None = None,
@@ -207,6 +217,7 @@ def inspect_manifest(
     """Build the report (and write its PNG to ``out``, default ``default_png(manifest)``)."""
     manifest = Path(manifest)
     cols = read_columns(manifest)
+    _check_paths(manifest, cfg)
     video = ~cols.is_image
     fps = np.where(np.isfinite(cols.fps) & (cols.fps > 0), cols.fps, np.nan)
     seconds = np.nansum((cols.frames / fps)[video]) if video.any() else 0.0

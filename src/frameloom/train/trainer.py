@@ -205,10 +205,14 @@ class Trainer:
                 pipeline.open_store(self.cfg),
                 buckets=self.policy,  # one entry per (row, bucket) the policy can assign
                 caption_rules=rules,
+                rules=pipeline.path_rules(self.cfg),
             )
             if not cached.missing():
                 return cached, True
-        return pipeline.ClipDataset(manifest, self.spec, seed=self.cfg.seed, caption_rules=rules), False
+        dataset = pipeline.ClipDataset(
+            manifest, self.spec, seed=self.cfg.seed, caption_rules=rules, rules=pipeline.path_rules(self.cfg)
+        )
+        return dataset, False
 
     @torch.no_grad()
     def _empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
