@@ -7,6 +7,7 @@ in exactly one way.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -107,6 +108,83 @@ def uncacheable(cfg: Config) -> list[str]:
 def path_rules(cfg: Config) -> PathRules:
     """The run's path rules (``data/paths.py``): ``data.extra_roots`` and ``data.strict_roots``."""
     return PathRules.make(cfg.data.extra_roots, cfg.data.strict_roots)
+
+
+def use_precomputed(cfg: Config) -> bool:
+    """Whether training reads pre-extracted tensors (``data/precomputed.py``): ``data.use_cache:
+    precomputed``, or ``auto`` with a ``latent`` file named on every manifest row."""
+    from frameloom.data.precomputed import has_latents
+
+    if cfg.data.use_cache == "precomputed":
+        return True
+    return cfg.data.use_cache == "auto" and has_latents(manifest_path(cfg))
+
+
+def precomputed_text_complete(cfg: Config) -> bool:
+    """Whether every manifest row names a ``text_fea`` file (then no text encoder is loaded for training)."""
+    from frameloom.data.manifest import read_manifest
+
+    table = read_manifest(manifest_path(cfg), columns=["text_fea"])
+    return "text_fea" in table.column_names and table.column("text_fea").null_count == 0
+
+
+def precomputed_dataset(cfg: Config, codec: Any):
+    """The pre-extracted-tensor dataset of the config: latents cut to the clip's latent length (the codec's
+    temporal compression), ``data.latent_normalization``, ``data.empty_text_fea`` (relative to the
+    manifest's folder), the run's path rules."""
+    from frameloom.data.precomputed import PrecomputedDataset
+
+    manifest = manifest_path(cfg)
+    empty = cfg.data.empty_text_fea
+    if empty is not None and not Path(empty).is_absolute():
+        empty = str(manifest.resolve().parent / empty)
+    if empty is not None and not Path(empty).is_file():
+        raise FrameloomError(f"data.empty_text_fea not found: {empty}")
+    return PrecomputedDataset(
+        manifest,
+        latent_frames=lambda frames: codec.latent_size(frames, cfg.data.height, cfg.data.width)[0],
+        spec_frames=cfg.data.num_frames,
+        normalization=cfg.data.latent_normalization,
+        rules=path_rules(cfg),
+        empty_text_fea=empty,
+    )
+
+
+def batch_text(batch: dict, text_encoder: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Text conditioning of an on-the-fly batch: ``(emb (B, L, D), mask (B, L), extras {name: (B, ...)})``.
+
+    Captions are encoded by ``text_encoder``; rows of a precomputed batch that carry stored features
+    (``batch["text_features"]``) keep those instead (padded together with the encoded ones)."""
+    if "text_emb" in batch:  # every row of this batch had its features
+        return batch["text_emb"].float(), batch["text_mask"].bool(), dict(batch.get("text_extras", {}))
+    stored = batch.get("text_features")
+    if not stored or all(f is None for f in stored):
+        emb, mask = text_encoder.encode(batch["text"])
+        return emb, mask, dict(text_encoder.encode_extras(batch["text"]))
+    todo = [i for i, f in enumerate(stored) if f is None]
+    rows: list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = [None] * len(stored)  # type: ignore[list-item]
+    for i, f in enumerate(stored):
+        if f is not None:
+            rows[i] = (f[0].float(), f[1].bool(), {k: v.float() for k, v in f[2].items()})
+    if todo:
+        texts = [batch["text"][i] for i in todo]
+        emb, mask = text_encoder.encode(texts)
+        extras = text_encoder.encode_extras(texts)
+        for j, i in enumerate(todo):
+            real = mask[j].bool().cpu()
+            rows[i] = (
+                emb[j].float().cpu()[real],
+                real[real],
+                {k: v[j].float().cpu() for k, v in extras.items()},
+            )
+    longest = max(r[0].shape[0] for r in rows)
+    dim = rows[0][0].shape[1]
+    emb = torch.zeros(len(rows), longest, dim)  # (B, L, D)
+    mask = torch.zeros(len(rows), longest, dtype=torch.bool)  # (B, L)
+    for i, (e, m, _) in enumerate(rows):
+        emb[i, : e.shape[0]], mask[i, : e.shape[0]] = e, m
+    names = rows[0][2].keys()
+    return emb, mask, {k: torch.stack([r[2][k] for r in rows]) for k in names}
 
 
 def manifest_path(cfg: Config) -> Path:

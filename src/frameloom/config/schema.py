@@ -29,7 +29,15 @@ class DataConfig:
     cache_dir: str | None = None
     """Latent/text-embedding store; default: `.frameloom_cache` beside the manifest."""
     use_cache: str = "auto"
-    """auto: read the cache when it is complete for this run's spec, else encode on the fly; never: always on the fly."""
+    """auto: pre-extracted tensors when every manifest row names a `latent` file, else the cache when it is
+    complete for this run's spec, else encode on the fly; precomputed: the manifest's `latent`/`text_fea` files
+    (data/precomputed.py); never: always on the fly."""
+    latent_normalization: str = "none"
+    """Pre-extracted latents: `none` (stored as the denoiser takes them, e.g. fast-DiT's x0.18215), or Pyramid
+    Flow's training-time normalisation `pyramid_flux` (miniflux) / `pyramid_mmdit` (SD3)."""
+    empty_text_fea: str | None = None
+    """Pre-extracted text features of the empty prompt "" (caption dropout when no text encoder is loaded);
+    relative to the manifest's folder. Default: a manifest row with empty text and a text_fea file."""
     num_workers: int = 0
     """DataLoader worker processes."""
     # -- frame and caption rules of the seeds, path safety (data/video.py, data/captions.py, docs/datasets.md) --

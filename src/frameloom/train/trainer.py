@@ -141,15 +141,26 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.spec = pipeline.clip_spec(cfg)
         self.codec = pipeline.load_codec(cfg, self.device)
+        # Pre-extracted latents (and text features) named by the manifest: no video is decoded, and with a
+        # text_fea file on every row no text encoder is loaded (data/precomputed.py).
+        self.precomputed = pipeline.use_precomputed(cfg)
+        text_from_files = self.precomputed and pipeline.precomputed_text_complete(cfg)
         # rank 0 first: a tiny-byt5 encoder is built on first use, and must not be built by every rank at once
-        self.text_encoder = dist_env.main_first(lambda: pipeline.load_text_encoder(cfg, self.device))
+        self.text_encoder = (
+            None
+            if text_from_files
+            else dist_env.main_first(lambda: pipeline.load_text_encoder(cfg, self.device))
+        )
         self.policy = pipeline.bucket_policy(cfg)  # data.bucket (None: none); the cache and sampler share it
         self.dataset, self.cached = self._build_dataset()
-        self.empty_emb, self.empty_mask, self.empty_extras = self._empty_prompt()
         # What the model needs of the encoders; with a complete cache, training reads latents and embeddings
         # only, so the VAE and text encoder leave memory until validation reloads them (`_encoders`).
-        self.latent_channels, self.text_dim = self.codec.latent_channels, self.text_encoder.dim
+        self.text_dim = self.text_encoder.dim if self.text_encoder is not None else self.dataset.text_dim
+        self.latent_channels = self.codec.latent_channels
         self.latent_grid = self.codec.latent_size(cfg.data.num_frames, cfg.data.height, cfg.data.width)
+        if self.precomputed:  # stored shapes that do not fit the model: one line now, not a crash mid-run
+            self.dataset.check_first(self.latent_channels, self.latent_grid, self.text_dim)
+        self.empty_emb, self.empty_mask, self.empty_extras = self._empty_prompt()
 
         # 2. The denoiser (with its text statistics, while the text encoder is loaded), EMA, optimizer, schedule.
         family = get_family(cfg.model.family)
@@ -187,8 +198,12 @@ class Trainer:
         from frameloom.cache.dataset import CachedClipDataset
 
         manifest = pipeline.manifest_path(self.cfg)
-        if self.cfg.data.use_cache not in ("auto", "never"):
-            raise FrameloomError(f"data.use_cache must be auto or never, not {self.cfg.data.use_cache!r}")
+        if self.cfg.data.use_cache not in ("auto", "never", "precomputed"):
+            raise FrameloomError(
+                f"data.use_cache must be auto, never or precomputed, not {self.cfg.data.use_cache!r}"
+            )
+        if self.precomputed:  # batches of stored tensors; "cached" when every row has its text features too
+            return pipeline.precomputed_dataset(self.cfg, self.codec), self.text_encoder is None
         rules = pipeline.caption_rules(self.cfg)
         reasons = pipeline.uncacheable(self.cfg)
         if self.cfg.data.use_cache == "auto" and reasons:
@@ -217,10 +232,26 @@ class Trainer:
     @torch.no_grad()
     def _empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """The empty prompt's tokens (L, D), mask (L,) and extra tensors {name: (...)} (caption dropout)."""
+        if self.text_encoder is None:  # pre-extracted text features: the empty prompt's stored features
+            return self._stored_empty_prompt()
         emb, mask = self.text_encoder.encode([""])
         extras = {k: v[0].float().cpu() for k, v in self.text_encoder.encode_extras([""]).items()}
         length = int(mask[0].sum())
         return emb[0, :length].float().cpu(), mask[0, :length].cpu(), extras
+
+    def _stored_empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        stored = self.dataset.empty_text()
+        if stored is not None:
+            emb, mask, extras = stored
+            return emb.float(), mask.bool(), {k: v.float() for k, v in extras.items()}
+        o = self.cfg.objective
+        if o.caption_dropout > 0 or (o.extras_dropout or 0) > 0:
+            raise FrameloomError(
+                "caption dropout needs the empty prompt's text features, and no text encoder is loaded: set "
+                'data.empty_text_fea (the features of "" from the same extraction), add a row with empty text '
+                "and a text_fea file, or set objective.caption_dropout=0"
+            )
+        return torch.zeros(1, self.text_dim), torch.ones(1, dtype=torch.bool), {}  # never used: no dropout
 
     @torch.no_grad()
     def _fit_text_statistics(self, model: torch.nn.Module, max_captions: int = 2048) -> None:
@@ -228,6 +259,12 @@ class Trainer:
         training captions' pooled embeddings: up to `max_captions` rows, evenly spaced over the manifest.
         A resumed run then loads the saved values with the weights."""
         if not getattr(model, "wants_text_statistics", False):
+            return
+        if self.text_encoder is None:  # pre-extracted text features: pool the stored ones
+            from frameloom.models.text import pool_text
+
+            stored = self.dataset.text_sample(max_captions)
+            model.set_text_statistics(torch.cat([pool_text(e[None].float(), m[None]) for e, m in stored]))
             return
         from frameloom.data.captions import row_caption
         from frameloom.data.manifest import read_manifest
@@ -279,6 +316,8 @@ class Trainer:
     # ------------------------------------------------------------------ data
 
     def _collate(self, items: list[dict]) -> dict:
+        if self.precomputed:
+            return self.dataset.collate(items)
         if self.cached:
             from frameloom.cache.dataset import collate_text
 
@@ -313,12 +352,13 @@ class Trainer:
                 batch["text_mask"].to(self.device, non_blocking=True),
                 extras,
             )
-        latent = self.codec.encode(batch["video"].to(self.device))
-        emb, mask = self.text_encoder.encode(batch["text"])
-        extras = {
-            k: v.to(self.device).float() for k, v in self.text_encoder.encode_extras(batch["text"]).items()
-        }
-        return latent.float(), Conditioning(emb.float(), mask.to(self.device), extras)
+        if "latent" in batch:  # precomputed latents whose captions (some or all) are encoded here
+            latent = batch["latent"].to(self.device, non_blocking=True)
+        else:
+            latent = self.codec.encode(batch["video"].to(self.device))
+        emb, mask, extras = pipeline.batch_text(batch, self.text_encoder)
+        extras = {k: v.to(self.device).float() for k, v in extras.items()}
+        return latent.float(), Conditioning(emb.to(self.device).float(), mask.to(self.device), extras)
 
     def _drop_extras(self, extras: dict[str, torch.Tensor], drop: torch.Tensor) -> dict[str, torch.Tensor]:
         """Replace the extra text tensors of the rows where `drop` is True by the empty prompt's."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -131,21 +130,12 @@ def write_pyramid(
 
 
 def load_tensor(path: str | os.PathLike) -> Any:
-    """Load a pre-extracted ``latent``/``text_fea`` file with ``torch.load(weights_only=True)``: tensors
-    and plain containers only; anything else is a ``FrameloomError``, never executed."""
-    import torch
+    """Load a pre-extracted ``latent``/``text_fea`` file (``data/precomputed.py``: ``.pt`` with
+    ``torch.load(weights_only=True)`` only, ``.npy`` without pickles, ``.safetensors``); anything else is a
+    ``FrameloomError``, never executed."""
+    from frameloom.data.precomputed import load_tensor_file  # imports torch; keep the dialect light
 
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FrameloomError(
-            f"{path} holds more than tensors; refused (loaded with weights_only=True): {first}"
-        ) from None
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        raise FrameloomError(
-            f"cannot load tensor file {path}: {str(exc).splitlines()[0] if str(exc) else exc}"
-        ) from None
+    return load_tensor_file(path)
 
 
 def detect(source: Path) -> bool:
