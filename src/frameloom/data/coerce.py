@@ -24,13 +24,15 @@ import pyarrow.compute as pc
 
 from frameloom.errors import FrameloomError
 
-__all__ = ["CellError", "coerce_column", "cell_error", "INT_LIMIT"]
+__all__ = ["CSV_NULLS", "CellError", "coerce_column", "cell_error", "INT_LIMIT"]
 
 INT_LIMIT = 2**53
 """Integers beyond this are refused: a float cannot hold them exactly, and no frame count or size is that big."""
 
 # A number as text: optional sign, digits with an optional fraction and exponent, or nan/inf.
 _NUMBER = r"^\s*[+-]?((\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|nan|inf|infinity)\s*$"
+CSV_NULLS: tuple[str, ...] = ("", "NA", "N/A", "NULL", "null", "None", "#N/A")
+"""CSV cells read as empty. Not ``nan``: a NaN is a value (an fps that cannot be right), not a missing one."""
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
 

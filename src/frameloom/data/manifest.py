@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from frameloom.data.coerce import CellError, coerce_column
+from frameloom.data.coerce import CSV_NULLS, CellError, coerce_column
 from frameloom.data.paths import PathRules
 from frameloom.errors import FrameloomError
 
@@ -214,7 +214,10 @@ def _read_table(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
                 names = reader.schema.names
             want = names if columns is None else [c for c in columns if c in names]
             options = pacsv.ConvertOptions(
-                column_types={n: pa.string() for n in names}, strings_can_be_null=True, include_columns=want
+                column_types={n: pa.string() for n in names},
+                strings_can_be_null=True,
+                null_values=list(CSV_NULLS),
+                include_columns=want,
             )
             return pacsv.read_csv(path, convert_options=options)
         if columns is None:

@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from frameloom.data.coerce import CellError
+from frameloom.data.coerce import CSV_NULLS, CellError
 from frameloom.data.dialects.base import BAD_ENTRY, Listing, Part, WriteResult, rebased_paths, typed_table
 from frameloom.data.manifest import SCHEMA_TYPES
 from frameloom.errors import FrameloomError
@@ -92,7 +92,11 @@ def _csv_blocks(path: Path) -> Iterator[pa.Table]:
         with pacsv.open_csv(path) as reader:
             names = reader.schema.names
         known = {n for n in names if RENAME_IN.get(n, n) in SCHEMA_TYPES}
-        convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in known}, strings_can_be_null=True)
+        convert = pacsv.ConvertOptions(
+            column_types={n: pa.string() for n in known},
+            strings_can_be_null=True,
+            null_values=list(CSV_NULLS),
+        )
         read = pacsv.ReadOptions(block_size=1 << 24)
         with pacsv.open_csv(path, read_options=read, convert_options=convert) as reader:
             for batch in reader:
