@@ -47,6 +47,7 @@ from frameloom.data.dialects.base import (
     rebased_paths,
     typed_table,
 )
+from frameloom.data.manifest import SCHEMA_TYPES
 from frameloom.data.paths import OUTSIDE_ROOT, OutsideRoot, PathRules, resolve_entry
 from frameloom.data.probe import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from frameloom.errors import FrameloomError
@@ -125,6 +126,15 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return entries
 
 
+def _check_types(path: Path, entries: list[dict[str, Any]]) -> None:
+    """Cells of the manifest's own columns must read as their types: one line naming the table, row, column."""
+    names = list(dict.fromkeys(k for e in entries for k in e if k in SCHEMA_TYPES))
+    try:
+        typed_table({n: [e.get(n) for e in entries] for n in names}, source=str(path))
+    except CellError as exc:
+        raise FrameloomError(str(exc)) from None
+
+
 def read_caption_tables(root: str | os.PathLike, rules: PathRules | None = None) -> dict[str, dict[str, Any]]:
     """The root's ``captions.csv`` and ``captions.jsonl`` entries, keyed by normalized path.
 
@@ -139,7 +149,9 @@ def read_caption_tables(root: str | os.PathLike, rules: PathRules | None = None)
         path = _checked_table(root, name, rules)
         if path is None:
             continue
-        for entry in reader(path):
+        entries = reader(path)
+        _check_types(path, entries)
+        for entry in entries:
             key = _normalize(root, entry["path"])
             if key in table:
                 raise FrameloomError(f"{key} has two captions ({where[key]} and {name}); keep one")
