@@ -15,25 +15,24 @@ frameloom read (and, through the cache, encode and keep) a file the user never m
 3. Extra roots (``--allow-root DIR``, ``data.extra_roots``) count as inside.
 
 Anything else is rejected with reason ``outside_root``. ``resolve_entry`` checks one path; ``check_batch``
-checks a column of them (one root), with one ``realpath`` per distinct folder and one ``scandir`` per
-folder, which also answers whether each file exists (millions of rows in seconds).
+checks a column of them (one root), with one ``realpath`` and one ``scandir`` per distinct folder, which
+also answers whether each file exists; the lookups are columnar (millions of rows in seconds).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 OUTSIDE_ROOT = "outside_root"
 """The reject reason for an entry whose file lies outside every allowed root."""
-
-# A path whose text needs os.path.normpath: "." or ".." parts, doubled or trailing slashes.
-_NEEDS_NORM = re.compile(r"(^|/)\.{1,2}(/|$)|//|/$")
 
 
 class OutsideRoot(Exception):
@@ -128,44 +127,45 @@ def _extra_note(roots: list[Path]) -> str:
 
 # ------------------------------------------------------------------------------------------- many at once
 
-FILE, LINK, OTHER, ABSENT = 0, 1, 2, 3
+FILE, LINK, OTHER = 0, 1, 2
 
 
 class FolderIndex:
     """What a set of folders holds, listed once each (``scandir``), with their real paths.
 
-    ``kind(folder, name)`` is FILE (a regular file), LINK (a symlink, to anything), OTHER (a folder, a device)
-    or ABSENT; ``real(folder)`` is the folder's realpath. Millions of files are checked with one system call
-    per folder instead of several per file.
+    ``listing(folder)`` is (names, kinds): FILE (a regular file), LINK (a symlink, to anything) or OTHER (a
+    folder, a device); ``real(folder)`` is the folder's realpath. Millions of files are checked with one
+    system call per folder instead of several per file, and the lookups are columnar (``check_batch``).
     """
 
     def __init__(self) -> None:
-        self._listing: dict[str, dict[str, int]] = {}
+        self._listing: dict[str, tuple[list[str], list[int]]] = {}
         self._real: dict[str, str] = {}
 
-    def _list(self, folder: str) -> dict[str, int]:
-        listing = self._listing.get(folder)
-        if listing is None:
-            listing = {}
+    def listing(self, folder: str) -> tuple[list[str], list[int]]:
+        found = self._listing.get(folder)
+        if found is None:
+            names: list[str] = []
+            kinds: list[int] = []
             try:
                 with os.scandir(folder) as it:
                     for e in it:
                         try:
-                            if e.is_symlink():
-                                listing[e.name] = LINK
-                            elif e.is_file(follow_symlinks=False):
-                                listing[e.name] = FILE
-                            else:
-                                listing[e.name] = OTHER
+                            kind = (
+                                LINK
+                                if e.is_symlink()
+                                else FILE
+                                if e.is_file(follow_symlinks=False)
+                                else OTHER
+                            )
                         except OSError:
-                            listing[e.name] = OTHER
+                            kind = OTHER
+                        names.append(e.name)
+                        kinds.append(kind)
             except OSError:
                 pass
-            self._listing[folder] = listing
-        return listing
-
-    def kind(self, folder: str, name: str) -> int:
-        return self._list(folder).get(name, ABSENT)
+            found = self._listing[folder] = (names, kinds)
+        return found
 
     def real(self, folder: str) -> str:
         real = self._real.get(folder)
@@ -176,86 +176,133 @@ class FolderIndex:
 
 @dataclass
 class BatchCheck:
-    """``check_batch``'s answer for N paths: ``files`` (absolute, normalised, as the manifest will name them),
-    ``status`` (0 ok, 1 outside_root, 2 missing, 3 not a regular file) and a detail per refused row."""
+    """``check_batch``'s answer for N paths: ``files`` (absolute, normalised, as the manifest will name them;
+    "" where a path could not be made one), ``status`` (0 ok, 1 outside_root, 2 missing, 3 not a regular
+    file) and a detail per refused row."""
 
-    files: list[str]
+    files: pa.Array
     status: np.ndarray
     details: dict[int, str] = field(default_factory=dict)
 
 
 OK, OUTSIDE, MISSING, NOT_FILE = 0, 1, 2, 3
+_DOTDOT = r"(^|/)\.\.(/|$)"
+_NORM = r"(^|/)\.(/|$)|//|/$"
+
+
+def _mask(values: Any) -> np.ndarray:
+    return np.asarray(pc.fill_null(values, False).to_numpy(zero_copy_only=False), bool)
+
+
+def _where(col: pa.Array, pattern: str, maybe: pa.Array) -> np.ndarray:
+    """Rows matching the regex ``pattern``, which only rows of ``maybe`` (a cheap substring test) can."""
+    out = _mask(maybe)
+    rows = np.flatnonzero(out)
+    if rows.size:
+        out[rows] = _mask(pc.match_substring_regex(col.take(pa.array(rows)), pattern))
+    return out
 
 
 def check_batch(
     root: str | os.PathLike,
-    paths: Sequence[str | None],
+    paths: Sequence[str | None] | pa.Array | pa.ChunkedArray,
     rules: PathRules,
     *,
     bound: bool,
     index: FolderIndex | None = None,
 ) -> BatchCheck:
     """Check many entries of one ``root`` at once (see the module doc for the rules; ``bound`` as in
-    ``resolve_entry``), and whether each names an existing regular file (symlinks followed)."""
+    ``resolve_entry``), and whether each names an existing regular file (symlinks followed).
+
+    Columnar: paths are joined to the root, split into (folder, name) and looked up in the folders' listings
+    by Arrow's hash lookup; Python runs per distinct folder, per symlink, and for the rare paths with ``..``
+    or ``~`` parts (which go through ``resolve_entry``)."""
     index = index or FolderIndex()
     root_abs = os.path.normpath(os.path.abspath(os.fspath(root)))
     real_roots = [str(r) for r in rules.roots(root_abs)]
+    note = _extra_note([Path(r) for r in real_roots])
     bound = bound or rules.strict
-    n = len(paths)
-    files: list[str] = [""] * n
+    col = paths if isinstance(paths, (pa.Array, pa.ChunkedArray)) else pa.array(list(paths), pa.string())
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    col = pc.utf8_trim_whitespace(col.cast(pa.string()))
+    n = len(col)
     status = np.zeros(n, np.int8)
     details: dict[int, str] = {}
-    for i, p in enumerate(paths):
-        text = "" if p is None else str(p).strip()
-        if not text:
+    empty = _mask(pc.or_(pc.is_null(col), pc.equal(col, "")))
+    slow = _where(col, _DOTDOT, pc.match_substring(col, "..")) | _mask(pc.starts_with(col, "~"))
+    slow &= ~empty
+    absolute = _mask(pc.starts_with(col, "/"))
+    full = pc.if_else(pa.array(absolute), col, pc.binary_join_element_wise(root_abs, col, "/"))
+    maybe = pc.or_(
+        pc.or_(pc.match_substring(full, "/."), pc.match_substring(full, "//")), pc.ends_with(full, "/")
+    )
+    needs_norm = _where(full, _NORM, maybe) & ~slow & ~empty
+    files = full.to_pylist() if (needs_norm.any() or slow.any() or empty.any()) else None
+    if files is not None:
+        for i in np.flatnonzero(empty).tolist():
+            files[i] = ""
             status[i], details[i] = OUTSIDE, "empty path"
-            continue
-        if text[0] == "~":
-            text = os.path.expanduser(text)
-        absolute = text[0] == "/"
-        if ".." in text.split("/"):
-            # Rare: a '..' may pass through a symlinked folder; the one-by-one rules decide (resolve_entry).
+        for i in np.flatnonzero(needs_norm).tolist():
+            files[i] = os.path.normpath(files[i])
+        for i in np.flatnonzero(slow).tolist():  # '..' may pass through a symlinked folder: one by one
             try:
-                full = str(resolve_entry(root_abs, text, rules.extra_roots, bound=bound))
+                files[i] = str(resolve_entry(root_abs, col[i].as_py(), rules.extra_roots, bound=bound))
             except OutsideRoot as exc:
+                files[i] = ""
                 status[i], details[i] = OUTSIDE, exc.detail
                 continue
-            files[i] = full
-            if not os.path.isfile(full):
+            if not os.path.isfile(files[i]):
                 status[i], details[i] = (
                     (NOT_FILE, "not a regular file")
-                    if os.path.exists(full)
+                    if os.path.exists(files[i])
                     else (
                         MISSING,
                         "no such file",
                     )
                 )
-            continue
-        full = text if absolute else f"{root_abs}/{text}"
-        if _NEEDS_NORM.search(full):
-            full = os.path.normpath(full)
-        files[i] = full
-        folder, _, name = full.rpartition("/")
-        folder = folder or "/"
-        kind = index.kind(folder, name)
-        if kind == ABSENT:
-            status[i], details[i] = MISSING, "no such file"
-            continue
-        if kind == OTHER:
-            status[i], details[i] = NOT_FILE, "not a regular file"
-            continue
-        if not (bound or not absolute):
-            if kind == LINK and not os.path.isfile(full):
-                status[i], details[i] = MISSING, "a broken symlink"
-            continue
-        # The real file must lie under a root: the folder's realpath (cached), and the link's for a link.
-        real = os.path.realpath(full) if kind == LINK else f"{index.real(folder).rstrip('/')}/{name}"
-        if not _inside_text(real, real_roots):
-            how = "a symlink" if kind == LINK or not real.startswith(folder + "/") else "the path"
-            note = _extra_note([Path(r) for r in real_roots])
-            status[i], details[i] = OUTSIDE, f"{how} leads to {real}, outside {real_roots[0]}{note}"
-            continue
-        if kind == LINK and not os.path.isfile(real):
+        full = pa.array(files, pa.string())
+    # Folder and name of every path; each distinct folder is listed once.
+    split = pc.split_pattern(pc.fill_null(full, "/"), "/", max_splits=1, reverse=True)
+    folder = pc.list_element(split, 0)
+    folder = pc.if_else(pc.equal(folder, ""), "/", folder)
+    name = pc.list_element(split, 1)
+    todo = (status == OK) & ~slow
+    encoded = folder.dictionary_encode()
+    folders = encoded.dictionary.to_pylist()
+    which = encoded.indices.to_numpy(zero_copy_only=False)
+    used = np.zeros(len(folders), bool)
+    used[which[todo]] = True
+    keys, kinds = [], []
+    inside = np.ones(len(folders), bool)
+    for k in np.flatnonzero(used).tolist():
+        names, fkinds = index.listing(folders[k])
+        keys.extend(f"{folders[k]}\0{x}" for x in names)
+        kinds.extend(fkinds)
+        inside[k] = _inside_text(index.real(folders[k]), real_roots)
+    kind = np.full(n, -1, np.int64)
+    if keys:
+        joined = pc.binary_join_element_wise(folder, name, "\0")
+        at = pc.index_in(joined, value_set=pa.array(keys, pa.string()))
+        found = _mask(pc.is_valid(at)) & todo
+        kind[found] = np.asarray(kinds, np.int64)[pc.fill_null(at, 0).to_numpy(zero_copy_only=False)[found]]
+    folder_ok = inside[which]
+    check_real = bound | ~absolute
+    # 1. Missing and not-a-file; 2. a real folder outside the roots; 3. symlinks, one by one.
+    for i in np.flatnonzero(todo & (kind == -1)).tolist():
+        status[i], details[i] = MISSING, "no such file"
+    for i in np.flatnonzero(todo & (kind == OTHER)).tolist():
+        status[i], details[i] = NOT_FILE, "not a regular file"
+    for i in np.flatnonzero(todo & (kind == FILE) & check_real & ~folder_ok).tolist():
+        f, x = folder[i].as_py(), name[i].as_py()
+        status[i] = OUTSIDE
+        details[i] = f"a symlink leads to {index.real(f).rstrip('/')}/{x}, outside {real_roots[0]}{note}"
+    for i in np.flatnonzero(todo & (kind == LINK)).tolist():
+        path = full[i].as_py()
+        real = os.path.realpath(path)
+        if check_real[i] and not _inside_text(real, real_roots):
+            status[i], details[i] = OUTSIDE, f"a symlink leads to {real}, outside {real_roots[0]}{note}"
+        elif not os.path.isfile(real):
             status[i], details[i] = (
                 (NOT_FILE, "not a regular file")
                 if os.path.exists(real)
@@ -264,7 +311,7 @@ def check_batch(
                     "a broken symlink",
                 )
             )
-    return BatchCheck(files, status, details)
+    return BatchCheck(full, status, details)
 
 
 __all__ = [

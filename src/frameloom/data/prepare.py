@@ -46,7 +46,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from frameloom.data.dialects import DIALECTS, detect_format, read_dialect
-from frameloom.data.dialects.base import MEASURED, PATH_FIELDS, Part, relative_or_absolute
+from frameloom.data.dialects.base import MEASURED, PATH_FIELDS, Part
 from frameloom.data.manifest import REQUIRED, SCHEMA_TYPES, ManifestWriter
 from frameloom.data.paths import MISSING, NOT_FILE, OUTSIDE, OUTSIDE_ROOT, FolderIndex, PathRules, check_batch
 from frameloom.data.probe import IMAGE_SUFFIXES, REASONS, probe_many
@@ -235,12 +235,11 @@ def _range_problems(table: pa.Table) -> list[tuple[int, str, str]]:
     return out
 
 
-def _relative(files: list[str], manifest_dir: str) -> pa.Array:
-    """Absolute file paths as the manifest stores them: relative to its folder when inside it."""
-    arr = pa.array(files, pa.string())
+def _relative(files: pa.Array, manifest_dir: str) -> pa.Array:
+    """Absolute file paths as the manifest stores them: relative to its folder when inside it (nulls stay)."""
     prefix = manifest_dir.rstrip("/") + "/"
-    inside = pc.fill_null(pc.starts_with(arr, prefix), False)
-    return pc.if_else(inside, pc.utf8_slice_codeunits(arr, len(prefix)), arr)
+    inside = pc.fill_null(pc.starts_with(files, prefix), False)
+    return pc.if_else(inside, pc.utf8_slice_codeunits(files, len(prefix)), files)
 
 
 class _Run:
@@ -260,8 +259,7 @@ class _Run:
         self.uncaptioned = 0
 
     def reject(self, path: str, reason: str, detail: str) -> None:
-        shown = relative_or_absolute(Path(path), Path(self.manifest_dir)) if path.startswith("/") else path
-        self.rejects.append((shown, reason, detail))
+        self.rejects.append((path, reason, detail))  # made relative to the manifest's folder at the end
 
     def part(self, part: Part, bound: bool) -> pa.Table | None:
         table = part.table
@@ -270,41 +268,44 @@ class _Run:
             return None
         candidate = part.candidate if part.candidate is not None else np.zeros(n, bool)
         keep = np.ones(n, bool)
-        # 1. Paths: the entry's file, then the other path columns, against the rules.
-        check = check_batch(
-            part.root, table.column("path").to_pylist(), self.rules, bound=bound, index=self.index
-        )
-        files = check.files
-        for i, status in enumerate(check.status.tolist()):
+        # 1. Paths: the entry's file, then the other path columns, against the rules (columnar).
+        check = check_batch(part.root, table.column("path"), self.rules, bound=bound, index=self.index)
+        file_arr = check.files
+        for i in np.flatnonzero(check.status).tolist():
+            status, path = int(check.status[i]), file_arr[i].as_py() or str(table.column("path")[i])
             if status == OUTSIDE:
-                self.reject(files[i] or str(table.column("path")[i]), OUTSIDE_ROOT, check.details[i])
+                self.reject(path, OUTSIDE_ROOT, check.details[i])
             elif status == MISSING:
-                self.reject(files[i], "missing", f"listed in the source: {check.details[i]}")
-            elif status == NOT_FILE:
-                self.reject(files[i], "not_media", check.details[i])
+                self.reject(path, "missing", f"listed in the source: {check.details[i]}")
+            else:
+                self.reject(path, "not_media", check.details[i])
         keep &= check.status == 0
-        other_files: dict[str, list[str | None]] = {}
+        other_files: dict[str, pa.Array] = {}
         for name in PATH_FIELDS:
             if name not in table.column_names or table.column(name).null_count == n:
                 continue
-            values = table.column(name).to_pylist()
-            present = [i for i, v in enumerate(values) if v is not None and keep[i]]
+            values = table.column(name)
+            present = np.flatnonzero(
+                np.asarray(pc.is_valid(values).to_numpy(zero_copy_only=False), bool) & keep
+            )
             sub = check_batch(
-                part.root, [values[i] for i in present], self.rules, bound=bound, index=self.index
+                part.root, values.take(pa.array(present)), self.rules, bound=bound, index=self.index
             )
             resolved: list[str | None] = [None] * n
-            for j, i in enumerate(present):
+            sub_files = sub.files.to_pylist()
+            for j, i in enumerate(present.tolist()):
                 status = int(sub.status[j])
                 if status == OUTSIDE:
-                    self.reject(files[i], OUTSIDE_ROOT, f"{name}: {sub.details[j]}")
+                    self.reject(file_arr[i].as_py(), OUTSIDE_ROOT, f"{name}: {sub.details[j]}")
                 elif status in (MISSING, NOT_FILE):
-                    self.reject(files[i], "missing", f"{name} file not found: {sub.files[j] or values[i]}")
+                    self.reject(
+                        file_arr[i].as_py(), "missing", f"{name} file not found: {sub_files[j] or values[i]}"
+                    )
                 else:
-                    resolved[i] = sub.files[j]
+                    resolved[i] = sub_files[j]
                     continue
                 keep[i] = False
-            other_files[name] = resolved
-        file_arr = pa.array(files, pa.string())
+            other_files[name] = pa.array(resolved, pa.string())
         image = _is_image(table, file_arr)
         # 2. Trusted rows (complete, sane metadata) go through; the others are probed.
         complete = _valid(table, "num_frames") & _valid(table, "height") & _valid(table, "width")
@@ -313,20 +314,21 @@ class _Run:
         if trusted.any():
             bad, details = _bad_metadata(table, image)
             for i in np.flatnonzero(trusted & bad).tolist():
-                self.reject(files[i], BAD_METADATA, details[i])
+                self.reject(file_arr[i].as_py(), BAD_METADATA, details[i])
             keep &= ~(trusted & bad)
             trusted &= ~bad
         to_probe = keep & ~trusted
-        self._probe([files[i] for i in np.flatnonzero(to_probe).tolist()])
+        probe_files = {i: file_arr[i].as_py() for i in np.flatnonzero(to_probe).tolist()}
+        self._probe(list(probe_files.values()))
         measured_rows: dict[int, dict[str, Any]] = {}
-        for i in np.flatnonzero(to_probe).tolist():
-            result = self.probed[files[i]]
+        for i, file in probe_files.items():
+            result = self.probed[file]
             if isinstance(result, tuple):
                 reason, detail = result
                 if candidate[i] and reason in ("not_media", "no_video_stream"):
                     self.ignored["not_media"] += 1
                 else:
-                    self.reject(files[i], reason, detail)
+                    self.reject(file, reason, detail)
                 keep[i] = False
             else:
                 measured_rows[i] = result
@@ -340,27 +342,35 @@ class _Run:
         for name in MEASURED:
             if name in ("aspect_ratio", "resolution"):
                 continue
+            want = SCHEMA_TYPES[name]
             given = columns.get(name)
-            values = given.to_pylist() if given is not None else [None] * n
             if name == "is_image":
-                values = [bool(v) for v in image.tolist()]
-            if name == "fps":
-                values = [0.0 if (v is None and image[i]) else v for i, v in enumerate(values)]
-            for i in probed_idx:
-                values[i] = measured_rows[i][name]
-            columns[name] = pa.array(values, SCHEMA_TYPES[name])
+                col = pa.array(image)
+            elif given is None:
+                col = pa.nulls(n, want)
+            else:
+                col = given.cast(want) if given.type != want else given
+                if isinstance(col, pa.ChunkedArray):
+                    col = col.combine_chunks()
+            if name == "fps":  # an image has no frame rate: 0
+                col = pc.if_else(pc.and_(pc.is_null(col), pa.array(image)), pa.scalar(0.0), col)
+            if (
+                probed_idx
+            ):  # the probe's measurements replace what the source gave (slow path: probing anyway)
+                values = col.to_pylist()
+                for i in probed_idx:
+                    values[i] = measured_rows[i][name]
+                col = pa.array(values, want)
+            columns[name] = col
         self.corrected += sum(_differs(table, i, measured_rows[i]) for i in probed_idx)
         h = _filled(pa.table({"h": columns["height"]}), "h", np.int64, 0)
         w = _filled(pa.table({"w": columns["width"]}), "w", np.int64, 0)
         with np.errstate(divide="ignore", invalid="ignore"):
             columns["aspect_ratio"] = pa.array(np.where(w > 0, h / np.where(w > 0, w, 1), 0.0), pa.float64())
         columns["resolution"] = pa.array(h * w, pa.int64())
-        columns["path"] = _relative(files, self.manifest_dir)
+        columns["path"] = _relative(file_arr, self.manifest_dir)
         for name, resolved in other_files.items():
-            columns[name] = _relative([v or "" for v in resolved], self.manifest_dir)
-            columns[name] = pc.if_else(
-                pa.array([v is not None for v in resolved]), columns[name], pa.scalar(None, pa.string())
-            )
+            columns[name] = _relative(resolved, self.manifest_dir)
         text = columns.get("text")
         columns["text"] = pc.fill_null(text, "") if text is not None else pa.array([""] * n, pa.string())
         order = list(REQUIRED) + [c for c in columns if c not in REQUIRED]
@@ -368,7 +378,7 @@ class _Run:
         # 4. Cuts and crops against the (measured) video.
         for i, reason, detail in _range_problems(out):
             if keep[i]:
-                self.reject(files[i], reason, detail)
+                self.reject(file_arr[i].as_py(), reason, detail)
                 keep[i] = False
         out = out.filter(pa.array(keep))
         self.uncaptioned += int(pc.sum(pc.equal(out.column("text"), "")).as_py() or 0)
@@ -463,9 +473,10 @@ def prepare(
         raise
     finally:
         rows.close()
-    rejects = list(listing.rejects) + run.rejects
+    prefix = str(manifest_dir).rstrip("/") + "/"
     rejects = [
-        (relative_or_absolute(Path(p), manifest_dir) if p.startswith("/") else p, r, d) for p, r, d in rejects
+        (p[len(prefix) :] if p.startswith(prefix) else p, r, d)
+        for p, r, d in [*listing.rejects, *run.rejects]
     ]
     rejected_csv = _write_rejects(out.parent / REJECTED_CSV, rejects)
     summary = PrepareSummary(
