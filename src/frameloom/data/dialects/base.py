@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from frameloom.data.coerce import CellError, coerce_column
-from frameloom.data.manifest import SCHEMA_TYPES, from_rows
+from frameloom.data.manifest import SCHEMA_TYPES
 from frameloom.errors import FrameloomError
 
 PATH_FIELDS: tuple[str, ...] = ("latent", "text_fea", "condition_image")
@@ -203,48 +203,6 @@ def rebased_paths(col: pa.Array | pa.ChunkedArray, base: Path, root: Path) -> pa
     return pc.if_else(inside, stripped, full)
 
 
-def manifest_batches(table: pa.Table, batch_rows: int = 262_144) -> Iterator[pa.Table]:
-    """A manifest table in slices of ``batch_rows`` rows (zero-copy)."""
-    for start in range(0, max(table.num_rows, 1), batch_rows):
-        yield table.slice(start, batch_rows)
-
-
-def table_rows(table: pa.Table, base: Path, batch_rows: int = 65536) -> Iterator[dict[str, Any]]:
-    """A manifest's rows with ``path`` and the path columns made absolute (relative ones are from
-    ``base``), ``None`` cells dropped. Batch by batch, so a large manifest is never all Python objects."""
-    for batch in table.to_batches(max_chunksize=batch_rows):
-        for row in batch.to_pylist():
-            row = {k: v for k, v in row.items() if v is not None}
-            for name in ("path", *PATH_FIELDS):
-                if name in row:
-                    row[name] = str(absolute(base, row[name]))
-            yield row
-
-
-def rebase(row: dict[str, Any], root: Path) -> dict[str, Any]:
-    """``table_rows`` output with its paths written for a dialect rooted at ``root``."""
-    out = dict(row)
-    for name in ("path", *PATH_FIELDS):
-        if name in out:
-            out[name] = relative_or_absolute(Path(out[name]), root)
-    return out
-
-
-def entries_to_table(listing: Listing, manifest_dir: Path) -> pa.Table:
-    """Entries as a manifest table without probing (every entry must give num_frames, height, width):
-    paths relative to ``manifest_dir`` when inside it, else absolute."""
-    rows = []
-    for entry in listing.entries:
-        row = dict(entry.fields)
-        row["path"] = relative_or_absolute(absolute(entry.root, entry.path), manifest_dir)
-        for name in PATH_FIELDS:
-            if row.get(name) is not None:
-                row[name] = relative_or_absolute(absolute(entry.root, row[name]), manifest_dir)
-        row.setdefault("text", "")
-        rows.append(row)
-    return from_rows(rows)
-
-
 def read_text(path: Path) -> str:
     """A dataset text file's content; not UTF-8 is one ``FrameloomError`` line naming the file and line."""
     data = Path(path).read_bytes()
@@ -294,14 +252,10 @@ __all__ = [
     "WriteResult",
     "absolute",
     "absolute_paths",
-    "entries_to_table",
-    "manifest_batches",
     "one_line",
     "read_json_lines",
     "read_text",
-    "rebase",
     "rebased_paths",
     "relative_or_absolute",
-    "table_rows",
     "typed_table",
 ]
