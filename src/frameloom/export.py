@@ -13,6 +13,8 @@ Formats (``--format``):
   ``from_pretrained`` on the written transformer and comparing every tensor.
 - ``safetensors``: one consolidated ``model.safetensors``: the denoiser's state dict (for a diffusers family
   the transformer's, in diffusers names, a LoRA merged in). Verified by reading it back.
+- ``native``: the seed system's own released layout, written by the family's ``export_released(cfg, weights,
+  out)`` (Open-Sora-Plan: an ``OpenSoraT2V_v1_3`` folder its ``from_pretrained`` loads). Verified by the family.
 
 Weights come from ``frameloom.checkpoint.io.load_checkpoint`` (the full state however it was saved); the
 EMA weights are used when the checkpoint has them and ``sample.use_ema`` is on, as ``frameloom sample`` does.
@@ -34,7 +36,7 @@ from frameloom.errors import FrameloomError
 
 __all__ = ["FORMATS", "export_run", "load_run_denoiser", "merged_transformer"]
 
-FORMATS = ("diffusers", "lora", "safetensors")
+FORMATS = ("diffusers", "lora", "safetensors", "native")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 COMFYUI_FILE = "lora_comfyui.safetensors"
 
@@ -71,7 +73,7 @@ def load_run_denoiser(
     family = get_family(cfg.model.family)
     if family.pipeline_class is None:
         raise FrameloomError(
-            f"model.family {cfg.model.family!r} has no diffusers form; use --format safetensors"
+            f"model.family {cfg.model.family!r} has no diffusers form; use --format safetensors (or native)"
         )
     weights, path = _checkpoint_weights(cfg, checkpoint)
     model = family.build_denoiser(cfg.model, 0, 0)
@@ -187,6 +189,23 @@ def _export_safetensors(cfg: Config, out: Path, checkpoint: str) -> list[Path]:
     return [path]
 
 
+def _export_native(cfg: Config, out: Path, checkpoint: str) -> list[Path]:
+    """The family's ``export_released`` (the seed system's layout), with the checkpoint's (EMA) weights."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"frameloom.models.{cfg.model.family}.family")
+    except ModuleNotFoundError:
+        module = None
+    export = getattr(module, "export_released", None)
+    if export is None:
+        raise FrameloomError(
+            f"model.family {cfg.model.family!r} has no native layout to export; use --format safetensors"
+        )
+    weights, _ = _checkpoint_weights(cfg, checkpoint)
+    return export(cfg, weights, out)
+
+
 def export_run(
     run_dir: str | os.PathLike,
     *,
@@ -205,6 +224,8 @@ def export_run(
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
         return _export_safetensors(_run_config(Path(run_dir)), out, checkpoint)
+    if fmt == "native":
+        return _export_native(_run_config(Path(run_dir)), out, checkpoint)
     cfg, model, _ = load_run_denoiser(run_dir, checkpoint)
     if fmt == "lora":
         return _export_lora(cfg, model, out, comfyui)

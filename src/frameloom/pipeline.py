@@ -70,11 +70,12 @@ def clip_spec(cfg: Config) -> ClipSpec:
 
 def caption_rules(cfg: Config) -> CaptionRules:
     """The config's caption rules (``data.caption_aesthetic``, ``data.caption_fps_suffix``,
-    ``data.caption_choice``, ``data.caption_clean``), checked."""
+    ``data.caption_motion_score``, ``data.caption_choice``, ``data.caption_clean``), checked."""
     d = cfg.data
     return CaptionRules(
         aesthetic=d.caption_aesthetic,
         fps_suffix=bool(d.caption_fps_suffix),
+        motion_score=bool(d.caption_motion_score),
         choice=d.caption_choice,
         clean=d.caption_clean,
     )

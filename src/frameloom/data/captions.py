@@ -2,6 +2,8 @@
 
 - Open-Sora appends the clip's frame rate: ``"{text} {fps} FPS."`` (2.0 ``datasets.py``/``map_target_fps``):
   below ``fps_max`` the raw rate (stride 1: "23.976 FPS."), else ``floor(fps / stride)`` ("15 FPS.").
+- Open-Sora 2.0 appends the row's motion score (``"{text} 3 motion score."``; with the frame rate
+  ``"{text} 24 FPS, 3 motion score."``), rounded half up from its VMAF motion score.
 - Open-Sora-Plan picks one of a record's captions (``cap``) at random on every load, adds the aesthetic
   phrase, then cleans the text (``text_preprocessing``: PixArt's ``clean_caption``); ``caption_choice`` and
   ``caption_clean`` reproduce both.
@@ -120,8 +122,23 @@ def fps_suffix(text: str, fps: float) -> str:
     written without ".0". Empty text stays empty (module doc)."""
     if not text:
         return text
-    value = int(fps) if float(fps).is_integer() else round(float(fps), 3)
-    return f"{text} {value} FPS."
+    return f"{text} {_rate_text(fps)} FPS."
+
+
+def _rate_text(fps: float) -> str:
+    """A frame rate as the caption says it: whole rates without ".0", others to 3 decimals (23.976)."""
+    return str(int(fps)) if float(fps).is_integer() else str(round(float(fps), 3))
+
+
+def motion_score(row: Mapping[str, Any]) -> int | None:
+    """Open-Sora 2.0's motion score of a row: ``int(score + 0.5)`` of its ``motion`` column (Open-Sora's
+    ``score_vmafmotion`` when the manifest kept that name); None when absent or NaN."""
+    value = row.get("motion")
+    if value is None:
+        value = row.get("score_vmafmotion")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return int(float(value) + 0.5)
 
 
 def aesthetic_phrases(score: float, is_image: bool = False) -> tuple[str, ...]:
@@ -304,31 +321,42 @@ def apply_caption_rules(
     stride: float = 1.0,
     draw: tuple[int, int, int] | None = None,
     clean: str = "off",
+    motion_score_on: bool = False,
 ) -> str:
     """A row's training caption: the aesthetic phrase first and then the cleaning (Open-Sora-Plan's order),
-    then the fps suffix (Open-Sora), each only when asked for. ``stride`` is the clip's frame stride (for the
-    fps suffix); images (``is_image`` or fps 0) never get an fps suffix."""
+    then the fps suffix and the motion score (Open-Sora), each only when asked for. ``stride`` is the clip's
+    frame stride (for the fps suffix); images (``is_image`` or fps 0) never get an fps suffix. Open-Sora 2.0
+    joins its suffixes into one sentence (``VideoTextDataset``): ``"a cat 24 FPS, 3 motion score."``,
+    ``"a cat 3 motion score."``."""
     is_image = bool(row.get("is_image"))
     text = add_aesthetic(text, row.get("aesthetic"), is_image=is_image, mode=aesthetic, draw=draw)
     if clean not in CLEAN_MODES:
         raise CaptionError(f"data.caption_clean must be one of {', '.join(CLEAN_MODES)}, got {clean!r}")
     if clean == "opensora_plan" and text:
         text = clean_caption(str([text]))  # the seed cleans the printed one-element list (module doc)
+    if not text:
+        return text
+    parts = []
     fps = float(row.get("fps") or 0.0)
     if fps_suffix_on and not is_image and fps > 0:
-        text = fps_suffix(text, opensora_clip_fps(fps, stride))
-    return text
+        parts.append(f"{_rate_text(opensora_clip_fps(fps, stride))} FPS")
+    score = motion_score(row) if motion_score_on else None
+    if score is not None:
+        parts.append(f"{score} motion score")
+    return f"{text} {', '.join(parts)}." if parts else text
 
 
 @dataclass(frozen=True)
 class CaptionRules:
-    """A run's caption rules (``data.caption_aesthetic``, ``data.caption_fps_suffix``, ``data.caption_choice``,
-    ``data.caption_clean``), applied by
+    """A run's caption rules (``data.caption_aesthetic``, ``data.caption_fps_suffix``,
+    ``data.caption_motion_score``, ``data.caption_choice``, ``data.caption_clean``), applied by
     ``row_caption`` wherever a row's caption becomes text for the encoder: the cache builder, the cached
     dataset's text keys and the on-the-fly dataset, so cached and uncached runs encode the same text."""
 
     aesthetic: str = "off"
     fps_suffix: bool = False
+    motion_score: bool = False
+    """Open-Sora 2.0: append the row's motion score (``data.caption_motion_score``)."""
     choice: str = "first"
     clean: str = "off"
 
@@ -343,7 +371,13 @@ class CaptionRules:
 
     @property
     def active(self) -> bool:
-        return self.aesthetic != "off" or self.fps_suffix or self.choice != "first" or self.clean != "off"
+        return (
+            self.aesthetic != "off"
+            or self.fps_suffix
+            or self.motion_score
+            or self.choice != "first"
+            or self.clean != "off"
+        )
 
     @property
     def per_epoch(self) -> bool:
@@ -386,6 +420,7 @@ def _ruled(text: str, row: Mapping[str, Any], rules: CaptionRules, spec: ClipSpe
         stride=stride,
         draw=draw,
         clean=rules.clean,
+        motion_score_on=rules.motion_score,
     )
 
 
@@ -419,6 +454,7 @@ __all__ = [
     "aesthetic_phrases",
     "apply_caption_rules",
     "fps_suffix",
+    "motion_score",
     "opensora_clip_fps",
     "row_caption",
 ]
