@@ -138,50 +138,59 @@ def main() -> None:
                 """
             )
         shutil.rmtree(root / "videos")  # start-up must not need a single video
-        result["cache_startup"] = _child(
-            f"""
-            import time
-            import numpy as np, torch
-            from frameloom.cache import keys
-            from frameloom.cache.index import run_key, write_index
-            from frameloom.cache.keys import text_key, video_key
-            from frameloom.cache.store import CacheStore
-            from frameloom.data.manifest import manifest_rows
+        cache_args = f"""
             from frameloom.data.video import ClipSpec
             manifest = {str(root / "m" / "manifest.parquet")!r}
             spec, codec_id, text_id = ClipSpec(16, height=64, width=64), "pixel-v1", "bench-text"
-            store = CacheStore({str(root / "cache")!r})
+            store_root = {str(root / "cache")!r}
+            """
+        # A complete build's key index, as build_cache writes it (64 real latent entries, cycled), and the text
+        # entries of the rows the spot check reads: set up in a child of its own (not measured).
+        _child(
+            cache_args
+            + """
+            import numpy as np, torch
+            from frameloom.cache.index import run_key, write_index
+            from frameloom.cache.keys import text_key, video_key
+            from frameloom.cache.store import CacheStore
+            from frameloom.data.manifest import manifest_rows, read_manifest
+            store = CacheStore(store_root)
             n = manifest_rows(manifest)
-            # A complete build's index, written as build_cache writes it (entries: 64 real latents, cycled).
-            real = [video_key(f"file{{k}}", spec, codec_id) for k in range(64)]
+            real = [video_key(f"file{k}", spec, codec_id) for k in range(64)]
             for k in real:
-                store.put("video", k, {{"latent": torch.zeros(3, 16, 8, 8)}})
-            run = run_key(manifest, spec, codec_id, text_id)
-            write_index(store.root, run, (0, 1), np.arange(n), np.full(n, -1), [real[i % 64] for i in range(n)],
-                        np.ones(n, bool))
-            # The spot check reads the captions of 32 rows: store their text entries.
-            from frameloom.data.manifest import read_manifest
+                store.put("video", k, {"latent": torch.zeros(3, 16, 8, 8)})
+            write_index(store.root, run_key(manifest, spec, codec_id, text_id), (0, 1), np.arange(n),
+                        np.full(n, -1), [real[i % 64] for i in range(n)], np.ones(n, bool))
             texts = read_manifest(manifest, columns=["text"]).column("text")
             for i in np.linspace(0, n - 1, 32).astype(np.int64).tolist():
-                store.put("text", text_key(texts[i].as_py(), text_id), {{"emb": torch.zeros(1, 4), "mask": torch.ones(1, dtype=torch.bool)}})
-            del texts
+                store.put("text", text_key(texts[i].as_py(), text_id),
+                          {"emb": torch.zeros(1, 4), "mask": torch.ones(1, dtype=torch.bool)})
+            out = {}
+            """
+        )
+        result["cache_startup"] = _child(
+            cache_args
+            + """
+            import time
+            from frameloom.cache import keys
+            import frameloom.cache.index as index_mod
+            import frameloom.cache.dataset as ds_mod
+            from frameloom.cache.store import CacheStore
             calls = []
             real_identity = keys.file_identity
             def counted(path):
                 calls.append(str(path))
                 return real_identity(path)
-            import frameloom.cache.index as index_mod
-            keys.file_identity = counted
-            index_mod.file_identity = counted
-            import frameloom.cache.dataset as ds_mod
+            keys.file_identity = index_mod.file_identity = counted
             t0 = time.perf_counter()
-            ds = ds_mod.CachedClipDataset(manifest, spec, codec_id, text_id, store)
+            ds = ds_mod.CachedClipDataset(manifest, spec, codec_id, text_id, CacheStore(store_root))
             missing = ds.missing()
+            item = ds[len(ds) - 1]
             seconds = time.perf_counter() - t0
             video_reads = [c for c in calls if c != manifest]
-            out = {{"startup_seconds": round(seconds, 2), "missing": len(missing), "index": ds.index is not None,
+            out = {"startup_seconds": round(seconds, 2), "missing": len(missing), "index": ds.index is not None,
                    "file_identity_calls": len(calls), "video_files_read": len(video_reads),
-                   "video_bytes_read": 0 if not video_reads else None}}
+                   "video_bytes_read": 0 if not video_reads else None, "first_item_latent": list(item["latent"].shape)}
             """
         )
         result["targets"] = {

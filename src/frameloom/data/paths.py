@@ -263,7 +263,9 @@ def check_batch(
                 )
         full = pa.array(files, pa.string())
     # Folder and name of every path; each distinct folder is listed once.
-    split = pc.split_pattern(pc.fill_null(full, "/"), "/", max_splits=1, reverse=True)
+    safe = pc.fill_null(full, "")
+    safe = pc.if_else(pc.match_substring(safe, "/"), safe, "/")  # rows already refused: a placeholder
+    split = pc.split_pattern(safe, "/", max_splits=1, reverse=True)
     folder = pc.list_element(split, 0)
     folder = pc.if_else(pc.equal(folder, ""), "/", folder)
     name = pc.list_element(split, 1)

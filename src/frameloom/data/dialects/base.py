@@ -203,6 +203,51 @@ def rebased_paths(col: pa.Array | pa.ChunkedArray, base: Path, root: Path) -> pa
     return pc.if_else(inside, stripped, full)
 
 
+# ------------------------------------------------------------------------------- JSON, column by column
+
+try:  # the C encoder of the json module: one string to its JSON form (non-ASCII kept), at C speed
+    from json.encoder import c_encode_basestring as _encode_string  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - pure-Python fallback
+    from json.encoder import py_encode_basestring as _encode_string
+
+
+def json_values(col: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Each cell of a column as JSON text (null where the cell is null, or a float is not finite).
+
+    Columnar for numbers and booleans; one C-level call per string; ``json.dumps`` per cell only for lists
+    and structs. Writers assemble records from these (``json_objects``) instead of building a dict per row.
+    """
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    t = col.type
+    if pa.types.is_null(t):
+        return pa.nulls(len(col), pa.string())
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return pa.array([None if v is None else _encode_string(v) for v in col.to_pylist()], pa.string())
+    if pa.types.is_boolean(t):
+        return pc.if_else(col, "true", "false")
+    if pa.types.is_integer(t):
+        return pc.cast(col, pa.string())
+    if pa.types.is_floating(t):
+        finite = pc.is_finite(col)
+        return pc.if_else(finite, pc.cast(col, pa.string()), pa.scalar(None, pa.string()))
+    return pa.array(
+        [None if v is None else json.dumps(v, ensure_ascii=False) for v in col.to_pylist()], pa.string()
+    )
+
+
+def json_objects(fields: list[tuple[str, pa.Array]], lead: pa.Array | None = None) -> pa.Array:
+    """JSON object text per row from ``(key, JSON text column)`` pairs, in order; a null cell leaves its key
+    out. ``lead``: the object's first member(s) as text (``'"video": "a.mp4"'``), never null; without it the
+    first field must never be null (it opens the object)."""
+    parts: list[pa.Array] = [] if lead is None else [pc.binary_join_element_wise("{", lead, "")]
+    for key, values in fields:
+        first = not parts
+        head = ("{" if first else ", ") + json.dumps(key) + ": "
+        joined = pc.binary_join_element_wise(head, values, "")
+        parts.append(joined if first else pc.fill_null(joined, ""))
+    return pc.binary_join_element_wise(*parts, "}", "")
+
+
 def read_text(path: Path) -> str:
     """A dataset text file's content; not UTF-8 is one ``FrameloomError`` line naming the file and line."""
     data = Path(path).read_bytes()
@@ -252,6 +297,8 @@ __all__ = [
     "WriteResult",
     "absolute",
     "absolute_paths",
+    "json_objects",
+    "json_values",
     "one_line",
     "read_json_lines",
     "read_text",

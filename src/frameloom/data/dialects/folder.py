@@ -42,6 +42,8 @@ from frameloom.data.dialects.base import (
     Part,
     WriteResult,
     absolute,
+    json_objects,
+    json_values,
     read_json_lines,
     read_text,
     rebased_paths,
@@ -294,25 +296,26 @@ def write_folder(
     rows = 0
     with open(tmp, "w", encoding="utf-8") as fh:
         for part in [data] if isinstance(data, pa.Table) else data:
-            for name in ("path", "latent", "text_fea", "condition_image"):
-                if name in part.column_names:
-                    idx = part.column_names.index(name)
-                    part = part.set_column(idx, name, rebased_paths(part.column(name), base, out))
-            if "text" in part.column_names:
-                part = part.set_column(
-                    part.column_names.index("text"), "text", pc.fill_null(part.column("text"), "")
-                )
-            keep = [n for n in part.column_names if n not in ("aspect_ratio", "resolution")]
-            order = ["path", "text"] + [n for n in keep if n not in ("path", "text")]
-            lines = []
-            for row in part.select([n for n in order if n in part.column_names]).to_pylist():
-                lines.append(
-                    json.dumps(
-                        {k: v for k, v in row.items() if v is not None or k == "text"}, ensure_ascii=False
+            if part.num_rows == 0:
+                continue
+            names = part.column_names
+            fields = []
+            for name in ["path", "text"] + [
+                n for n in names if n not in ("path", "text", "aspect_ratio", "resolution")
+            ]:
+                if name == "text":
+                    col = (
+                        pc.fill_null(part.column("text"), "")
+                        if "text" in names
+                        else pa.array([""] * part.num_rows)
                     )
-                )
-            fh.write("".join(f"{line}\n" for line in lines))
-            rows += len(lines)
+                elif name in ("path", "latent", "text_fea", "condition_image"):
+                    col = rebased_paths(part.column(name), base, out)
+                else:
+                    col = part.column(name)
+                fields.append((name, json_values(col)))
+            fh.write("\n".join(json_objects(fields).to_pylist()) + "\n")
+            rows += part.num_rows
     os.replace(tmp, file)
     return WriteResult([file], rows)
 

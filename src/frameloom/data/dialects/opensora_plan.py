@@ -42,6 +42,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -51,6 +52,8 @@ from frameloom.data.dialects.base import (
     Listing,
     Part,
     WriteResult,
+    json_objects,
+    json_values,
     read_text,
     rebased_paths,
     typed_table,
@@ -219,34 +222,59 @@ def read_opensora_plan(source: str | os.PathLike, *, allow_pickle: bool = False)
     return Listing(parts(), bound=True, rejects=rejects)
 
 
-def _records(table: pa.Table) -> Iterator[dict[str, Any]]:
-    """Records of a manifest slice whose paths are already rebased (see the module doc for the mapping)."""
-    for row in table.to_pylist():
-        record: dict[str, Any] = {"path": row["path"]}
-        captions = row.get("captions") or [row.get("text") or ""]
-        record["cap"] = list(captions)
-        record["resolution"] = {"height": int(row["height"]), "width": int(row["width"])}
-        start, end = row.get("cut_start"), row.get("cut_end")
-        if not row.get("is_image"):
-            frames = int(row["num_frames"])
-            if start is not None or end is not None:
-                start = int(start or 0)
-                end = int(end) if end is not None else frames
-                record["num_frames"] = end - start  # the seed counts num_frames from cut[0]
-            else:
-                record["num_frames"] = frames
-            if row.get("fps") is not None and row["fps"] > 0:
-                record["fps"] = float(row["fps"])
-        if row.get("aesthetic") is not None:
-            record["aesthetic"] = float(row["aesthetic"])
-        if not row.get("is_image") and (start is not None or end is not None):
-            record["cut"] = [start, end]
-        if row.get("crop") is not None:
-            record["crop"] = [int(c) for c in row["crop"]]
-        for name in ("tech", "motion"):
-            if row.get(name) is not None:
-                record[name] = float(row[name])
-        yield record
+def _int(col: Any) -> np.ndarray:
+    return pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _records(table: pa.Table) -> pa.Array:
+    """Record text (JSON) per row of a manifest slice whose paths are already rebased, column by column
+    (see the module doc for the mapping)."""
+    n = table.num_rows
+    names = table.column_names
+
+    def col(name: str, fill: Any = None) -> Any:
+        if name in names:
+            return table.column(name)
+        return pa.nulls(n) if fill is None else pa.array([fill] * n)
+
+    image = np.asarray(pc.fill_null(col("is_image", False), False).to_numpy(zero_copy_only=False), bool)
+    text = json_values(pc.fill_null(col("text", ""), ""))
+    cap = pc.binary_join_element_wise("[", text, "]", "")
+    if "captions" in names:  # several captions: the whole list
+        many = pc.fill_null(pc.greater(pc.list_value_length(table.column("captions")), 1), False)
+        cap = pc.if_else(many, json_values(table.column("captions")), cap)
+    height, width = pc.cast(col("height"), pa.string()), pc.cast(col("width"), pa.string())
+    resolution = pc.binary_join_element_wise('{"height": ', height, ', "width": ', width, "}", "")
+    has_cut = ~image & (_valid(table, "cut_start") | _valid(table, "cut_end"))
+    frames = _int(col("num_frames", 0))
+    start = np.where(has_cut, _int(col("cut_start", 0)), 0)
+    end = np.where(_valid(table, "cut_end"), _int(col("cut_end", 0)), frames)
+    count = np.where(has_cut, end - start, frames)  # the seed counts num_frames from cut[0]
+    video = pa.array(~image)
+    fps = col("fps") if "fps" in names else pa.nulls(n, pa.float64())
+    known = pc.fill_null(pc.greater(fps, 0), False)
+    cut = pc.binary_join_element_wise("[", pc.cast(pa.array(start), pa.string()), ", ",
+                                      pc.cast(pa.array(end), pa.string()), "]", "")  # fmt: skip
+    none = pa.scalar(None, pa.string())
+    fields = [
+        ("path", json_values(col("path"))),
+        ("cap", cap),
+        ("resolution", resolution),
+        ("num_frames", pc.if_else(video, pc.cast(pa.array(count), pa.string()), none)),
+        ("fps", pc.if_else(pc.and_(video, known), json_values(pc.cast(fps, pa.float64())), none)),
+        ("aesthetic", json_values(pc.cast(col("aesthetic"), pa.float64()))),
+        ("cut", pc.if_else(pa.array(has_cut), cut, none)),
+        ("crop", json_values(col("crop")) if "crop" in names else pa.nulls(n, pa.string())),
+        ("tech", json_values(pc.cast(col("tech"), pa.float64()))),
+        ("motion", json_values(pc.cast(col("motion"), pa.float64()))),
+    ]
+    return json_objects(fields)
+
+
+def _valid(table: pa.Table, name: str) -> np.ndarray:
+    if name not in table.column_names:
+        return np.zeros(table.num_rows, bool)
+    return np.asarray(pc.is_valid(table.column(name)).to_numpy(zero_copy_only=False), bool)
 
 
 def _batches(data: pa.Table | Iterable[pa.Table]) -> Iterator[pa.Table]:
@@ -302,9 +330,9 @@ def write_opensora_plan(
                     table = table.set_column(
                         table.column_names.index(name), name, rebased_paths(table.column(name), base, root)
                     )
-            for record in _records(table):
-                fh.write(("\n" if count == 0 else ",\n") + json.dumps(record, ensure_ascii=False))
-                count += 1
+            records = _records(table).to_pylist()
+            fh.write(("\n" if count == 0 else ",\n") + ",\n".join(records))
+            count += len(records)
         fh.write("\n]\n")
     os.replace(tmp, anno)
     out.write_text(f"{root},{anno}\n", encoding="utf-8")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from frameloom.data.coerce import CellError
 from frameloom.data.dialects.base import (
@@ -27,6 +28,8 @@ from frameloom.data.dialects.base import (
     Listing,
     Part,
     WriteResult,
+    json_objects,
+    json_values,
     read_json_lines,
     rebased_paths,
     typed_table,
@@ -102,29 +105,28 @@ def write_pyramid(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     rows = 0
-    dumps = json.JSONEncoder(ensure_ascii=False).encode
     with open(tmp, "w", encoding="utf-8") as fh:
         for table in _batches(data):
             if table.num_rows == 0:
                 continue
             names = table.column_names
-            paths = rebased_paths(table.column("path"), base, out.parent).to_pylist()
-            texts = table.column("text").to_pylist() if "text" in names else [None] * len(paths)
-            images = table.column("is_image").to_pylist() if "is_image" in names else [None] * len(paths)
-            extra = {
-                n: rebased_paths(table.column(n), base, out.parent).to_pylist()
-                for n in ("latent", "text_fea")
-                if n in names
-            }
-            lines = []
-            for i, path in enumerate(paths):
-                record: dict[str, Any] = {"image" if images[i] else "video": path, "text": texts[i] or ""}
-                for name, values in extra.items():
-                    if values[i] is not None:
-                        record[name] = values[i]
-                lines.append(dumps(record))
-            fh.write("".join(f"{line}\n" for line in lines))
-            rows += len(lines)
+            paths = json_values(rebased_paths(table.column("path"), base, out.parent))
+            n = table.num_rows
+            image = (
+                pc.fill_null(table.column("is_image"), False)
+                if "is_image" in names
+                else pa.array([False] * n)
+            )
+            text = pc.fill_null(table.column("text"), "") if "text" in names else pa.array([""] * n)
+            # "video" or "image" first (the seed's key for the file), then text and the tensor files.
+            lead = pc.binary_join_element_wise(pc.if_else(image, '"image": ', '"video": '), paths, "")
+            fields = [("text", json_values(text))]
+            for name in ("latent", "text_fea"):
+                if name in names:
+                    fields.append((name, json_values(rebased_paths(table.column(name), base, out.parent))))
+            lines = json_objects(fields, lead=lead)
+            fh.write("\n".join(lines.to_pylist()) + "\n")
+            rows += n
     os.replace(tmp, out)
     return WriteResult([out], rows)
 
