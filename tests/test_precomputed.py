@@ -147,6 +147,7 @@ def test_shapes_that_do_not_fit_are_one_line_at_start(pyramid, tmp_path):
         Trainer(_config(pyramid, tmp_path / "c", "objective.caption_dropout=0"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pyramid", [False], indirect=True)
 def test_rows_without_text_features_are_encoded(pyramid, tmp_path, monkeypatch):
     # Drop text_fea from two rows: those captions go through the configured text encoder, the others keep
