@@ -231,14 +231,17 @@ def _to_list(col: pa.Array, want: pa.DataType, source: str, name: str, first_row
 
 def coerce_column(
     column: pa.Array | pa.ChunkedArray, want: pa.DataType, *, source: str, name: str, first_row: int = 1
-) -> pa.Array:
+) -> pa.Array | pa.ChunkedArray:
     """``column`` as type ``want`` (int64, float64, bool, string, or a list of int64/string).
 
     Text cells are trimmed; an empty cell is null. Integers: whole, finite numbers up to 2**53 (``30.0`` is
     30). Floats: any number, ``nan`` and ``inf`` included (ranges are the caller's). Booleans: true/false,
     1/0, yes/no. Lists: native lists, or JSON text (``"[0, 16, 0, 8]"``). Raises ``CellError`` for the first
     cell that cannot be read, naming ``source``, its row (``first_row`` is the first cell's) and ``name``.
+    A column already of type ``want`` is returned as it is (ranges are the caller's to check).
     """
+    if column.type == want:
+        return column  # already typed (a Parquet column): nothing to parse, nothing to copy
     col = _combine(column)
     if pa.types.is_dictionary(col.type):
         col = col.dictionary_decode()
