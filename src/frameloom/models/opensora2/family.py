@@ -277,7 +277,7 @@ def load_text_encoder(cfg: Config, device: torch.device):
     return load(
         text_encoder_dir(cfg),
         _clip_dir(cfg, s),
-        t5_max_length=cfg.model.text_max_length,
+        t5_max_length=cfg.model.text_max_length or 512,  # null: Open-Sora 2.0's 512
         clip_max_length=s.clip_max_length,
         dtype=parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype"),
         device=device,
@@ -285,14 +285,14 @@ def load_text_encoder(cfg: Config, device: torch.device):
 
 
 def build_objective(cfg: Config):
-    """Open-Sora 2.0's flow matching (``objective.shift`` 1 = its automatic shift; ``s_min`` 1e-5) and the
-    image-conditioning mix of ``model.config.condition_config``."""
+    """Open-Sora 2.0's flow matching (``objective.shift`` null or auto: its automatic shift, a number: that
+    shift; ``s_min`` 1e-5) and the image-conditioning mix of ``model.config.condition_config``."""
     from frameloom.objectives.flow import OPENSORA_SIGMA_MIN, FlowMatching
 
     from .objective import OpenSoraFlow
 
     o = cfg.objective
-    if o.name != "flow":
+    if o.name not in (None, "flow"):  # null: the family's own
         raise FrameloomError(f"model.family opensora2 trains with objective.name=flow, not {o.name!r}")
     s = settings(cfg.model)
     if s.condition_config and not mmdit_config(cfg.model).cond_embed:
@@ -301,10 +301,10 @@ def build_objective(cfg: Config):
         )
     try:
         flow = FlowMatching(
-            timestep_sampling=o.timestep_sampling,
+            timestep_sampling=o.timestep_sampling or "logit_normal",  # null: the family's own
             logit_mean=o.logit_mean,
             logit_std=o.logit_std,
-            shift=float(o.shift) if o.shift != 1.0 else "auto",
+            shift="auto" if o.shift in (None, "auto") else float(o.shift),  # null: its automatic shift
             s_min=OPENSORA_SIGMA_MIN,
         )
     except ValueError as exc:
