@@ -17,7 +17,7 @@ from frameloom.cli import main
 from frameloom.config import load_config
 from frameloom.data.dialects import convert_manifest, read_dialect
 from frameloom.data.dialects.cogvideox import EMPTY_CAPTION, seed_lines
-from frameloom.data.manifest import from_rows, read_manifest, write_manifest
+from frameloom.data.manifest import from_rows, load_manifest, read_manifest, write_manifest
 from frameloom.data.prepare import prepare
 from frameloom.data.sampler import build_sampler
 from frameloom.data.video import ClipSpec, decode_clip
@@ -328,3 +328,15 @@ def test_nan_and_infinite_cells_in_a_manifest(tmp_path):
     assert table.column("resolution").to_pylist() == [64]  # derived where empty
     assert math.isclose(table.column("aspect_ratio")[0].as_py(), 1.0)
     assert pa.types.is_int64(table.schema.field("num_frames").type)
+
+
+def test_a_path_with_a_nul_byte_is_a_bad_entry(tmp_path):
+    # Found by the fuzz test: os calls raise on a NUL byte; such an entry names no file and is rejected.
+    write_video(tmp_path / "ok.mp4", index_frames(6, 8, 8), fps=8)
+    _write(tmp_path / "meta.csv", "path,text\nok.mp4,fine\nbad\0name.mp4,x\n")
+    summary = prepare(tmp_path / "meta.csv", tmp_path / "m.parquet", progress=False)
+    assert summary.kept == 1 and summary.rejected == {"bad_entry": 1}
+    with pytest.raises(FrameloomError, match="row 2, column 'path': the path holds a NUL byte"):
+        row = {"path": "x.mp4", "text": "", "num_frames": 1, "height": 1, "width": 1}
+        manifest = write_manifest(from_rows([row, {**row, "path": "a\0b.mp4"}]), tmp_path / "n.parquet")
+        load_manifest(manifest)

@@ -309,10 +309,15 @@ def check_paths(
         col = table.column(name)
         if pa.types.is_null(col.type):
             continue
-        # A cheap substring test first; the regex and the Python below only see the rows it flags.
-        check = pc.fill_null(
-            pc.match_substring_regex(col, r"\.\."), False
-        )  # RE2 scans faster than Arrow's substring kernel
+        nul = pc.fill_null(pc.match_substring(col, "\0"), False)
+        if pc.any(nul).as_py():
+            i = int(np.flatnonzero(np.asarray(nul.to_numpy(zero_copy_only=False), bool))[0])
+            raise ManifestError(
+                f"{manifest_path}, row {first_row + i}, column {name!r}: the path holds a NUL byte"
+            )
+        # A cheap scan first (RE2 on a literal: faster than Arrow's substring kernel); the Python below only
+        # sees the rows it flags.
+        check = pc.fill_null(pc.match_substring_regex(col, r"\.\."), False)
         if rules.strict:
             check = pc.or_(check, pc.fill_null(pc.starts_with(col, "/"), False))
         rows = np.flatnonzero(np.asarray(check.to_numpy(zero_copy_only=False), bool))

@@ -92,6 +92,8 @@ def resolve_entry(
     text = str(entry).strip()
     if not text:
         raise OutsideRoot(entry, "empty path")
+    if "\0" in text:
+        raise OutsideRoot(entry, "the path holds a NUL byte, which no file name can")
     given = Path(text).expanduser()
     candidate = given if given.is_absolute() else Path(root) / given
     lexical = Path(os.path.normpath(os.path.abspath(candidate)))
@@ -185,7 +187,7 @@ class BatchCheck:
     details: dict[int, str] = field(default_factory=dict)
 
 
-OK, OUTSIDE, MISSING, NOT_FILE = 0, 1, 2, 3
+OK, OUTSIDE, MISSING, NOT_FILE, BAD = 0, 1, 2, 3, 4
 _DOTDOT = r"(^|/)\.\.(/|$)"
 _NORM = r"(^|/)\.(/|$)|//|/$"
 
@@ -229,7 +231,11 @@ def check_batch(
     n = len(col)
     status = np.zeros(n, np.int8)
     details: dict[int, str] = {}
-    empty = _mask(pc.or_(pc.is_null(col), pc.equal(col, "")))
+    nul = _mask(pc.match_substring(col, "\0"))  # no file name holds one (os calls would raise)
+    for i in np.flatnonzero(nul).tolist():
+        status[i], details[i] = BAD, "the path holds a NUL byte"
+    col = pc.if_else(pa.array(nul), pa.scalar(None, pa.string()), col)
+    empty = _mask(pc.or_(pc.is_null(col), pc.equal(col, ""))) & ~nul
     slow = _where(col, _DOTDOT, pc.match_substring(col, "..")) | _mask(pc.starts_with(col, "~"))
     slow &= ~empty
     absolute = _mask(pc.starts_with(col, "/"))

@@ -46,9 +46,18 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from frameloom.data.dialects import DIALECTS, detect_format, read_dialect
-from frameloom.data.dialects.base import MEASURED, PATH_FIELDS, Part
+from frameloom.data.dialects.base import BAD_ENTRY, MEASURED, PATH_FIELDS, Part
 from frameloom.data.manifest import REQUIRED, SCHEMA_TYPES, ManifestWriter
-from frameloom.data.paths import MISSING, NOT_FILE, OUTSIDE, OUTSIDE_ROOT, FolderIndex, PathRules, check_batch
+from frameloom.data.paths import (
+    BAD,
+    MISSING,
+    NOT_FILE,
+    OUTSIDE,
+    OUTSIDE_ROOT,
+    FolderIndex,
+    PathRules,
+    check_batch,
+)
 from frameloom.data.probe import IMAGE_SUFFIXES, REASONS, probe_many
 from frameloom.errors import FrameloomError
 
@@ -277,6 +286,8 @@ class _Run:
                 self.reject(path, OUTSIDE_ROOT, check.details[i])
             elif status == MISSING:
                 self.reject(path, "missing", f"listed in the source: {check.details[i]}")
+            elif status == BAD:
+                self.reject(repr(path), BAD_ENTRY, check.details[i])
             else:
                 self.reject(path, "not_media", check.details[i])
         keep &= check.status == 0
