@@ -160,7 +160,8 @@ class Trainer:
         self.latent_channels = self.codec.latent_channels
         self.latent_grid = self.codec.latent_size(cfg.data.num_frames, cfg.data.height, cfg.data.width)
         if self.precomputed:  # stored shapes that do not fit the model: one line now, not a crash mid-run
-            self.dataset.check_first(self.latent_channels, self.latent_grid, self.text_dim)
+            grid = self.latent_grid if self.policy is None else None  # buckets: a size per bucket
+            self.dataset.check_first(self.latent_channels, grid, self.text_dim)
         self.empty_emb, self.empty_mask, self.empty_extras = self._empty_prompt()
 
         # 2. The denoiser (with its text statistics, while the text encoder is loaded), EMA, optimizer, schedule.
