@@ -155,6 +155,9 @@ class ObjectiveConfig:
     extras_dropout: float | None = None
     """Probability of replacing the text encoder's extra tensors (a pooled CLIP vector) by the empty prompt's,
     drawn independently of the tokens (Open-Sora 2.0 drops T5 and CLIP apart); None: with the tokens."""
+    pyramid: dict[str, Any] = field(default_factory=dict)
+    """Pyramid Flow recipe knobs (stage_ratios, stage_range, gamma, shift, frame_per_unit, corrupt_ratio,
+    max_latent_frames): objectives/pyramid.py `PyramidOptions`, docs/pyramid_flow.md."""
 
 
 @dataclass
@@ -274,6 +277,9 @@ class SampleConfig:
     """Sample from the EMA weights when the checkpoint has them."""
     image: str | None = None
     """Image-to-video: the first frame to condition on (`frameloom sample --image`), for families that can."""
+    pyramid: dict[str, Any] = field(default_factory=dict)
+    """Pyramid Flow sampler knobs (mode, first_frame_steps, video_steps, video_guidance, prompt_suffix):
+    sampling/pyramid.py `PyramidSampleOptions`, docs/pyramid_flow.md."""
 
 
 @dataclass
@@ -315,4 +321,4 @@ class Config:
 
 
 # Free-form mappings: any key is allowed below these.
-FREEFORM = {"model.config", "data.bucket_config"}
+FREEFORM = {"model.config", "data.bucket_config", "objective.pyramid", "sample.pyramid"}

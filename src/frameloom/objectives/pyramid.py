@@ -28,6 +28,7 @@ __all__ = [
     "PyramidSchedule",
     "PyramidFlow",
     "PyramidFlowAR",
+    "FullResolutionFlow",
     "ar_history",
     "ar_turn",
     "block_noise",
@@ -262,24 +263,26 @@ def sample_stage_length(
     return out
 
 
-def ar_history(clean: list[torch.Tensor], stage: int, units: int, frame_per_unit: int) -> list[torch.Tensor]:
-    """The history of the last unit of a clip of ``units`` units at ``stage`` (upstream
-    ``add_pyramid_noise_with_temporal_pyramid``), oldest first: the unit just before the trained one at the
-    stage's own resolution, each older unit one stage coarser, and everything older at stage 0 (one clip).
-    ``clean[k]`` is the clean pyramid level k cut to the clip's frames ``(B, C, F, h_k, w_k)``."""
-    f = frame_per_unit
-    if units <= 1:
+def ar_history(past: list[torch.Tensor], stage: int, frame_per_unit: int) -> list[torch.Tensor]:
+    """The history clips of a unit trained (or generated) at ``stage``, oldest first (upstream
+    ``add_pyramid_noise_with_temporal_pyramid`` and ``generate``): the unit just before it at the stage's own
+    resolution, each older unit one stage coarser, and everything older at stage 0 (one clip).
+    ``past[k]`` is clean pyramid level k of all the units before it, ``(B, C, F, h_k, w_k)`` (the first unit is
+    one frame, the others ``frame_per_unit``); no past frames give no history."""
+    f, frames = frame_per_unit, past[0].shape[2]
+    if frames == 0:
         return []
-    history = [clean[stage][:, :, -2 * f : -f]]  # the previous unit, newest first while building
-    count, level = 2, stage
+    units = 1 + (frames - 1) // f
+    history = [past[stage][:, :, max(frames - f, 0) :]]  # the previous unit, newest first while building
+    count, level = 1, stage
     while count < units:
         level = max(level - 1, 0)
         if level == 0:
             break
         count += 1
-        history.append(clean[level][:, :, -count * f : -(count - 1) * f])
+        history.append(past[level][:, :, frames - count * f : frames - (count - 1) * f])
     if level == 0 and count < units:
-        history.append(clean[0][:, :, : -count * f])  # every older unit at stage 0
+        history.append(past[0][:, :, : frames - count * f])  # every older unit at stage 0
     return history[::-1]
 
 
@@ -510,10 +513,26 @@ class PyramidFlowAR(_PyramidBase):
             # the history, corrupted with one sigma per sample: s * noise + (1 - s) * clean
             sigma = torch.rand(len(idx), generator=generator, device=generator.device) * self.options.corrupt_ratio
             hist = []
-            for clip in ar_history(c_k, k, n_units, f):
+            past = [c[:, :, : frames - f] for c in c_k] if n_units > 1 else []  # the units before the last
+            for clip in ar_history(past, k, f) if past else []:
                 z = torch.randn(clip.shape, generator=generator, device=generator.device).to(clip)
                 s = _bcast(sigma, clip)
                 hist.append(s * z + (1 - s) * clip)
             histories.append(hist)
         extras = {"groups": groups, "history": histories, "units": units}
         return TrainingInputs(x0=x0, noise=noise, x_t=xs, t=ts, target=targets, extras=extras)
+
+
+class FullResolutionFlow(_PyramidBase):
+    """``objective.name: flow`` for this family: plain rectified flow at full resolution with Pyramid Flow's
+    timestep scale (t in [0, 1] fed as ``1000 t``), every frame noised. The baseline of
+    ``benchmarks/pyramid_vs_flow.py``: same model, same data, no pyramid."""
+
+    def draw(self, x0: torch.Tensor, generator: torch.Generator, ctx: StepContext | None = None) -> TrainingInputs:
+        b = x0.shape[0]
+        r = torch.rand(b, generator=generator, device=generator.device).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device, x0.dtype)
+        x_t = _bcast(r, x0) * noise + (1 - _bcast(r, x0)) * x0
+        groups = [torch.arange(b)]
+        t = r * self.schedule.num_train_timesteps
+        return TrainingInputs(x0=x0, noise=noise, x_t=[x_t], t=[t], target=[noise - x0], extras={"groups": groups})
