@@ -297,13 +297,13 @@ def check_ar_frames(num_latent_frames: int, frame_per_unit: int, group: int) -> 
             f"objective.pyramid.frame_per_unit={frame_per_unit} frames"
         )
     units = 1 + (num_latent_frames - 1) // frame_per_unit
+    if units < group:
+        raise FrameloomError(f"parallel.video_sync_group={group} is larger than the {units} latent units")
     if group > 1 and units % group:
         raise FrameloomError(
             f"parallel.video_sync_group={group} does not divide the {units} latent units per clip "
             f"({num_latent_frames} latent frames; Pyramid Flow needs NUM_FRAMES % VIDEO_SYNC_GROUP == 0)"
         )
-    if units < group:
-        raise FrameloomError(f"parallel.video_sync_group={group} is larger than the {units} latent units")
     return units
 
 
