@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from frameloom.errors import FrameloomError
 from frameloom.models.pyramid_flow.codec import PyramidVAECodec, denormalize_latent, normalize_latent
-from frameloom.models.pyramid_flow.family import export_released, load_denoiser
+from frameloom.models.pyramid_flow.family import load_denoiser, write_released
 from frameloom.models.pyramid_flow.flux import PyramidFluxTransformer, flux_positions
 from frameloom.models.pyramid_flow.mmdit import PyramidMMDiT
 from frameloom.models.pyramid_flow.text import PyramidTextEncoder, build_tiny
@@ -224,7 +224,7 @@ def test_text_encoder_gives_t5_tokens_and_pooled_clip(tiny_text):
 @pytest.mark.parametrize("variant", ["miniflux", "sd3"])
 def test_export_in_the_released_layout_loads_back(tmp_path, variant):
     model = _redrawn(PyramidFluxTransformer(**MINIFLUX) if variant == "miniflux" else PyramidMMDiT(**SD3))
-    folder = export_released(model, tmp_path / "diffusion_transformer_384p")
+    folder = write_released(model, tmp_path / "diffusion_transformer_384p")
     config = json.loads((folder / "config.json").read_text())
     assert config["_class_name"] == {"miniflux": "PyramidFluxTransformer", "sd3": "PyramidDiffusionMMDiT"}[variant]
     assert config["use_temporal_causal"] is True and (folder / "diffusion_pytorch_model.safetensors").is_file()

@@ -319,8 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--format",
         required=True,
-        choices=["diffusers", "lora", "safetensors"],
-        help="lora (diffusers LoRA file), diffusers (pipeline directory) or safetensors (one weights file)",
+        choices=["diffusers", "lora", "safetensors", "native"],
+        help="lora (diffusers LoRA file), diffusers (pipeline directory), safetensors (one weights file) or "
+        "native (the family's own released layout, e.g. Pyramid Flow's diffusion_transformer folder)",
     )
     p.add_argument(
         "--comfyui",

@@ -11,6 +11,9 @@ Formats (``--format``):
 - ``diffusers``: a complete diffusers directory: ``model.pretrained``'s parts (hard links where possible)
   with ``transformer/`` replaced by the trained transformer (a LoRA merged into its base). Verified by
   ``from_pretrained`` on the written transformer and comparing every tensor.
+- ``native``: the family's own released layout (its ``family.export_released(cfg, weights, out)``, e.g. Pyramid
+  Flow's ``diffusion_transformer_*`` folder that the seed's own ``from_pretrained`` reads), verified by the
+  family's loader.
 - ``safetensors``: one consolidated ``model.safetensors``: the denoiser's state dict (for a diffusers family
   the transformer's, in diffusers names, a LoRA merged in). Verified by reading it back.
 
@@ -34,7 +37,7 @@ from frameloom.errors import FrameloomError
 
 __all__ = ["FORMATS", "export_run", "load_run_denoiser", "merged_transformer"]
 
-FORMATS = ("diffusers", "lora", "safetensors")
+FORMATS = ("diffusers", "lora", "safetensors", "native")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 COMFYUI_FILE = "lora_comfyui.safetensors"
 
@@ -187,6 +190,17 @@ def _export_safetensors(cfg: Config, out: Path, checkpoint: str) -> list[Path]:
     return [path]
 
 
+def _export_native(cfg: Config, out: Path, checkpoint: str) -> list[Path]:
+    import importlib
+
+    module = importlib.import_module(f"frameloom.models.{cfg.model.family}.family")
+    export = getattr(module, "export_released", None)
+    if export is None:
+        raise FrameloomError(f"--format native: model.family {cfg.model.family!r} has no released layout of its own")
+    weights, _ = _checkpoint_weights(cfg, checkpoint)
+    return export(cfg, weights, out)
+
+
 def export_run(
     run_dir: str | os.PathLike,
     *,
@@ -205,6 +219,8 @@ def export_run(
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
         return _export_safetensors(_run_config(Path(run_dir)), out, checkpoint)
+    if fmt == "native":
+        return _export_native(_run_config(Path(run_dir)), out, checkpoint)
     cfg, model, _ = load_run_denoiser(run_dir, checkpoint)
     if fmt == "lora":
         return _export_lora(cfg, model, out, comfyui)

@@ -133,9 +133,10 @@ def load_denoiser(path: str | os.PathLike, overrides: dict[str, Any] | None = No
     return model
 
 
-def build_denoiser(cfg: ModelConfig, latent_channels: int, text_dim: int) -> torch.nn.Module:
-    """``model.pretrained`` if set, else ``model.preset`` + ``model.config`` (text and latent sizes default
-    to the encoders')."""
+def _architecture(cfg: ModelConfig, latent_channels: int, text_dim: int) -> tuple[str, dict[str, Any]]:
+    """(variant, constructor kwargs): the pretrained folder's config.json (``model.config`` may only change
+    ``temporal_causal``), else ``model.preset`` + ``model.config`` with the text and latent widths defaulting
+    to the encoders'."""
     overrides = {k: v for k, v in cfg.config.items() if k != "variant"}
     if cfg.pretrained:
         unknown = sorted(set(overrides) - {"temporal_causal"})
@@ -143,16 +144,29 @@ def build_denoiser(cfg: ModelConfig, latent_channels: int, text_dim: int) -> tor
             raise FrameloomError(
                 f"model.config {unknown} cannot change a pretrained model's shape (only temporal_causal)"
             )
-        model = load_denoiser(cfg.pretrained, overrides)
+        variant, kwargs = config_to_kwargs(read_config(cfg.pretrained))
     else:
         variant = _variant(cfg)
         kwargs = dict(PRESETS[variant]) if cfg.preset else {}
         kwargs.setdefault("joint_attention_dim", text_dim)
         kwargs.setdefault("in_channels", latent_channels * (4 if variant == "miniflux" else 1))
-        kwargs.update(overrides)
-        model = _construct(variant, kwargs)
+    kwargs.update(overrides)
+    return variant, kwargs
+
+
+def build_denoiser(cfg: ModelConfig, latent_channels: int, text_dim: int) -> torch.nn.Module:
+    """``model.pretrained`` (loaded strictly) if set, else ``model.preset`` + ``model.config``."""
     from frameloom.models.diffusers_family import parse_dtype
 
+    if cfg.lora.rank > 0:
+        raise FrameloomError(
+            "model.lora.rank > 0 is not available for model.family pyramid_flow (its recipe fine-tunes the whole "
+            "transformer); use model.lora.rank=0"
+        )
+    variant, kwargs = _architecture(cfg, latent_channels, text_dim)
+    model = _construct(variant, kwargs)
+    if cfg.pretrained:
+        load_strict(model, clean_checkpoint_keys(read_weights(cfg.pretrained)), str(cfg.pretrained))
     return model.to(parse_dtype(cfg.dtype, "model.dtype"))
 
 
@@ -360,7 +374,7 @@ def sample_videos(model, text_encoder, codec, cfg: Config, prompts, seeds) -> to
     return codec.decode(latents.to(codec.device)).clamp(-1, 1).cpu()
 
 
-def export_released(model: torch.nn.Module, out: str | os.PathLike) -> Path:
+def write_released(model: torch.nn.Module, out: str | os.PathLike) -> Path:
     """Write ``model`` as a released ``diffusion_transformer_*`` folder (config.json with upstream's field
     names + diffusion_pytorch_model.safetensors), which Pyramid Flow's ``from_pretrained`` and
     ``load_denoiser`` both read; verified by loading it back."""
@@ -372,3 +386,17 @@ def export_released(model: torch.nn.Module, out: str | os.PathLike) -> Path:
         if not torch.equal(value.cpu(), back.state_dict()[key].to(value.dtype)):
             raise FrameloomError(f"export check failed: {key} differs after loading {folder} back")
     return folder
+
+
+def export_released(cfg: Config, weights: dict[str, torch.Tensor], out: str | os.PathLike) -> list[Path]:
+    """``frameloom export --format native``: a run's trained transformer in the released layout (the widths
+    a from-scratch model took from its encoders are read off its weights)."""
+    embed = weights.get("x_embedder.weight", weights.get("pos_embed.proj.weight"))
+    text = weights.get("context_embedder.weight")
+    if embed is None or text is None:
+        raise FrameloomError("--format native: the checkpoint holds no Pyramid Flow transformer")
+    latent = embed.shape[1] // (4 if "x_embedder.weight" in weights else 1)
+    variant, kwargs = _architecture(cfg.model, latent, text.shape[1])
+    model = _construct(variant, kwargs)
+    load_strict(model, weights, "the checkpoint")
+    return [write_released(model, out)]
