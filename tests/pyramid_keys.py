@@ -145,7 +145,9 @@ def vae_shapes(c: dict) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def random_state(shapes: dict[str, tuple[int, ...]], seed: int = 0, scale: float = 0.2) -> dict[str, torch.Tensor]:
+def random_state(
+    shapes: dict[str, tuple[int, ...]], seed: int = 0, scale: float = 0.2
+) -> dict[str, torch.Tensor]:
     """A state dict with these keys and shapes, drawn from N(0, scale^2) with a fixed seed (no zero layers)."""
     g = torch.Generator().manual_seed(seed)
     return {k: torch.randn(s, generator=g) * scale for k, s in sorted(shapes.items())}

@@ -168,7 +168,11 @@ def test_pyramid_flow_draw_builds_each_stage_from_its_endpoints():
         else:
             up = clean[k - 1][idx].repeat_interleave(2, -1).repeat_interleave(2, -2)  # nearest 2x
             start = s.start_sigmas[k] * noise[k][idx] + (1 - s.start_sigmas[k]) * up
-        end = clean[k][idx] if k == 2 else s.end_sigmas[k] * noise[k][idx] + (1 - s.end_sigmas[k]) * clean[k][idx]
+        end = (
+            clean[k][idx]
+            if k == 2
+            else s.end_sigmas[k] * noise[k][idx] + (1 - s.end_sigmas[k]) * clean[k][idx]
+        )
         torch.testing.assert_close(inputs.target[k], start - end)
         torch.testing.assert_close(inputs.x_t[k], r * start + (1 - r) * end, rtol=1e-5, atol=1e-5)
     # loss: the mean over samples of each sample's MSE
@@ -197,7 +201,9 @@ def test_pyramid_flow_ar_draw_trains_the_last_unit_with_a_history_pyramid():
     diff = (hist[2][-1] - clean_prev).abs().max()
     assert 0 < float(diff) < 3.0
     # the first position (1 unit) has no history
-    first = PyramidFlowAR(PyramidOptions(), max_units=8).draw(x0, torch.Generator().manual_seed(0), StepContext(sync_size=4))
+    first = PyramidFlowAR(PyramidOptions(), max_units=8).draw(
+        x0, torch.Generator().manual_seed(0), StepContext(sync_size=4)
+    )
     assert first.extras["units"] == [8, 8, 1] and first.extras["history"][2] == []
     assert PyramidFlowAR.uses_video_sync_group and not PyramidFlow.uses_video_sync_group
 

@@ -71,7 +71,11 @@ def _released(folder: Path, class_name: str, config: dict, state: dict) -> Path:
 @pytest.mark.parametrize(
     "class_name,config,shapes",
     [
-        ("PyramidFluxTransformer", {**MINIFLUX, "patch_size": 1, "interp_condition_pos": True}, miniflux_shapes),
+        (
+            "PyramidFluxTransformer",
+            {**MINIFLUX, "patch_size": 1, "interp_condition_pos": True},
+            miniflux_shapes,
+        ),
         ("PyramidDiffusionMMDiT", {**SD3, "pos_embed_type": "sincos", "qk_norm": "rms_norm"}, sd3_shapes),
     ],
 )
@@ -125,7 +129,11 @@ def _inputs(b=2, t=4, h=8, w=8, channels=4, seed=1):
 
 @pytest.mark.parametrize("variant", ["miniflux", "sd3"])
 def test_temporal_causality(variant):
-    build = (lambda **k: PyramidFluxTransformer(**MINIFLUX, **k)) if variant == "miniflux" else (lambda **k: PyramidMMDiT(**SD3, **k))
+    build = (
+        (lambda **k: PyramidFluxTransformer(**MINIFLUX, **k))
+        if variant == "miniflux"
+        else (lambda **k: PyramidMMDiT(**SD3, **k))
+    )
     model = _redrawn(build())
     x, t, text, mask, pooled = _inputs()
     changed = x.clone()
@@ -181,7 +189,9 @@ def test_vae_chunked_streaming_equals_the_whole_clip():
         torch.testing.assert_close(vae.decode(full_mean, chunk=1), whole, rtol=1e-4, atol=1e-4)
         assert whole.shape == (1, 3, 17, 16, 16)
         # causal: the first frame's latent is the same for the first frame alone
-        torch.testing.assert_close(vae.encode(video[:, :, :1], chunk=1)[0], full_mean[:, :, :1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            vae.encode(video[:, :, :1], chunk=1)[0], full_mean[:, :, :1], rtol=1e-5, atol=1e-5
+        )
 
 
 def test_latent_normalisation_per_variant():
@@ -226,8 +236,13 @@ def test_export_in_the_released_layout_loads_back(tmp_path, variant):
     model = _redrawn(PyramidFluxTransformer(**MINIFLUX) if variant == "miniflux" else PyramidMMDiT(**SD3))
     folder = write_released(model, tmp_path / "diffusion_transformer_384p")
     config = json.loads((folder / "config.json").read_text())
-    assert config["_class_name"] == {"miniflux": "PyramidFluxTransformer", "sd3": "PyramidDiffusionMMDiT"}[variant]
-    assert config["use_temporal_causal"] is True and (folder / "diffusion_pytorch_model.safetensors").is_file()
+    assert (
+        config["_class_name"]
+        == {"miniflux": "PyramidFluxTransformer", "sd3": "PyramidDiffusionMMDiT"}[variant]
+    )
+    assert (
+        config["use_temporal_causal"] is True and (folder / "diffusion_pytorch_model.safetensors").is_file()
+    )
     back = load_denoiser(folder)
     x, t, text, mask, pooled = _inputs()
     with torch.no_grad():

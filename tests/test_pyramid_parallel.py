@@ -138,14 +138,20 @@ def _vsg_train(rank: int, root: Path) -> dict:
         def draw(x0, generator, ctx=None, inner=inner, draws=draws):
             inputs = inner(x0, generator, ctx)
             draws.append(
-                {"step": ctx.step, "sync_rank": ctx.sync_rank, "units": inputs.extras["units"], "x0": float(x0.sum())}
+                {
+                    "step": ctx.step,
+                    "sync_rank": ctx.sync_rank,
+                    "units": inputs.extras["units"],
+                    "x0": float(x0.sum()),
+                }
             )
             return inputs
 
         trainer.objective.draw = draw
         trainer.fit()
     final = {
-        run: ckpt.load_checkpoint(ckpt.latest_checkpoint(root / "runs" / run))["model"] for run in ("straight", "stopped")
+        run: ckpt.load_checkpoint(ckpt.latest_checkpoint(root / "runs" / run))["model"]
+        for run in ("straight", "stopped")
     }
     return {"draws": seen, "final": final}
 
@@ -162,7 +168,9 @@ def _worker(rank: int, root: str) -> None:
 @pytest.fixture(scope="module")
 def two_procs(tmp_path_factory) -> tuple[Path, list[dict]]:
     root = tmp_path_factory.mktemp("pyramid_parallel")
-    synthetic.write_synthetic_set(root / "data", num_clips=8, seed=0, height=64, width=64, num_frames=25, progress=False)
+    synthetic.write_synthetic_set(
+        root / "data", num_clips=8, seed=0, height=64, width=64, num_frames=25, progress=False
+    )
     run_cache(run_config(root, "cache"), progress=False)  # latents + text (and the tiny encoders) built once
     launch(_worker, str(root))
     return root, [torch.load(root / f"result-{r}.pt", weights_only=False) for r in (0, 1)]

@@ -196,7 +196,9 @@ def _export_native(cfg: Config, out: Path, checkpoint: str) -> list[Path]:
     module = importlib.import_module(f"frameloom.models.{cfg.model.family}.family")
     export = getattr(module, "export_released", None)
     if export is None:
-        raise FrameloomError(f"--format native: model.family {cfg.model.family!r} has no released layout of its own")
+        raise FrameloomError(
+            f"--format native: model.family {cfg.model.family!r} has no released layout of its own"
+        )
     weights, _ = _checkpoint_weights(cfg, checkpoint)
     return export(cfg, weights, out)
 

@@ -171,7 +171,9 @@ def _per_frame(fn, x: torch.Tensor) -> torch.Tensor:
 
 def downsample2(x: torch.Tensor) -> torch.Tensor:
     """Bilinear 2x downsampling of every frame (align_corners=False: the mean of each 2x2 block)."""
-    return _per_frame(lambda f: F.interpolate(f, size=(f.shape[-2] // 2, f.shape[-1] // 2), mode="bilinear"), x)
+    return _per_frame(
+        lambda f: F.interpolate(f, size=(f.shape[-2] // 2, f.shape[-1] // 2), mode="bilinear"), x
+    )
 
 
 def upsample2(x: torch.Tensor) -> torch.Tensor:
@@ -348,7 +350,9 @@ class PyramidOptions:
         if not 0 < opts.gamma <= 1 / 3 + 1e-9:
             raise FrameloomError(f"objective.pyramid.gamma must be in (0, 1/3], got {opts.gamma}")
         if not 0 <= opts.corrupt_ratio < 1:
-            raise FrameloomError(f"objective.pyramid.corrupt_ratio must be in [0, 1), got {opts.corrupt_ratio}")
+            raise FrameloomError(
+                f"objective.pyramid.corrupt_ratio must be in [0, 1), got {opts.corrupt_ratio}"
+            )
         return opts
 
     def schedule(self) -> PyramidSchedule:
@@ -404,13 +408,17 @@ class _PyramidBase:
 
     def _groups(self, batch: int) -> list[torch.Tensor]:
         stages = stage_assignment(batch, self.options.stage_ratios)
-        return [torch.tensor([i for i, s in enumerate(stages) if s == k]) for k in range(self.schedule.stages)]
+        return [
+            torch.tensor([i for i, s in enumerate(stages) if s == k]) for k in range(self.schedule.stages)
+        ]
 
     def _times(self, n: int, stage: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         idx = _draw_indices(n, self.schedule.num_train_timesteps, generator)
         return self.timesteps[stage][idx].float(), self.ratios[idx].float()
 
-    def predict(self, model: torch.nn.Module, inputs: TrainingInputs, cond: Conditioning) -> list[torch.Tensor]:
+    def predict(
+        self, model: torch.nn.Module, inputs: TrainingInputs, cond: Conditioning
+    ) -> list[torch.Tensor]:
         """One model call per stage (its samples share one resolution and sequence length): the stage's noisy
         latents, timesteps, text and extras, and (AR) its history clips."""
         preds = []
@@ -437,7 +445,9 @@ class PyramidFlow(_PyramidBase):
     ``add_pyramid_noise``, the ``train_pyramid_flow_without_ar.sh`` recipe). Each sample is trained at the
     stage its batch position gives (1:2:1), from one full-size noise and its pyramid."""
 
-    def draw(self, x0: torch.Tensor, generator: torch.Generator, ctx: StepContext | None = None) -> TrainingInputs:
+    def draw(
+        self, x0: torch.Tensor, generator: torch.Generator, ctx: StepContext | None = None
+    ) -> TrainingInputs:
         b = x0.shape[0]
         k_stages = self.schedule.stages
         groups = self._groups(b)
@@ -481,7 +491,9 @@ class PyramidFlowAR(_PyramidBase):
         turn = ar_turn(call, self.max_units, ctx.sync_size)
         return sample_stage_length(self.max_units, ctx.sync_rank, ctx.sync_size, turn, clip_units)
 
-    def draw(self, x0: torch.Tensor, generator: torch.Generator, ctx: StepContext | None = None) -> TrainingInputs:
+    def draw(
+        self, x0: torch.Tensor, generator: torch.Generator, ctx: StepContext | None = None
+    ) -> TrainingInputs:
         ctx = ctx or StepContext()
         f = self.options.frame_per_unit
         b, _, t_lat, h, w = x0.shape
@@ -511,7 +523,10 @@ class PyramidFlowAR(_PyramidBase):
             targets.append((start - end)[:, :, -f:])
             ts.append(t.to(x0.device))
             # the history, corrupted with one sigma per sample: s * noise + (1 - s) * clean
-            sigma = torch.rand(len(idx), generator=generator, device=generator.device) * self.options.corrupt_ratio
+            sigma = (
+                torch.rand(len(idx), generator=generator, device=generator.device)
+                * self.options.corrupt_ratio
+            )
             hist = []
             past = [c[:, :, : frames - f] for c in c_k] if n_units > 1 else []  # the units before the last
             for clip in ar_history(past, k, f) if past else []:
@@ -528,11 +543,15 @@ class FullResolutionFlow(_PyramidBase):
     timestep scale (t in [0, 1] fed as ``1000 t``), every frame noised. The baseline of
     ``benchmarks/pyramid_vs_flow.py``: same model, same data, no pyramid."""
 
-    def draw(self, x0: torch.Tensor, generator: torch.Generator, ctx: StepContext | None = None) -> TrainingInputs:
+    def draw(
+        self, x0: torch.Tensor, generator: torch.Generator, ctx: StepContext | None = None
+    ) -> TrainingInputs:
         b = x0.shape[0]
         r = torch.rand(b, generator=generator, device=generator.device).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device, x0.dtype)
         x_t = _bcast(r, x0) * noise + (1 - _bcast(r, x0)) * x0
         groups = [torch.arange(b)]
         t = r * self.schedule.num_train_timesteps
-        return TrainingInputs(x0=x0, noise=noise, x_t=[x_t], t=[t], target=[noise - x0], extras={"groups": groups})
+        return TrainingInputs(
+            x0=x0, noise=noise, x_t=[x_t], t=[t], target=[noise - x0], extras={"groups": groups}
+        )

@@ -62,7 +62,9 @@ class PyramidSampleOptions:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise FrameloomError(f"unknown sample.pyramid key(s) {unknown}; valid: {', '.join(sorted(names))}")
+            raise FrameloomError(
+                f"unknown sample.pyramid key(s) {unknown}; valid: {', '.join(sorted(names))}"
+            )
         opts = cls(**values)
         if opts.mode not in ("auto", "ar", "full"):
             raise FrameloomError(f"sample.pyramid.mode must be auto, ar or full, not {opts.mode!r}")
@@ -89,7 +91,9 @@ def guided_velocity(
         n = emb.shape[0] // x.shape[0]
         xs = torch.cat([x] * n).to(dtype)
         hs = [torch.cat([h] * n).to(dtype) for h in history]
-        v = model(xs, t.expand(xs.shape[0]).to(dtype), emb.to(dtype), mask, pooled=pooled.to(dtype), history=hs)
+        v = model(
+            xs, t.expand(xs.shape[0]).to(dtype), emb.to(dtype), mask, pooled=pooled.to(dtype), history=hs
+        )
         v = v.float()
         if n == 1:
             return v
@@ -172,13 +176,17 @@ def generate_ar(
     done: list[torch.Tensor] = []
     for u in tqdm(range(units), desc="units", disable=not progress):
         if u == 0:
-            x = first_frame.float() if first_frame is not None else denoise_stages(
-                first, noise[:, :, :1], schedule, first_steps, generators
+            x = (
+                first_frame.float()
+                if first_frame is not None
+                else denoise_stages(first, noise[:, :, :1], schedule, first_steps, generators)
             )
         else:
             past = latent_pyramid(torch.cat(done, dim=2), schedule.stages)  # clean, coarsest first
             history = [ar_history(past, k, f) for k in range(schedule.stages)]
             start = 1 + (u - 1) * f
-            x = denoise_stages(video, noise[:, :, start : start + f], schedule, video_steps, generators, history)
+            x = denoise_stages(
+                video, noise[:, :, start : start + f], schedule, video_steps, generators, history
+            )
         done.append(x)
     return torch.cat(done, dim=2)

@@ -85,7 +85,9 @@ def config_to_kwargs(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             f"config.json _class_name {name!r} is not a Pyramid Flow transformer ({MINIFLUX_CLASS}, {SD3_CLASS})"
         )
     if variant == "sd3" and config.get("pos_embed_type", "sincos") != "sincos":
-        raise FrameloomError("the SD3 Pyramid Flow model needs pos_embed_type 'sincos' (upstream refuses 'rope')")
+        raise FrameloomError(
+            "the SD3 Pyramid Flow model needs pos_embed_type 'sincos' (upstream refuses 'rope')"
+        )
     keys = set(PRESETS[variant]) | ({"interp_condition_pos"} if variant == "sd3" else set())
     kwargs = {k: config[k] for k in keys if k in config}
     if "use_temporal_causal" in config:
@@ -234,7 +236,9 @@ def load_codec(cfg: Config, device: torch.device):
         )
     if not folder.is_dir():
         raise FrameloomError(f"model.codec: not a directory: {folder}")
-    codec = PyramidVAECodec.from_pretrained(folder, variant, dtype=parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype"))
+    codec = PyramidVAECodec.from_pretrained(
+        folder, variant, dtype=parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype")
+    )
     codec.chunk = 1 if cfg.model.vae_slicing else codec.chunk
     return codec.to(device)
 
@@ -259,7 +263,11 @@ def load_text_encoder(cfg: Config, device: torch.device):
             "model.text_encoder: set the released Pyramid Flow root (text_encoder*/tokenizer*), or tiny-pyramid"
         )
     return PyramidTextEncoder.from_pretrained(
-        root, variant, cfg.model.text_max_length, dtype=parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype"), device=device
+        root,
+        variant,
+        cfg.model.text_max_length,
+        dtype=parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype"),
+        device=device,
     )
 
 
@@ -345,7 +353,9 @@ def sample_videos(model, text_encoder, codec, cfg: Config, prompts, seeds) -> to
     first_frame = None
     if cfg.sample.image:
         if mode != "ar":
-            raise FrameloomError("sample.image (image-to-video) needs the AR sampler (objective pyramid_flow_ar)")
+            raise FrameloomError(
+                "sample.image (image-to-video) needs the AR sampler (objective pyramid_flow_ar)"
+            )
         images = load_images([cfg.sample.image] * len(prompts), cfg.data.height, cfg.data.width)
         first_frame = codec.encode(images[:, :, None].to(codec.device)).to(device)  # (N, C, 1, h, w)
     if mode == "flow":  # plain flow matching: one full-resolution stage
@@ -355,7 +365,9 @@ def sample_videos(model, text_encoder, codec, cfg: Config, prompts, seeds) -> to
         latents = generate_full(velocity, shape, schedule, steps, generators, device)
     elif mode == "full":
         velocity = guided_velocity(model, cond, uncond, cfg.sample.guidance)
-        latents = generate_full(velocity, shape, popts.schedule(), sopts.first_frame_steps, generators, device)
+        latents = generate_full(
+            velocity, shape, popts.schedule(), sopts.first_frame_steps, generators, device
+        )
     else:
         first = guided_velocity(model, cond, uncond, cfg.sample.guidance)
         video = guided_velocity(model, cond, uncond, sopts.video_guidance)

@@ -94,8 +94,14 @@ class _JointAttention(nn.Module):
 
     def forward(self, vid, txt, rope, mask):
         lt = txt.shape[1]
-        q = torch.cat([self.norm_added_q(self._heads(self.add_q_proj(txt))), self.norm_q(self._heads(self.to_q(vid)))], 1)
-        k = torch.cat([self.norm_added_k(self._heads(self.add_k_proj(txt))), self.norm_k(self._heads(self.to_k(vid)))], 1)
+        q = torch.cat(
+            [self.norm_added_q(self._heads(self.add_q_proj(txt))), self.norm_q(self._heads(self.to_q(vid)))],
+            1,
+        )
+        k = torch.cat(
+            [self.norm_added_k(self._heads(self.add_k_proj(txt))), self.norm_k(self._heads(self.to_k(vid)))],
+            1,
+        )
         v = torch.cat([self._heads(self.add_v_proj(txt)), self._heads(self.to_v(vid))], 1)  # (B, S, h, hd)
         out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), rope, mask, self.sp_group)
         out = out.transpose(1, 2).flatten(2)  # (B, S, inner)
@@ -142,7 +148,9 @@ class FluxDoubleBlock(nn.Module):
         vid = vid + gate * attn_v
         txt = txt + c_gate * attn_t
         # 3. MLPs
-        vid = vid + gate_mlp * self.ff(F.layer_norm(vid, (vid.shape[-1],), eps=1e-6) * (1 + scale_mlp) + shift_mlp)
+        vid = vid + gate_mlp * self.ff(
+            F.layer_norm(vid, (vid.shape[-1],), eps=1e-6) * (1 + scale_mlp) + shift_mlp
+        )
         nt = F.layer_norm(txt, (txt.shape[-1],), eps=1e-6) * (1 + c_scale_mlp) + c_shift_mlp
         txt = txt + c_gate_mlp * self.ff_context(nt)
         return vid, txt
@@ -236,7 +244,10 @@ class PyramidFluxTransformer(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        for lin in (*self.time_text_embed.timestep_embedder.children(), *self.time_text_embed.text_embedder.children()):
+        for lin in (
+            *self.time_text_embed.timestep_embedder.children(),
+            *self.time_text_embed.text_embedder.children(),
+        ):
             nn.init.normal_(lin.weight, std=0.02)
         nn.init.normal_(self.context_embedder.weight, std=0.02)
         zero = [self.norm_out.linear, self.proj_out]
@@ -276,7 +287,9 @@ class PyramidFluxTransformer(nn.Module):
         split = SequenceSplit.build(self.sp_group, txt.shape[1], vid.shape[1])
         video_pos = flux_positions(shapes).to(x.device)
         pos = split.pad_positions(video_pos.new_zeros(txt.shape[1], 3), video_pos)  # (S', 3)
-        valid = split.pad_valid(text_mask.bool(), torch.ones(b, vid.shape[1], dtype=torch.bool, device=x.device))
+        valid = split.pad_valid(
+            text_mask.bool(), torch.ones(b, vid.shape[1], dtype=torch.bool, device=x.device)
+        )
         mask = attention_mask(valid, pos[:, 0] if self.temporal_causal else None)  # (B, 1, S', S')
         rope, mask = split.arrange(rope_table(pos, self.axes_dims), mask)
         txt, vid = split.shard(txt, split.text_pad), split.shard(vid, split.video_pad)  # this rank's tokens

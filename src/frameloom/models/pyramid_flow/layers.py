@@ -139,7 +139,9 @@ class AdaNormZero(nn.Module):
         self.linear = nn.Linear(dim, 6 * dim)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor):
-        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.linear(F.silu(temb))[:, None].chunk(6, dim=-1)
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.linear(F.silu(temb))[:, None].chunk(
+            6, dim=-1
+        )
         return _layer_norm(x) * (1 + scale) + shift, gate, shift_mlp, scale_mlp, gate_mlp  # each (B, 1, D)
 
 
@@ -263,7 +265,10 @@ class SequenceSplit:
 
     def pad_valid(self, text_valid: torch.Tensor, video_valid: torch.Tensor) -> torch.Tensor:
         return torch.cat(
-            [F.pad(text_valid, (0, self.text_pad), value=False), F.pad(video_valid, (0, self.video_pad), value=False)],
+            [
+                F.pad(text_valid, (0, self.text_pad), value=False),
+                F.pad(video_valid, (0, self.video_pad), value=False),
+            ],
             dim=1,
         )
 

@@ -100,5 +100,9 @@ def write_folder(folder: str | os.PathLike, config: dict[str, Any], state: dict[
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in state.items()},
+        str(folder / WEIGHTS_NAME),
+        metadata={"format": "pt"},
+    )
     return folder

@@ -57,7 +57,9 @@ class _PatchEmbed(nn.Module):
         super().__init__()
         self.patch, self.max_size, self.interp = patch, max_size, interp
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
-        self.register_buffer("pos_embed", sd3_sincos_table(dim, max_size, sample_size // patch)[None], persistent=True)
+        self.register_buffer(
+            "pos_embed", sd3_sincos_table(dim, max_size, sample_size // patch)[None], persistent=True
+        )
 
     def spatial(self, h: int, w: int, full_h: int, full_w: int) -> torch.Tensor:
         """Table rows for an ``h x w`` token grid whose clip is denoised at ``full_h x full_w`` tokens:
@@ -66,7 +68,9 @@ class _PatchEmbed(nn.Module):
         if ch > self.max_size or cw > self.max_size:
             raise FrameloomError(f"{ch}x{cw} tokens exceed the model's pos_embed_max_size {self.max_size}")
         top, left = (self.max_size - ch) // 2, (self.max_size - cw) // 2
-        table = self.pos_embed.reshape(1, self.max_size, self.max_size, -1)[:, top : top + ch, left : left + cw]
+        table = self.pos_embed.reshape(1, self.max_size, self.max_size, -1)[
+            :, top : top + ch, left : left + cw
+        ]
         if (ch, cw) != (h, w):
             table = F.interpolate(table.permute(0, 3, 1, 2), size=(h, w), mode="bilinear").permute(0, 2, 3, 1)
         return table.reshape(h * w, -1)
@@ -101,8 +105,12 @@ class _JointAttention(nn.Module):
 
     def forward(self, vid, txt, rope, mask):
         lt = txt.shape[1]
-        q = torch.cat([self.norm_add_q(self._heads(self.add_q_proj(txt))), self.norm_q(self._heads(self.to_q(vid)))], 1)
-        k = torch.cat([self.norm_add_k(self._heads(self.add_k_proj(txt))), self.norm_k(self._heads(self.to_k(vid)))], 1)
+        q = torch.cat(
+            [self.norm_add_q(self._heads(self.add_q_proj(txt))), self.norm_q(self._heads(self.to_q(vid)))], 1
+        )
+        k = torch.cat(
+            [self.norm_add_k(self._heads(self.add_k_proj(txt))), self.norm_k(self._heads(self.to_k(vid)))], 1
+        )
         v = torch.cat([self._heads(self.add_v_proj(txt)), self._heads(self.to_v(vid))], 1)  # (B, S, h, hd)
         out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), rope, mask, self.sp_group)
         out = out.transpose(1, 2).flatten(2)  # (B, S, D)
@@ -133,7 +141,9 @@ class JointBlock(nn.Module):
         # 2. joint attention
         attn_v, attn_t = self.attn(nv, nt, rope, mask)
         vid = vid + gate * attn_v
-        vid = vid + gate_mlp * self.ff(F.layer_norm(vid, (vid.shape[-1],), eps=1e-6) * (1 + scale_mlp) + shift_mlp)
+        vid = vid + gate_mlp * self.ff(
+            F.layer_norm(vid, (vid.shape[-1],), eps=1e-6) * (1 + scale_mlp) + shift_mlp
+        )
         # 3. the text stream (not after the last block)
         if self.context_pre_only:
             return vid, txt
@@ -186,7 +196,9 @@ class PyramidMMDiT(nn.Module):
         self.num_heads, self.head_dim, self.patch = num_attention_heads, attention_head_dim, patch_size
         self.latent_channels = in_channels
         self.temporal_causal = temporal_causal
-        self.pos_embed = _PatchEmbed(in_channels, dim, patch_size, pos_embed_max_size, sample_size, interp_condition_pos)
+        self.pos_embed = _PatchEmbed(
+            in_channels, dim, patch_size, pos_embed_max_size, sample_size, interp_condition_pos
+        )
         self.time_text_embed = TimeTextEmbedding(dim, pooled_projection_dim)
         self.context_embedder = nn.Linear(joint_attention_dim, caption_projection_dim)
         self.transformer_blocks = nn.ModuleList(
@@ -204,7 +216,10 @@ class PyramidMMDiT(nn.Module):
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
                 nn.init.zeros_(m.bias)
-        for lin in (*self.time_text_embed.timestep_embedder.children(), *self.time_text_embed.text_embedder.children()):
+        for lin in (
+            *self.time_text_embed.timestep_embedder.children(),
+            *self.time_text_embed.text_embedder.children(),
+        ):
             nn.init.normal_(lin.weight, std=0.02)
         nn.init.normal_(self.context_embedder.weight, std=0.02)
         for lin in [self.norm_out.linear, self.proj_out] + [
@@ -241,13 +256,19 @@ class PyramidMMDiT(nn.Module):
         vid = torch.cat([self.pos_embed(c, hx // p, wx // p) for c in clips], dim=1)  # (B, N, D)
         frames, start = [], 0
         for c in clips:  # every token of frame f of a clip starting at frame s sits at s + f
-            frames.append(torch.arange(start, start + c.shape[2]).repeat_interleave((c.shape[3] // p) * (c.shape[4] // p)))
+            frames.append(
+                torch.arange(start, start + c.shape[2]).repeat_interleave(
+                    (c.shape[3] // p) * (c.shape[4] // p)
+                )
+            )
             start += c.shape[2]
         video_pos = torch.cat(frames).float()[:, None].to(x.device)  # (N, 1)
         # 3. positions (text at frame 0), mask and temporal RoPE, laid out for the sp group
         split = SequenceSplit.build(self.sp_group, txt.shape[1], vid.shape[1])
         pos = split.pad_positions(video_pos.new_zeros(txt.shape[1], 1), video_pos)  # (S', 1)
-        valid = split.pad_valid(text_mask.bool(), torch.ones(b, vid.shape[1], dtype=torch.bool, device=x.device))
+        valid = split.pad_valid(
+            text_mask.bool(), torch.ones(b, vid.shape[1], dtype=torch.bool, device=x.device)
+        )
         mask = attention_mask(valid, pos[:, 0] if self.temporal_causal else None)
         rope, mask = split.arrange(rope_table(pos, (self.head_dim,)), mask)
         txt, vid = split.shard(txt, split.text_pad), split.shard(vid, split.video_pad)

@@ -25,7 +25,13 @@ import torch
 
 from frameloom.errors import FrameloomError
 from frameloom.models.codecs import config_sha256, weights_sha256
-from frameloom.models.text import T5TextEncoder, TextEncoder, TextEncoderError, _tokenizer_sha256, build_tiny_t5
+from frameloom.models.text import (
+    T5TextEncoder,
+    TextEncoder,
+    TextEncoderError,
+    _tokenizer_sha256,
+    build_tiny_t5,
+)
 
 __all__ = ["PyramidTextEncoder", "build_tiny", "text_layout"]
 
@@ -35,7 +41,10 @@ def text_layout(variant: str) -> tuple[list[tuple[str, str]], tuple[str, str]]:
     if variant == "miniflux":
         return [("text_encoder", "tokenizer")], ("text_encoder_2", "tokenizer_2")
     if variant == "sd3":
-        return [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")], ("text_encoder_3", "tokenizer_3")
+        return [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")], (
+            "text_encoder_3",
+            "tokenizer_3",
+        )
     raise FrameloomError(f"unknown Pyramid Flow variant {variant!r} (miniflux or sd3)")
 
 
@@ -56,7 +65,11 @@ class PyramidTextEncoder(TextEncoder):
             "variant": variant,
             "t5": t5.identity,
             "clips": [
-                {"config": config_sha256(m.config), "weights": weights_sha256(m), "tokenizer": _tokenizer_sha256(tok)}
+                {
+                    "config": config_sha256(m.config),
+                    "weights": weights_sha256(m),
+                    "tokenizer": _tokenizer_sha256(tok),
+                }
                 for m, tok in self.clips
             ],
         }
@@ -65,7 +78,11 @@ class PyramidTextEncoder(TextEncoder):
     @staticmethod
     def _pooled_width(model: torch.nn.Module) -> int:
         cfg = model.config
-        return int(getattr(cfg, "projection_dim", 0) or 0) if hasattr(model, "text_projection") else int(cfg.hidden_size)
+        return (
+            int(getattr(cfg, "projection_dim", 0) or 0)
+            if hasattr(model, "text_projection")
+            else int(cfg.hidden_size)
+        )
 
     @classmethod
     def from_pretrained(
@@ -86,7 +103,9 @@ class PyramidTextEncoder(TextEncoder):
         for sub in [d for pair in clip_dirs for d in pair] + [t5_dir, t5_tok]:
             if not (root / sub).is_dir():
                 raise TextEncoderError(f"{root} has no {sub}/ (the released Pyramid Flow {variant} layout)")
-        t5 = T5TextEncoder.from_pretrained(root, max_length, dtype=dtype, subfolder=t5_dir, tokenizer_subfolder=t5_tok)
+        t5 = T5TextEncoder.from_pretrained(
+            root, max_length, dtype=dtype, subfolder=t5_dir, tokenizer_subfolder=t5_tok
+        )
         clips = []
         for enc, tok in clip_dirs:
             try:
@@ -115,7 +134,11 @@ class PyramidTextEncoder(TextEncoder):
         pooled = []
         for model, tok in self.clips:
             ids = tok(
-                list(texts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+                list(texts),
+                padding="max_length",
+                max_length=tok.model_max_length,
+                truncation=True,
+                return_tensors="pt",
             ).input_ids.to(self.device)
             out = model(input_ids=ids)
             pooled.append(out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output)  # (B, P_i)
@@ -125,7 +148,11 @@ class PyramidTextEncoder(TextEncoder):
 def _byte_level_vocab() -> dict[str, int]:
     """A CLIP BPE vocabulary with no merges: every byte (GPT-2's byte-to-unicode map), with and without the
     end-of-word mark, plus the two specials."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars, extra = [], 0
     for b in range(256):
         if b in printable:

@@ -132,7 +132,9 @@ class _FrameAttention(nn.Module):
 class _MidBlock(nn.Module):
     def __init__(self, channels: int, groups: int):
         super().__init__()
-        self.resnets = nn.ModuleList([_ResBlock(channels, channels, groups), _ResBlock(channels, channels, groups)])
+        self.resnets = nn.ModuleList(
+            [_ResBlock(channels, channels, groups), _ResBlock(channels, channels, groups)]
+        )
         self.attentions = nn.ModuleList([_FrameAttention(channels, groups)])
 
     def forward(self, x: torch.Tensor, stream: _Stream | None) -> torch.Tensor:
@@ -160,8 +162,14 @@ class _Sampler(nn.Module):
         y = self.conv(x, stream)
         if self.kind == "up":  # (B, C*4, T, H, W) -> (B, C, T, 2H, 2W)
             b, c4, t, h, w = y.shape
-            y = y.reshape(b, c4 // 4, 2, 2, t, h, w).permute(0, 1, 4, 5, 2, 6, 3).reshape(b, c4 // 4, t, 2 * h, 2 * w)
-        elif self.kind == "tup":  # (B, C*2, T, H, W) -> (B, C, 2T, H, W); a clip's first frame stays one frame
+            y = (
+                y.reshape(b, c4 // 4, 2, 2, t, h, w)
+                .permute(0, 1, 4, 5, 2, 6, 3)
+                .reshape(b, c4 // 4, t, 2 * h, 2 * w)
+            )
+        elif (
+            self.kind == "tup"
+        ):  # (B, C*2, T, H, W) -> (B, C, 2T, H, W); a clip's first frame stays one frame
             b, c2, t, h, w = y.shape
             y = y.reshape(b, c2 // 2, 2, t, h, w).permute(0, 1, 3, 2, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
             if stream is None or stream.first:
@@ -172,10 +180,14 @@ class _Sampler(nn.Module):
 class _Stage(nn.Module):
     """``down_blocks.i`` / ``up_blocks.i``: residual blocks then the optional spatial and temporal samplers."""
 
-    def __init__(self, cin: int, cout: int, layers: int, groups: int, spatial: bool, temporal: bool, up: bool):
+    def __init__(
+        self, cin: int, cout: int, layers: int, groups: int, spatial: bool, temporal: bool, up: bool
+    ):
         super().__init__()
         self.resnets = nn.ModuleList(_ResBlock(cin if i == 0 else cout, cout, groups) for i in range(layers))
-        name_s, name_t = ("upsamplers", "temporal_upsamplers") if up else ("downsamplers", "temporal_downsamplers")
+        name_s, name_t = (
+            ("upsamplers", "temporal_upsamplers") if up else ("downsamplers", "temporal_downsamplers")
+        )
         kind_s, kind_t = ("up", "tup") if up else ("down", "tdown")
         setattr(self, name_s, nn.ModuleList([_Sampler(cout, kind_s)]) if spatial else None)
         setattr(self, name_t, nn.ModuleList([_Sampler(cout, kind_t)]) if temporal else None)
@@ -279,7 +291,9 @@ class CausalVideoVAE(nn.Module):
         """Video ``(B, 3, T, H, W)`` in [-1, 1] (T = 1 + 8k) -> posterior (mean, logvar) ``(B, 16, 1 + k, H/8,
         W/8)``; frames go through in chunks of ``1 + chunk * 8`` then ``chunk * 8``."""
         f = self.temporal_factor
-        moments = self._run(video, lambda v, s: self.quant_conv(self.encoder(v, s), s), 1 + chunk * f, chunk * f)
+        moments = self._run(
+            video, lambda v, s: self.quant_conv(self.encoder(v, s), s), 1 + chunk * f, chunk * f
+        )
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
