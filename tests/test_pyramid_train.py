@@ -158,3 +158,75 @@ def test_config_errors_are_one_line(tmp_path):
         from frameloom.sampling.pyramid import PyramidSampleOptions
 
         PyramidSampleOptions.from_dict({"video_step": [1]})
+
+
+@pytest.mark.slow
+def test_cache_writes_files_pyramid_flow_reads(ar_run, dataset, tmp_path):
+    import json
+
+    from frameloom.cache.dataset import CachedClipDataset
+    from frameloom.data.dialects.pyramid import read_pyramid
+    from frameloom.models.pyramid_flow.files import read_latent, read_text_fea
+    from frameloom.pipeline import (
+        bucket_policy,
+        caption_rules,
+        clip_spec,
+        load_codec,
+        load_text_encoder,
+        open_store,
+    )
+
+    cfg = shrunk("pyramid_flow_miniflux_ar.yaml", dataset, ar_run)
+    out = tmp_path / "pyramid" / "video_text.jsonl"
+    assert (
+        main(
+            [
+                "cache",
+                str(CONFIGS / "pyramid_flow_miniflux_ar.yaml"),
+                *_overrides(cfg),
+                "--pyramid-jsonl",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 8 and set(records[0]) == {"video", "text", "latent", "text_fea"}
+    # what Pyramid Flow's dataset loads: a raw (1, 16, T, h, w) latent and the three text tensors
+    raw = torch.load(out.parent / records[0]["latent"], weights_only=True)
+    assert raw.shape == (1, 16, 4, 8, 8) and raw.dtype == torch.bfloat16
+    fea = torch.load(out.parent / records[0]["text_fea"], weights_only=True)
+    assert fea["prompt_embed"].shape == (1, 16, 32) and fea["pooled_prompt_embed"].shape == (1, 32)
+    # read back by frameloom: the cached (normalised) latent and text, up to bf16 rounding
+    codec, encoder = load_codec(cfg, "cpu"), load_text_encoder(cfg, "cpu")
+    cached = CachedClipDataset(cfg.data.manifest, clip_spec(cfg), codec.identity, encoder.identity, open_store(cfg),
+                               buckets=bucket_policy(cfg), caption_rules=caption_rules(cfg))[0]  # fmt: skip
+    torch.testing.assert_close(
+        read_latent(out.parent / records[0]["latent"], "miniflux"), cached["latent"], rtol=0.02, atol=0.02
+    )
+    emb, mask, extras = read_text_fea(out.parent / records[0]["text_fea"])
+    torch.testing.assert_close(emb, cached["text_emb"])
+    assert torch.equal(mask, cached["text_mask"])
+    torch.testing.assert_close(extras["pooled"], cached["text_extras"]["pooled"])
+    # and frameloom's own Pyramid Flow reader takes the jsonl back (latent / text_fea columns)
+    listing = read_pyramid(out)
+    assert len(listing.entries) == 8 and listing.entries[0].fields["latent"] == records[0]["latent"]
+
+
+def _overrides(cfg) -> list[str]:
+    """The shrunk preset's overrides again, as command-line arguments."""
+    return [
+        f"data.manifest={cfg.data.manifest}",
+        f"run_dir={cfg.run_dir}",
+        "data.num_frames=25",
+        "data.height=64",
+        "data.width=64",
+        "data.latent_multiple=1",
+        "model.preset=null",
+        TINY_MINIFLUX,
+        "model.codec=tiny-pyramid",
+        "model.text_encoder=tiny-pyramid",
+        "model.text_max_length=16",
+        "model.encoder_dtype=float32",
+        "parallel.video_sync_group=1",
+    ]
