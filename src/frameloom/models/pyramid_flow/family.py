@@ -239,7 +239,6 @@ def load_codec(cfg: Config, device: torch.device):
     codec = PyramidVAECodec.from_pretrained(
         folder, variant, dtype=parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype")
     )
-    codec.chunk = 1 if cfg.model.vae_slicing else codec.chunk
     return codec.to(device)
 
 
