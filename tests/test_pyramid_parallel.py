@@ -4,7 +4,8 @@
   all-to-all): outputs equal to one process within 1e-5, gradients summed over the ranks equal to one
   process's, and an earlier frame's output unchanged when a later frame changes;
 - ``video_sync_group = 2`` training (objective pyramid_flow_ar, DDP): both ranks read the same video and train
-  different AR positions, rotating each step; a run stopped at step 2 and resumed matches the uninterrupted run.
+  different AR positions, rotating each step; a run stopped at step 2 and resumed matches the uninterrupted run;
+  FSDP2 (per block) trains the same weights as DDP.
 """
 
 from __future__ import annotations
@@ -127,8 +128,10 @@ def _vsg_train(rank: int, root: Path) -> dict:
     from frameloom.train.trainer import Trainer
 
     seen = {}
-    for run, steps, resume in (("straight", 4, None), ("stopped", 2, None), ("stopped", 4, "latest")):
-        extra = ["parallel.video_sync_group=2", f"train.steps={steps}"]
+    runs = [("straight", 4, None, "ddp"), ("stopped", 2, None, "ddp"), ("stopped", 4, "latest", "ddp")]
+    runs.append(("fsdp", 2, None, "fsdp"))
+    for run, steps, resume, dp in runs:
+        extra = ["parallel.video_sync_group=2", f"train.steps={steps}", f"parallel.data_parallel={dp}"]
         if resume:
             extra.append(f"checkpoint.resume={resume}")
         trainer = Trainer(run_config(root, run, *extra))
@@ -151,8 +154,11 @@ def _vsg_train(rank: int, root: Path) -> dict:
         trainer.fit()
     final = {
         run: ckpt.load_checkpoint(ckpt.latest_checkpoint(root / "runs" / run))["model"]
-        for run in ("straight", "stopped")
+        for run in ("straight", "stopped", "fsdp")
     }
+    final["straight@2"] = ckpt.load_checkpoint(
+        root / "runs" / "straight" / "checkpoints" / ckpt.step_name(2)
+    )["model"]
     return {"draws": seen, "final": final}
 
 
@@ -207,3 +213,10 @@ def test_video_sync_group_trains_different_positions_of_one_video_and_resumes_ex
         assert json.dumps(stopped[rank]) == json.dumps(straight[rank])
     for name, w in results[0]["vsg"]["final"]["straight"].items():
         assert torch.equal(w, results[0]["vsg"]["final"]["stopped"][name]), name
+
+
+@pytest.mark.slow
+def test_fsdp_trains_what_ddp_trains(two_procs):
+    final = two_procs[1][0]["vsg"]["final"]
+    for name, w in final["straight@2"].items():
+        torch.testing.assert_close(final["fsdp"][name], w, rtol=1e-5, atol=1e-6, msg=name)

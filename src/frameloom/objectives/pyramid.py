@@ -364,9 +364,10 @@ class PyramidOptions:
 
 
 def _draw_indices(n: int, num_train: int, generator: torch.Generator) -> torch.Tensor:
-    """Uniform grid indices ``floor(u * N)`` for u ~ U[0, 1) (upstream ``weighting_scheme='random'``)."""
+    """Uniform grid indices ``floor(u * N)`` for u ~ U[0, 1) (upstream ``weighting_scheme='random'``), on the
+    generator's device (no host round trip)."""
     u = torch.rand(n, generator=generator, device=generator.device)
-    return (u * num_train).long().clamp(0, num_train - 1).cpu()
+    return (u * num_train).long().clamp(0, num_train - 1)
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -405,6 +406,7 @@ class _PyramidBase:
         self.schedule = self.options.schedule()
         self.timesteps = [stage_timesteps(self.schedule, k) for k in range(self.schedule.stages)]
         self.ratios = stage_ratios(self.schedule)
+        self._tables: dict = {}
 
     def _groups(self, batch: int) -> list[torch.Tensor]:
         stages = stage_assignment(batch, self.options.stage_ratios)
@@ -413,8 +415,16 @@ class _PyramidBase:
         ]
 
     def _times(self, n: int, stage: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(model timesteps, local ratios) ``(n,)`` float32 of n uniform draws on the stage's grid."""
         idx = _draw_indices(n, self.schedule.num_train_timesteps, generator)
-        return self.timesteps[stage][idx].float(), self.ratios[idx].float()
+        key = (stage, idx.device)
+        if key not in self._tables:  # the grids on the generator's device, once
+            self._tables[key] = (
+                self.timesteps[stage].float().to(idx.device),
+                self.ratios.float().to(idx.device),
+            )
+        times, ratios = self._tables[key]
+        return times[idx], ratios[idx]
 
     def predict(
         self, model: torch.nn.Module, inputs: TrainingInputs, cond: Conditioning
