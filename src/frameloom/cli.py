@@ -322,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Writes a run's trained weights (EMA when present and sample.use_ema) and verifies them by "
         "loading them back: lora = pytorch_lora_weights.safetensors for the family pipeline's "
         "load_lora_weights; diffusers = a complete diffusers directory (a LoRA merged in); safetensors = one "
-        "consolidated model.safetensors. See docs/families.md.",
+        "consolidated model.safetensors; native = the seed system's own layout (Open-Sora-Plan). See "
+        "docs/families.md.",
     )
     p.add_argument("run_dir", help="run directory")
     p.add_argument("--checkpoint", default="latest", help="checkpoint folder or 'latest' (default)")
@@ -331,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         choices=["diffusers", "lora", "safetensors", "native"],
         help="lora (diffusers LoRA file), diffusers (pipeline directory), safetensors (one weights file) or "
-        "native (the family's own released layout, e.g. Pyramid Flow's diffusion_transformer folder)",
+        "native (the seed system's released layout: Open-Sora-Plan's model folder, Open-Sora 2.0's "
+        "Open_Sora_v2.safetensors, Pyramid Flow's diffusion_transformer folder)",
     )
     p.add_argument(
         "--comfyui",

@@ -11,11 +11,11 @@ Formats (``--format``):
 - ``diffusers``: a complete diffusers directory: ``model.pretrained``'s parts (hard links where possible)
   with ``transformer/`` replaced by the trained transformer (a LoRA merged into its base). Verified by
   ``from_pretrained`` on the written transformer and comparing every tensor.
-- ``native``: the family's own released layout (its ``family.export_released(cfg, weights, out)``, e.g. Pyramid
-  Flow's ``diffusion_transformer_*`` folder that the seed's own ``from_pretrained`` reads), verified by the
-  family's loader.
 - ``safetensors``: one consolidated ``model.safetensors``: the denoiser's state dict (for a diffusers family
   the transformer's, in diffusers names, a LoRA merged in). Verified by reading it back.
+- ``native``: the seed system's own released layout, written by the family's ``export_released(cfg, weights,
+  out)`` (Open-Sora-Plan: an ``OpenSoraT2V_v1_3`` folder its ``from_pretrained`` loads; Pyramid Flow: a
+  ``diffusion_transformer_*`` folder). Verified by the family.
 
 Weights come from ``frameloom.checkpoint.io.load_checkpoint`` (the full state however it was saved); the
 EMA weights are used when the checkpoint has them and ``sample.use_ema`` is on, as ``frameloom sample`` does.
@@ -74,7 +74,7 @@ def load_run_denoiser(
     family = get_family(cfg.model.family)
     if family.pipeline_class is None:
         raise FrameloomError(
-            f"model.family {cfg.model.family!r} has no diffusers form; use --format safetensors"
+            f"model.family {cfg.model.family!r} has no diffusers form; use --format safetensors (or native)"
         )
     weights, path = _checkpoint_weights(cfg, checkpoint)
     model = family.build_denoiser(cfg.model, 0, 0)
@@ -191,13 +191,17 @@ def _export_safetensors(cfg: Config, out: Path, checkpoint: str) -> list[Path]:
 
 
 def _export_native(cfg: Config, out: Path, checkpoint: str) -> list[Path]:
+    """The family's ``export_released`` (the seed system's layout), with the checkpoint's (EMA) weights."""
     import importlib
 
-    module = importlib.import_module(f"frameloom.models.{cfg.model.family}.family")
+    try:
+        module = importlib.import_module(f"frameloom.models.{cfg.model.family}.family")
+    except ModuleNotFoundError:
+        module = None
     export = getattr(module, "export_released", None)
     if export is None:
         raise FrameloomError(
-            f"--format native: model.family {cfg.model.family!r} has no released layout of its own"
+            f"model.family {cfg.model.family!r} has no native layout to export; use --format safetensors"
         )
     weights, _ = _checkpoint_weights(cfg, checkpoint)
     return export(cfg, weights, out)

@@ -67,8 +67,13 @@ def clip_spec(cfg: Config) -> ClipSpec:
 
 
 def caption_rules(cfg: Config) -> CaptionRules:
-    """The config's caption rules (``data.caption_aesthetic``, ``data.caption_fps_suffix``), checked."""
-    return CaptionRules(aesthetic=cfg.data.caption_aesthetic, fps_suffix=bool(cfg.data.caption_fps_suffix))
+    """The config's caption rules (``data.caption_aesthetic``, ``data.caption_fps_suffix``,
+    ``data.caption_motion_score``), checked."""
+    return CaptionRules(
+        aesthetic=cfg.data.caption_aesthetic,
+        fps_suffix=bool(cfg.data.caption_fps_suffix),
+        motion_score=bool(cfg.data.caption_motion_score),
+    )
 
 
 def bucket_policy(cfg: Config):

@@ -43,6 +43,9 @@ class DataConfig:
     num_frames is a maximum: shorter videos give the longest valid clip they hold."""
     caption_fps_suffix: bool = False
     """Open-Sora: append " {fps} FPS." (the clip's frame rate, fps // stride) to every non-empty caption."""
+    caption_motion_score: bool = False
+    """Open-Sora 2.0: append the row's motion score (column `motion` or `score_vmafmotion`, rounded):
+    " 3 motion score.", or " 24 FPS, 3 motion score." with caption_fps_suffix."""
     caption_aesthetic: str = "off"
     """Open-Sora-Plan aesthetic phrases for scores <= 4.25 / >= 5.75: `off`, `fixed` (first phrase, after the
     caption; one text per sample, cache-friendly) or `random` (phrase and side drawn per seed, sample, epoch)."""
@@ -141,15 +144,23 @@ class ObjectiveConfig:
     """The training objective."""
 
     name: str = "flow"
-    """contract. `flow` (rectified flow); later `ddpm`, `pyramid_flow`."""
+    """contract. `flow` (rectified flow), `ddpm` (discrete DDPM, linear betas 0.0001..0.02 over 1000 steps);
+    later `pyramid_flow`."""
     timestep_sampling: str = "logit_normal"
-    """`uniform` or `logit_normal`."""
+    """flow: `uniform` or `logit_normal`; ddpm: `uniform` or `explicit_uniform` (one stratum of [0, 1000) per
+    micro-batch of the step's global batch, Open-Sora-Plan's rank-stratified sampling)."""
     logit_mean: float = 0.0
     """Mean of the normal before the sigmoid (logit_normal)."""
     logit_std: float = 1.0
     """Std of the normal before the sigmoid (logit_normal)."""
     shift: float = 1.0
     """Timestep shift s in t' = s t / (1 + (s - 1) t); 1 = none."""
+    prediction_type: str = "epsilon"
+    """ddpm: what the denoiser predicts, `epsilon` or `v_prediction` (Open-Sora-Plan v1.3)."""
+    rescale_betas_zero_snr: bool = False
+    """ddpm: rescale the betas to zero terminal SNR (Lin et al. 2023); samplers then use trailing timesteps."""
+    snr_gamma: float | None = None
+    """ddpm: min-SNR-gamma loss weighting (Open-Sora-Plan v1.3: 5.0); null: unweighted MSE."""
     caption_dropout: float = 0.1
     """Probability of replacing a caption by the empty prompt (enables classifier-free guidance)."""
     extras_dropout: float | None = None
@@ -262,7 +273,10 @@ class SampleConfig:
     """Sampling defaults for `frameloom sample` and validation."""
 
     steps: int = 30
-    """Euler steps."""
+    """Sampling steps."""
+    scheduler: str = "auto"
+    """ddpm objective: `euler_ancestral` (auto), `euler`, `ddim` or `dpmsolver++` (diffusers' schedulers'
+    maths, frameloom.sampling.ddpm_samplers); flow objectives always integrate with Euler."""
     guidance: float = 5.0
     """Classifier-free guidance scale; 1 disables guidance."""
     negative_prompt: str = ""
@@ -277,6 +291,12 @@ class SampleConfig:
     """Sample from the EMA weights when the checkpoint has them."""
     image: str | None = None
     """Image-to-video: the first frame to condition on (`frameloom sample --image`), for families that can."""
+    image_guidance: float | None = None
+    """Image guidance scale, separate from the text's (opensora2; None: the family's default, 3)."""
+    oscillating_guidance: bool = False
+    """opensora2: after 10 steps, guide only every other step (and scale image guidance over time)."""
+    image_mode: str = "head"
+    """opensora2 with `sample.image`: the image is the first frame (`head`), the last (`tail`) or both (`loop`)."""
     pyramid: dict[str, Any] = field(default_factory=dict)
     """Pyramid Flow sampler knobs (mode, first_frame_steps, video_steps, video_guidance, prompt_suffix):
     sampling/pyramid.py `PyramidSampleOptions`, docs/pyramid_flow.md."""

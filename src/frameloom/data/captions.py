@@ -1,5 +1,7 @@
 """Caption rules of the seed systems, as small pure functions.
 
+- Open-Sora 2.0 appends the row's motion score (``"{text} 3 motion score."``; with the frame rate
+  ``"{text} 24 FPS, 3 motion score."``), rounded half up from its VMAF motion score.
 - Open-Sora appends the clip's frame rate: ``"{text} {fps} FPS."``, with ``fps = source_fps // stride``
   (its dataset reports ``video_fps // frame_interval``, so a 29.97 fps video at stride 1 says "29 FPS").
 - Open-Sora-Plan appends an aesthetic phrase when the row's aesthetic score is <= 4.25 (low) or >= 5.75
@@ -102,6 +104,17 @@ def fps_suffix(text: str, fps: float) -> str:
     return f"{text} {value} FPS."
 
 
+def motion_score(row: Mapping[str, Any]) -> int | None:
+    """Open-Sora 2.0's motion score of a row: ``int(score + 0.5)`` of its ``motion`` column (Open-Sora's
+    ``score_vmafmotion`` when the manifest kept that name); None when absent or NaN."""
+    value = row.get("motion")
+    if value is None:
+        value = row.get("score_vmafmotion")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return int(float(value) + 0.5)
+
+
 def aesthetic_phrases(score: float, is_image: bool = False) -> tuple[str, ...]:
     """The phrase list a score selects: low (<= 4.25), high (>= 5.75), or none in between."""
     if score <= LOW_AESTHETIC:
@@ -152,16 +165,24 @@ def apply_caption_rules(
     fps_suffix_on: bool = False,
     stride: float = 1.0,
     draw: tuple[int, int, int] | None = None,
+    motion_score_on: bool = False,
 ) -> str:
-    """A row's training caption: the aesthetic phrase first (Open-Sora-Plan), then the fps suffix
-    (Open-Sora), each only when asked for. ``stride`` is the clip's frame stride (for the fps suffix);
-    images (``is_image`` or fps 0) never get an fps suffix."""
+    """A row's training caption: the aesthetic phrase first (Open-Sora-Plan), then the fps suffix and the
+    motion score (Open-Sora), each only when asked for. ``stride`` is the clip's frame stride (for the fps
+    suffix); images (``is_image`` or fps 0) never get an fps suffix. Open-Sora 2.0 joins its suffixes into
+    one sentence (``VideoTextDataset``): ``"a cat 24 FPS, 3 motion score."``, ``"a cat 3 motion score."``."""
     is_image = bool(row.get("is_image"))
     text = add_aesthetic(text, row.get("aesthetic"), is_image=is_image, mode=aesthetic, draw=draw)
+    if not text:
+        return text
+    parts = []
     fps = float(row.get("fps") or 0.0)
     if fps_suffix_on and not is_image and fps > 0:
-        text = fps_suffix(text, opensora_clip_fps(fps, stride))
-    return text
+        parts.append(f"{opensora_clip_fps(fps, stride)} FPS")
+    score = motion_score(row) if motion_score_on else None
+    if score is not None:
+        parts.append(f"{score} motion score")
+    return f"{text} {', '.join(parts)}." if parts else text
 
 
 @dataclass(frozen=True)
@@ -172,6 +193,8 @@ class CaptionRules:
 
     aesthetic: str = "off"
     fps_suffix: bool = False
+    motion_score: bool = False
+    """Open-Sora 2.0: append the row's motion score (``data.caption_motion_score``)."""
 
     def __post_init__(self) -> None:
         if self.aesthetic not in AESTHETIC_MODES:
@@ -181,7 +204,7 @@ class CaptionRules:
 
     @property
     def active(self) -> bool:
-        return self.aesthetic != "off" or self.fps_suffix
+        return self.aesthetic != "off" or self.fps_suffix or self.motion_score
 
     @property
     def per_epoch(self) -> bool:
@@ -213,7 +236,13 @@ def row_caption(
 
         stride = clip_stride(fps, spec)
     return apply_caption_rules(
-        text, row, aesthetic=rules.aesthetic, fps_suffix_on=rules.fps_suffix, stride=stride, draw=draw
+        text,
+        row,
+        aesthetic=rules.aesthetic,
+        fps_suffix_on=rules.fps_suffix,
+        stride=stride,
+        draw=draw,
+        motion_score_on=rules.motion_score,
     )
 
 
@@ -227,6 +256,7 @@ __all__ = [
     "aesthetic_phrases",
     "apply_caption_rules",
     "fps_suffix",
+    "motion_score",
     "opensora_clip_fps",
     "row_caption",
 ]

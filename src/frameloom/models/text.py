@@ -142,7 +142,8 @@ class T5TextEncoder(TextEncoder):
         ``encoder_kw`` go to the encoder class's constructor.
 
         The model class follows the config's ``model_type``: ``UMT5EncoderModel`` for ``umt5`` (Wan),
-        ``T5EncoderModel`` otherwise. Byte-level (ByT5) and other slow-only tokenizers have no "fast" version:
+        ``MT5EncoderModel`` for ``mt5`` (Open-Sora-Plan's mT5-XXL), ``T5EncoderModel`` otherwise.
+        Byte-level (ByT5) and other slow-only tokenizers have no "fast" version:
         loading falls back to ``use_fast=False`` when the default attempt fails.
         """
         import transformers
@@ -157,7 +158,9 @@ class T5TextEncoder(TextEncoder):
             raise TextEncoderError(
                 f"no readable text encoder config at {model_dir / 'config.json'}: {exc}"
             ) from None
-        model_cls = transformers.UMT5EncoderModel if model_type == "umt5" else transformers.T5EncoderModel
+        model_cls = {"umt5": transformers.UMT5EncoderModel, "mt5": transformers.MT5EncoderModel}.get(
+            model_type, transformers.T5EncoderModel
+        )
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
         except (OSError, ValueError, TypeError):

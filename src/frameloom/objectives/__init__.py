@@ -4,9 +4,11 @@ from frameloom.config.schema import Config
 
 from .base import Conditioning, Objective, StepContext, TrainingInputs, call_denoiser, predict
 from .ddpm import (
+    DDPMObjective,
     DDPMSchedule,
     VPredictionDDPM,
     cogvideox_x0_loss,
+    ddpm_objective,
     rescale_zero_terminal_snr,
     snr_shift,
     v_target,
@@ -35,8 +37,10 @@ __all__ = [
     "call_denoiser",
     "predict",
     "build_objective",
+    "DDPMObjective",
     "DDPMSchedule",
     "VPredictionDDPM",
+    "ddpm_objective",
     "cogvideox_x0_loss",
     "rescale_zero_terminal_snr",
     "snr_shift",
@@ -76,4 +80,19 @@ def build_objective(cfg: Config) -> Objective:
             )
         except ValueError as exc:
             raise FrameloomError(f"objective: {exc}") from None
+    if o.name == "ddpm":
+        return ddpm_objective_from_config(cfg)
     raise FrameloomError(f"objective.name {o.name!r} is not available for model.family {cfg.model.family!r}")
+
+
+def ddpm_objective_from_config(cfg: Config) -> DDPMObjective:
+    """``objective.name: ddpm``: diffusers ``DDPMScheduler``'s default betas with ``objective.prediction_type``,
+    ``rescale_betas_zero_snr``, ``snr_gamma`` and ``timestep_sampling`` (``uniform`` / ``explicit_uniform``)."""
+    o = cfg.objective
+    return ddpm_objective(
+        prediction_type=o.prediction_type,
+        rescale_betas_zero_snr=o.rescale_betas_zero_snr,
+        snr_gamma=o.snr_gamma,
+        timestep_sampling=o.timestep_sampling,
+        grad_accum=cfg.train.grad_accum,
+    )

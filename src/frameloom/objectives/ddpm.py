@@ -15,6 +15,11 @@ Sources:
     * CogVideoX (THUDM/CogVideo, diffusers' ``CogVideoXDDIMScheduler``), as recorded in SEED_FACTS.md:
       scaled-linear betas 0.00085..0.012, an SNR shift ``alpha_bar / (s + (1 - s) alpha_bar)`` before the
       zero-terminal-SNR rescale, and the training loss ``mean((x0_pred - x0)^2 / (1 - alpha_bar))``.
+    * Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy", 2023, sec. 3.4 / 4.2
+      (``min(SNR, gamma)`` divided by ``SNR`` for epsilon and by ``SNR + 1`` for v-prediction), as diffusers'
+      ``compute_snr`` and Open-Sora-Plan v1.3's ``train_t2v_diffusers.py`` compute it.
+    * Open-Sora-Plan v1.3 (PKU-YuanGroup/Open-Sora-Plan, ``opensora/utils/utils.py``
+      ``explicit_uniform_sampling``): one stratum of the timestep range per data-parallel rank.
 """
 
 from __future__ import annotations
@@ -33,13 +38,21 @@ from frameloom.errors import FrameloomError
 from frameloom.objectives.base import StepContext, TrainingInputs
 
 __all__ = [
+    "DDPMObjective",
     "DDPMSchedule",
     "VPredictionDDPM",
     "add_noise",
     "alphas_cumprod_from_betas",
     "cogvideox_x0_loss",
+    "compute_snr",
+    "ddpm_objective",
+    "epsilon_target",
     "ddim_step",
     "ddim_timesteps",
+    "explicit_uniform_timesteps",
+    "linear_betas",
+    "min_snr_loss",
+    "min_snr_weights",
     "rescale_zero_terminal_snr",
     "scaled_linear_betas",
     "snr_shift",
@@ -56,6 +69,12 @@ def _bcast(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------------------
 # noise schedule
+
+
+def linear_betas(beta_start: float, beta_end: float, num_steps: int) -> torch.Tensor:
+    """``betas = linspace(beta_start, beta_end, N)`` in float64 (DDPM's schedule; diffusers'
+    ``DDPMScheduler`` default 0.0001..0.02, N = 1000, which Open-Sora-Plan v1.3 trains with)."""
+    return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
 
 
 def scaled_linear_betas(beta_start: float, beta_end: float, num_steps: int) -> torch.Tensor:
@@ -189,7 +208,7 @@ class DDPMSchedule:
         elif schedule == "scaled_linear":
             betas = scaled_linear_betas(start, end, n)
         elif schedule == "linear":
-            betas = torch.linspace(start, end, n, dtype=torch.float64)
+            betas = linear_betas(start, end, n)
         else:
             raise FrameloomError(f"scheduler config: beta_schedule {schedule!r} is not supported")
         ab = alphas_cumprod_from_betas(betas)
@@ -258,3 +277,172 @@ class VPredictionDDPM:
         ab = inputs.extras["alpha_bar"]
         x0_pred = x0_from_v(inputs.extras["x_noisy"].float(), pred.float(), ab)
         return cogvideox_x0_loss(x0_pred, inputs.x0, ab)
+
+
+# --------------------------------------------------------------------------------------------------------
+# epsilon / v-prediction with min-SNR weighting and rank-stratified timesteps (Open-Sora-Plan v1.3)
+
+
+def epsilon_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The epsilon-prediction target: the noise itself (DDPM eq. 14)."""
+    return noise
+
+
+def compute_snr(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``SNR(t) = alpha_bar / (1 - alpha_bar)`` at integer timesteps ``t`` ``(B,)``, float32, computed as
+    diffusers' ``training_utils.compute_snr`` does: ``(sqrt(ab) / sqrt(1 - ab)) ** 2``. 0 where ab = 0."""
+    ab = alphas_cumprod.to(t.device)[t.long()]
+    return (ab.sqrt() / (1.0 - ab).sqrt()).float() ** 2
+
+
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights per sample (Hang et al. 2023): ``min(SNR, gamma) / SNR`` for epsilon
+    prediction, ``min(SNR, gamma) / (SNR + 1)`` for v-prediction (diffusers' and Open-Sora-Plan's form).
+
+    At SNR = 0 (the last timestep of a zero-terminal-SNR schedule) the epsilon weight is 0/0 upstream (NaN);
+    frameloom uses its limit, 1.
+    """
+    clipped = torch.minimum(snr, torch.full_like(snr, float(gamma)))
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    if prediction_type == "epsilon":
+        return torch.where(
+            snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr)
+        )
+    raise FrameloomError(
+        f"min-SNR weighting: prediction_type must be epsilon or v_prediction, not {prediction_type!r}"
+    )
+
+
+def min_snr_loss(
+    pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``sum(w_b * m * (pred - target)^2) / sum(m)`` over a batch ``(B, ...)`` in float32: the per-element MSE
+    weighted per sample and averaged over the valid (unpadded) elements, as Open-Sora-Plan v1.3 averages over
+    its attention mask. ``weights`` None: 1; ``mask`` None: every element (then it is the plain mean)."""
+    err = (pred.float() - target.float()).pow(2).flatten(1)  # (B, n)
+    if weights is not None:
+        err = err * weights.float().reshape(-1, 1)
+    if mask is None:
+        return err.mean()
+    m = mask.float().expand_as(pred).flatten(1) if mask.dim() == pred.dim() else mask.float().flatten(1)
+    return (err * m).sum() / m.sum()
+
+
+def explicit_uniform_timesteps(
+    num_train: int, strata: int, stratum: int, n: int, generator: torch.Generator
+) -> torch.Tensor:
+    """``n`` integer timesteps from stratum ``stratum`` of ``strata`` equal slices of ``[0, num_train)``:
+    ``round(U(T s / S - 0.5, T (s + 1) / S - 0.5))`` (Open-Sora-Plan's ``explicit_uniform_sampling``, with
+    the rank as stratum), drawn from ``generator`` and clamped to ``[0, num_train - 1]``. ``round`` is
+    half-to-even, as Python's."""
+    if not 0 <= stratum < strata:
+        raise ValueError(f"stratum {stratum} outside [0, {strata})")
+    width = num_train / strata
+    lower, upper = width * stratum - 0.5, width * (stratum + 1) - 0.5
+    u = torch.rand(n, generator=generator, device=generator.device, dtype=torch.float64)
+    return torch.round(lower + u * (upper - lower)).long().clamp(0, num_train - 1)
+
+
+TIMESTEP_SAMPLING = ("uniform", "explicit_uniform")
+
+
+class DDPMObjective:
+    """DDPM training with epsilon or v-prediction, optional min-SNR-gamma weighting and uniform or
+    rank-stratified timesteps (Open-Sora-Plan v1.3's recipe with ``v_prediction``, ``snr_gamma=5``,
+    ``explicit_uniform``).
+
+    ``draw``: timesteps (first), noise (second), ``x_t = sqrt(ab) x0 + sqrt(1 - ab) eps``, target ``eps`` or
+    ``v``; ``extras["weights"]`` the per-sample min-SNR weights (absent without ``snr_gamma``).
+    ``explicit_uniform``: the step's global batch is cut into ``data_world x grad_accum`` micro-batches
+    (``StepContext.slot``), each drawing from its own equal slice of ``[0, N)``: with one micro-step per rank
+    this is Open-Sora-Plan's one stratum per rank; keyed by the slot, so 2 processes and 1 process with
+    accumulation 2 draw the same timesteps, and the ranks of a sequence-parallel group (one slot) share theirs.
+    ``loss``: ``min_snr_loss`` (per-sample weights, mean over all elements).
+    """
+
+    def __init__(
+        self,
+        schedule: DDPMSchedule,
+        *,
+        snr_gamma: float | None = None,
+        timestep_sampling: str = "uniform",
+        grad_accum: int = 1,
+    ):
+        if schedule.prediction_type not in ("epsilon", "v_prediction"):
+            raise FrameloomError(
+                f"objective.prediction_type must be epsilon or v_prediction, not {schedule.prediction_type!r}"
+            )
+        if timestep_sampling not in TIMESTEP_SAMPLING:
+            raise FrameloomError(
+                f"objective.timestep_sampling for ddpm must be one of {', '.join(TIMESTEP_SAMPLING)}, "
+                f"not {timestep_sampling!r}"
+            )
+        if snr_gamma is not None and snr_gamma <= 0:
+            raise FrameloomError(f"objective.snr_gamma must be > 0 (or null), not {snr_gamma}")
+        self.schedule = schedule
+        self.snr_gamma = snr_gamma
+        self.timestep_sampling = timestep_sampling
+        self.grad_accum = int(grad_accum)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.schedule.prediction_type
+
+    def sample_timesteps(self, n: int, generator: torch.Generator, ctx: StepContext | None) -> torch.Tensor:
+        if self.timestep_sampling == "uniform":
+            return self.schedule.sample_timesteps(n, generator)
+        ctx = ctx or StepContext()
+        strata = ctx.data_world * self.grad_accum
+        return explicit_uniform_timesteps(
+            self.schedule.num_train_timesteps, strata, ctx.slot % strata, n, generator
+        )
+
+    def draw(
+        self, x0: torch.Tensor, generator: torch.Generator, ctx: StepContext | None = None
+    ) -> TrainingInputs:
+        t = self.sample_timesteps(x0.shape[0], generator, ctx)  # (B,) int64
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device)
+        t, noise = t.to(x0.device), noise.to(x0.device, x0.dtype)
+        ab = self.schedule.alpha_bar(t)  # (B,) float32
+        x_t = add_noise(x0, noise, ab)
+        target = v_target(x0, noise, ab) if self.prediction_type == "v_prediction" else noise
+        inputs = TrainingInputs(x0=x0, noise=noise, x_t=x_t, t=t, target=target)
+        inputs.extras["alpha_bar"] = ab
+        if self.snr_gamma is not None:
+            snr = compute_snr(self.schedule.alphas_cumprod, t)
+            inputs.extras["weights"] = min_snr_weights(snr, self.snr_gamma, self.prediction_type)
+        return inputs
+
+    def loss(self, pred: torch.Tensor, inputs: TrainingInputs) -> torch.Tensor:
+        return min_snr_loss(pred, inputs.target, inputs.extras.get("weights"))
+
+
+def ddpm_objective(
+    *,
+    prediction_type: str = "v_prediction",
+    rescale_betas_zero_snr: bool = False,
+    snr_gamma: float | None = None,
+    timestep_sampling: str = "uniform",
+    grad_accum: int = 1,
+    beta_schedule: str = "linear",
+    beta_start: float = 0.0001,
+    beta_end: float = 0.02,
+    num_train_timesteps: int = 1000,
+) -> DDPMObjective:
+    """A ``DDPMObjective`` on the schedule of a diffusers ``DDPMScheduler`` with these settings (defaults:
+    its own, linear 0.0001..0.02 over 1000 steps, which Open-Sora-Plan v1.3 trains with)."""
+    schedule = DDPMSchedule.from_config(
+        {
+            "num_train_timesteps": num_train_timesteps,
+            "beta_schedule": beta_schedule,
+            "beta_start": beta_start,
+            "beta_end": beta_end,
+            "prediction_type": prediction_type,
+            "rescale_betas_zero_snr": rescale_betas_zero_snr,
+            "timestep_spacing": "trailing" if rescale_betas_zero_snr else "leading",
+        }
+    )
+    return DDPMObjective(
+        schedule, snr_gamma=snr_gamma, timestep_sampling=timestep_sampling, grad_accum=grad_accum
+    )

@@ -7,6 +7,7 @@ device.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,6 +111,12 @@ def generate_to_files(
         videos = family_sample(
             model, text_encoder, codec, cfg, [p for _, p, _ in pairs], [s for _, _, s in pairs]
         )
+    elif cfg.objective.name == "ddpm":  # a DDPM-trained native DiT: the DDPM samplers (sample.scheduler)
+        from frameloom.sampling.ddpm_generate import ddpm_videos
+
+        videos = ddpm_videos(
+            model, text_encoder, codec, cfg, [p for _, p, _ in pairs], [s for _, _, s in pairs]
+        )
     else:
         videos = generate(
             model,
@@ -141,7 +148,14 @@ def load_for_sampling(
 
     path = ckpt.resolve_checkpoint(cfg.run_dir, checkpoint) if checkpoint else None
     if checkpoint and path is None:
-        raise FrameloomError(f"no complete checkpoint in {Path(cfg.run_dir) / 'checkpoints'}")
+        if checkpoint != "latest" or not cfg.model.pretrained:
+            raise FrameloomError(f"no complete checkpoint in {Path(cfg.run_dir) / 'checkpoints'}")
+        # a config whose run has not trained yet: sample the pretrained weights it names (a released model)
+        logging.getLogger("frameloom.sample").warning(
+            "no checkpoint in %s: sampling the pretrained weights of model.pretrained=%s",
+            Path(cfg.run_dir) / "checkpoints",
+            cfg.model.pretrained,
+        )
     model = get_family(cfg.model.family).build_denoiser(cfg.model, codec.latent_channels, text_encoder.dim)
     if path is not None:
         loaded = ckpt.load_checkpoint(path)
