@@ -14,7 +14,8 @@
    many steps as fit in the same token budget. The pooled conditioning is the standardized mean of the tiny
    T5's tokens (the released model's CLIP pooled vector has no tiny stand-in).
 
-Run: ``python benchmarks/pyramid_vs_flow.py [--quick]`` (CPU: about 10 minutes; ``--quick`` about 2).
+Run: ``python benchmarks/pyramid_vs_flow.py [--quick]`` (2 idle CPU cores: about 15 minutes; ``--quick``: a
+smoke run of about a minute whose figures mean nothing).
 """
 
 from __future__ import annotations
@@ -105,6 +106,9 @@ def token_table() -> dict:
 # ------------------------------------------------------------------------------------------- 2. step time
 
 
+WIDTH = {"heads": 2}  # heads of 32 channels; --width sets it
+
+
 def tiny_model(in_channels: int, text_dim: int, causal: bool, seed: int = 0) -> PyramidFluxTransformer:
     torch.manual_seed(seed)
     return PyramidFluxTransformer(
@@ -112,7 +116,7 @@ def tiny_model(in_channels: int, text_dim: int, causal: bool, seed: int = 0) -> 
         num_layers=2,
         num_single_layers=2,
         attention_head_dim=32,
-        num_attention_heads=4,
+        num_attention_heads=WIDTH["heads"],
         joint_attention_dim=text_dim,
         pooled_projection_dim=text_dim,
         axes_dims_rope=[8, 12, 12],
@@ -141,7 +145,8 @@ def train_step(model, opt, objective, x0, cond, step: int, seed: int) -> tuple[f
 
 
 def step_times(steps: int) -> dict:
-    """Same sizes as the adherence runs: 12-channel 8 x 8 latents, 8 frames, a batch of 8."""
+    """Same sizes as the adherence runs: 12-channel 8 x 8 latents, 8 frames, a batch of 8. The three objectives
+    take turns step by step (so a busy machine slows them alike); medians of process CPU time and wall time."""
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(8, 12, 8, 8, 8, generator=g)
     cond = Conditioning(
@@ -149,26 +154,30 @@ def step_times(steps: int) -> dict:
         torch.ones(8, 16, dtype=torch.bool),
         {"pooled": torch.randn(8, 32, generator=g)},
     )
-    out = {}
+    runs = {}
     for name, objective, causal in (
         ("flow", FullResolutionFlow(), False),
         ("pyramid_flow", PyramidFlow(), False),
         ("pyramid_flow_ar", PyramidFlowAR(PyramidOptions(), max_units=8), True),
     ):
         model = tiny_model(12, 32, causal)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        times, tokens = [], 0
-        for i in range(steps + 2):
-            t0 = time.perf_counter()
+        runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4), objective, [], [], [])
+    for i in range(steps + 2):
+        for model, opt, objective, cpu, wall, toks in runs.values():
+            c0, t0 = time.process_time(), time.perf_counter()
             _, tok = train_step(model, opt, objective, x0, cond, i, 0)
             if i >= 2:  # warm-up steps excluded
-                times.append(time.perf_counter() - t0)
-                tokens += tok
-        out[name] = {
-            "seconds_per_step": round(statistics.median(times), 4),
-            "tokens_per_step": tokens / steps,
+                cpu.append(time.process_time() - c0)
+                wall.append(time.perf_counter() - t0)
+                toks.append(tok)
+    return {
+        name: {
+            "cpu_seconds_per_step": round(statistics.median(cpu), 4),
+            "wall_seconds_per_step": round(statistics.median(wall), 4),
+            "tokens_per_step": statistics.mean(toks),
         }
-    return out
+        for name, (_, _, _, cpu, wall, toks) in runs.items()
+    }
 
 
 # ------------------------------------------------------------------------------------------- 3. adherence
@@ -226,7 +235,7 @@ def train_run(kind: str, data, text, budget: int | None, steps: int | None, batc
     emb_all, mask_all, pooled_all = text(captions)
     empty_emb, empty_mask, empty_pooled = text([""])
     rng = np.random.default_rng(seed)
-    used, step, losses, start = 0, 0, [], time.perf_counter()
+    used, step, losses, start, cpu = 0, 0, [], time.perf_counter(), time.process_time()
     while (steps is not None and step < steps) or (budget is not None and used < budget):
         idx = torch.from_numpy(rng.choice(len(videos), batch, replace=False))
         emb, mask, pooled = emb_all[idx].clone(), mask_all[idx].clone(), pooled_all[idx].clone()
@@ -306,9 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timing-steps", type=int, default=10)
     p.add_argument("--sample-steps", type=int, default=20, help="Euler steps (per stage for pyramid flow)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=64, help="transformer width (heads of 32 channels)")
     args = p.parse_args(argv)
+    WIDTH["heads"] = max(1, args.width // 32)
     if args.quick:
-        args.flow_steps, args.clips, args.timing_steps, args.sample_steps = 20, 128, 3, 4
+        args.flow_steps, args.clips, args.timing_steps, args.sample_steps, args.batch = 6, 64, 2, 2, 8
     torch.set_num_threads(max(1, torch.get_num_threads()))
     result = {
         "benchmark": "pyramid_vs_flow",
