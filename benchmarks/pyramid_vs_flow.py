@@ -254,7 +254,8 @@ def train_run(kind: str, data, text, budget: int | None, steps: int | None, batc
         "model": model,
         "steps": step,
         "tokens": used,
-        "seconds": time.perf_counter() - start,
+        "wall_seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu,
         "final_loss": statistics.mean(losses[-20:]),
     }
 
