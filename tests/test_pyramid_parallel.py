@@ -220,3 +220,16 @@ def test_fsdp_trains_what_ddp_trains(two_procs):
     final = two_procs[1][0]["vsg"]["final"]
     for name, w in final["straight@2"].items():
         torch.testing.assert_close(final["fsdp"][name], w, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_video_sync_group_run_resumes_under_another_world_size(two_procs):
+    """The 2-process (group 2) run, stopped at step 4, continues in one process (group 1): the AR schedule is a
+    function of step and rank and the data sampler is elastic, so nothing from the old layout is needed."""
+    from frameloom.train.trainer import Trainer
+
+    root = two_procs[0]
+    trainer = Trainer(run_config(root, "stopped", "train.steps=5", "checkpoint.resume=latest"))
+    result = trainer.fit()
+    assert result.step == 5 and len(result.losses) == 1
+    assert trainer.batches_consumed == 5  # 4 batches read by the shared group, then this process's one
