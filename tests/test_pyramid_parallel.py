@@ -5,7 +5,8 @@
   process's, and an earlier frame's output unchanged when a later frame changes;
 - ``video_sync_group = 2`` training (objective pyramid_flow_ar, DDP): both ranks read the same video and train
   different AR positions, rotating each step; a run stopped at step 2 and resumed matches the uninterrupted run;
-  FSDP2 (per block) trains the same weights as DDP.
+  FSDP2 (per block) trains the same weights as DDP; ``parallel.sp_size = 2`` through the trainer trains what one
+  process trains.
 """
 
 from __future__ import annotations
@@ -130,8 +131,11 @@ def _vsg_train(rank: int, root: Path) -> dict:
     seen = {}
     runs = [("straight", 4, None, "ddp"), ("stopped", 2, None, "ddp"), ("stopped", 4, "latest", "ddp")]
     runs.append(("fsdp", 2, None, "fsdp"))
+    runs.append(("sp", 2, None, "ddp"))  # Ulysses through the trainer: both ranks one sequence-parallel group
     for run, steps, resume, dp in runs:
         extra = ["parallel.video_sync_group=2", f"train.steps={steps}", f"parallel.data_parallel={dp}"]
+        if run == "sp":
+            extra = [f"train.steps={steps}", "parallel.sp_size=2"]
         if resume:
             extra.append(f"checkpoint.resume={resume}")
         trainer = Trainer(run_config(root, run, *extra))
@@ -154,7 +158,7 @@ def _vsg_train(rank: int, root: Path) -> dict:
         trainer.fit()
     final = {
         run: ckpt.load_checkpoint(ckpt.latest_checkpoint(root / "runs" / run))["model"]
-        for run in ("straight", "stopped", "fsdp")
+        for run in ("straight", "stopped", "fsdp", "sp")
     }
     final["straight@2"] = ckpt.load_checkpoint(
         root / "runs" / "straight" / "checkpoints" / ckpt.step_name(2)
@@ -233,3 +237,19 @@ def test_video_sync_group_run_resumes_under_another_world_size(two_procs):
     result = trainer.fit()
     assert result.step == 5 and len(result.losses) == 1
     assert trainer.batches_consumed == 5  # 4 batches read by the shared group, then this process's one
+
+
+@pytest.mark.slow
+def test_sequence_parallel_training_through_the_trainer_equals_one_process(two_procs):
+    """parallel.sp_size=2 goes through frameloom.parallel.parallelize (the model's enable_sequence_parallel):
+    2 steps of the AR objective equal one process's 2 steps."""
+    from frameloom.checkpoint import io as ckpt
+    from frameloom.train.trainer import Trainer
+
+    root = two_procs[0]
+    Trainer(run_config(root, "sp_reference", "train.steps=2")).fit()
+    reference = ckpt.load_checkpoint(ckpt.latest_checkpoint(root / "runs" / "sp_reference"))["model"]
+    for name, w in reference.items():
+        torch.testing.assert_close(
+            two_procs[1][0]["vsg"]["final"]["sp"][name], w, rtol=1e-5, atol=1e-6, msg=name
+        )
