@@ -247,3 +247,26 @@ def test_export_in_the_released_layout_loads_back(tmp_path, variant):
     x, t, text, mask, pooled = _inputs()
     with torch.no_grad():
         torch.testing.assert_close(back(x, t, text, mask, pooled), model(x, t, text, mask, pooled))
+
+
+def test_vae_spatial_tiles_blend_to_the_untiled_shape():
+    from frameloom.models.pyramid_flow.vae import blend
+
+    # blending: the seam fades linearly from the previous tile into the next; constants stay constant
+    a, b = torch.zeros(1, 1, 1, 4, 4), torch.ones(1, 1, 1, 4, 4)
+    assert blend(a, b, 4, dim=3)[0, 0, 0, :, 0].tolist() == [0.0, 0.25, 0.5, 0.75]
+    assert torch.equal(blend(b, b.clone(), 2, dim=4), b)
+    vae = _redrawn(CausalVideoVAE(VAEConfig(**VAE)), seed=2)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.mul_(0.3)
+        video = torch.randn(1, 3, 5, 32, 32, generator=torch.Generator().manual_seed(0))
+        mean, _ = vae.encode(video)
+        # one tile covering the frame: exactly the untiled encode
+        torch.testing.assert_close(vae.tiled_encode(video, tile=32)[0], mean)
+        # 16-pixel tiles (stride 12, 1-latent seams): the untiled shape, close to its values
+        tiled, _ = vae.tiled_encode(video, tile=16)
+        assert tiled.shape == mean.shape
+        assert (tiled - mean).abs().mean() < 0.5 * mean.abs().mean()
+        z = torch.randn(1, 4, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+        assert vae.tiled_decode(z, tile=4).shape == vae.decode(z).shape == (1, 3, 5, 32, 32)

@@ -57,8 +57,9 @@ class PyramidVAECodec(LatentCodec):
     """The frozen causal VAE, normalised per ``variant``. ``encode`` uses the posterior mean (or a sample with
     a generator); clips longer than ``chunk`` latent frames stream through in chunks (exact)."""
 
-    def __init__(self, vae: CausalVideoVAE, variant: str, chunk: int = 2):
+    def __init__(self, vae: CausalVideoVAE, variant: str, chunk: int = 2, tiling: bool = False):
         _constants(variant)
+        self.tiling = bool(tiling)  # spatial tiles (approximate, as upstream); not part of the identity
         self.vae = vae.eval().requires_grad_(False)
         self.variant = variant
         self.chunk = int(chunk)
@@ -116,7 +117,9 @@ class PyramidVAECodec(LatentCodec):
             raise FrameloomError(
                 f"the Pyramid Flow VAE needs 1 + {ct}k frames and sides divisible by {cs}, got {t}x{h}x{w}"
             )
-        mean, logvar = self.vae.encode(video.to(self.device, self.dtype), chunk=self.chunk)
+        x = video.to(self.device, self.dtype)
+        encode = self.vae.tiled_encode if self.tiling else self.vae.encode
+        mean, logvar = encode(x, chunk=self.chunk)
         if generator is not None:
             noise = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean)
             mean = mean + torch.exp(0.5 * logvar) * noise
@@ -129,4 +132,5 @@ class PyramidVAECodec(LatentCodec):
                 f"expected a latent of shape (B, {self.latent_channels}, t, h, w), got {tuple(latent.shape)}"
             )
         z = self.denormalize(latent.float()).to(self.device, self.dtype)
-        return self.vae.decode(z, chunk=self.chunk).float()
+        decode = self.vae.tiled_decode if self.tiling else self.vae.decode
+        return decode(z, chunk=self.chunk).float()

@@ -239,6 +239,7 @@ def load_codec(cfg: Config, device: torch.device):
     codec = PyramidVAECodec.from_pretrained(
         folder, variant, dtype=parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype")
     )
+    codec.tiling = cfg.model.vae_tiling  # spatial tiles for large frames (model.vae_tiling)
     return codec.to(device)
 
 

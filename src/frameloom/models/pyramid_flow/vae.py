@@ -301,3 +301,57 @@ class CausalVideoVAE(nn.Module):
         """Latent ``(B, 16, t, h, w)`` -> video ``(B, 3, 1 + (t - 1) * 8, 8h, 8w)``; latents go through in chunks
         of ``1 + chunk`` then ``chunk`` frames."""
         return self._run(z, lambda v, s: self.decoder(self.post_quant_conv(v, s), s), 1 + chunk, chunk)
+
+    def tiled_encode(
+        self, video: torch.Tensor, tile: int = 256, chunk: int = 2
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``encode`` in overlapping ``tile`` x ``tile`` pixel tiles blended over a quarter tile (upstream
+        ``tiled_encode``): bounded memory for large frames, approximately the untiled result."""
+        f = 2 ** sum(bool(s) for s in self.cfg.encoder_spatial_down_sample)
+        moments = _tiled(lambda x: torch.cat(self.encode(x, chunk), dim=1), video, tile, f, down=True)
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar
+
+    def tiled_decode(self, z: torch.Tensor, tile: int = 32, chunk: int = 2) -> torch.Tensor:
+        """``decode`` in overlapping ``tile`` x ``tile`` latent tiles (upstream ``tiled_decode``)."""
+        f = 2 ** sum(bool(s) for s in self.cfg.decoder_spatial_up_sample)
+        return _tiled(lambda x: self.decode(x, chunk), z, tile, f, down=False)
+
+
+def blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> torch.Tensor:
+    """``b`` with its first ``extent`` rows (along ``dim``) faded in linearly from ``a``'s last ones:
+    ``b_i = a_{-extent+i} (1 - i/extent) + b_i i/extent`` (upstream ``blend_v`` / ``blend_h``)."""
+    extent = min(a.shape[dim], b.shape[dim], extent)
+    if extent == 0:
+        return b
+    w = torch.arange(extent, dtype=b.dtype, device=b.device) / extent
+    shape = [1] * b.ndim
+    shape[dim] = extent
+    w = w.view(shape)
+    head = a.narrow(dim, a.shape[dim] - extent, extent) * (1 - w) + b.narrow(dim, 0, extent) * w
+    return torch.cat([head, b.narrow(dim, extent, b.shape[dim] - extent)], dim=dim)
+
+
+def _tiled(fn, x: torch.Tensor, tile: int, factor: int, down: bool) -> torch.Tensor:
+    """Apply ``fn`` to overlapping spatial tiles of ``x (B, C, T, H, W)`` (stride 3/4 tile) and blend the seams
+    over a quarter of an output tile; ``factor`` is the spatial scale of ``fn`` (down or up)."""
+    h, w = x.shape[-2:]
+    if h <= tile and w <= tile:
+        return fn(x)
+    stride = int(tile * 3 / 4)
+    out_tile = tile // factor if down else tile * factor
+    extent, keep = out_tile // 4, out_tile - out_tile // 4
+    rows = [
+        [fn(x[..., i : i + tile, j : j + tile]) for j in range(0, w, stride)] for i in range(0, h, stride)
+    ]
+    result = []
+    for i, row in enumerate(rows):
+        line = []
+        for j, t in enumerate(row):
+            if i > 0:
+                t = blend(rows[i - 1][j], t, extent, dim=3)
+            if j > 0:
+                t = blend(row[j - 1], t, extent, dim=4)
+            line.append(t[..., :keep, :keep])
+        result.append(torch.cat(line, dim=4))
+    return torch.cat(result, dim=3)
