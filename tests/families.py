@@ -48,9 +48,18 @@ def tiny_text_parts(out: Path, *, umt5: bool = False) -> dict:
 
 
 def build_tiny_cogvideox(
-    out: str | Path, *, version: str = "1.0", i2v: bool = False, seed: int = 0, vae_seed: int = 0
+    out: str | Path,
+    *,
+    version: str = "1.0",
+    i2v: bool = False,
+    seed: int = 0,
+    vae_seed: int = 0,
+    num_layers: int = 2,
+    heads: int = 2,
+    head_dim: int = 16,
 ) -> Path:
-    """A random CogVideoX pipeline directory: 2 layers, 2 heads x 16 dims, 4 latent channels, RoPE.
+    """A random CogVideoX pipeline directory: 2 layers, 2 heads x 16 dims, 4 latent channels, RoPE
+    (``num_layers``, ``heads``, ``head_dim`` change the transformer's size).
 
     ``version="1.5"`` sets ``patch_size_t=2`` (temporal patch; no patch bias) as CogVideoX 1.5 does;
     ``i2v`` doubles the transformer's input channels (and for 1.5 adds the ``ofs`` embedding and the VAE's
@@ -69,14 +78,14 @@ def build_tiny_cogvideox(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = CogVideoXTransformer3DModel(
-            num_attention_heads=2,
-            attention_head_dim=16,  # RoPE splits it 4 (time) + 6 + 6 (space): all even
+            num_attention_heads=heads,
+            attention_head_dim=head_dim,  # 16: RoPE splits it 4 (time) + 6 + 6 (space), all even
             in_channels=8 if i2v else 4,
             out_channels=4,
             time_embed_dim=16,
             ofs_embed_dim=16 if (i2v and is_15) else None,
             text_embed_dim=32,
-            num_layers=2,
+            num_layers=num_layers,
             sample_width=8,
             sample_height=8,
             sample_frames=5,
@@ -216,17 +225,26 @@ def tiny_wan_transformer(i2v: bool = False):
 
 
 def build_tiny_wan(
-    out: str | Path, *, i2v: bool = False, seed: int = 0, vae_seed: int = 0, shift: float = 3.0
+    out: str | Path,
+    *,
+    i2v: bool = False,
+    seed: int = 0,
+    vae_seed: int = 0,
+    shift: float = 3.0,
+    scheduler: str = "euler",
 ) -> Path:
     """A random Wan 2.1 pipeline directory: 2 layers, 2 heads x 8 dims, 4 latent channels, UMT5 text.
 
     ``i2v`` adds the CLIP image encoder (2 layers, width 16, 32x32 images in 16x16 patches: 5 tokens) and
     processor, ``in_channels = 4 + 4 (mask) + 4 (condition)``, ``image_dim``/``added_kv_proj_dim``, saved as
-    a ``WanImageToVideoPipeline``. The scheduler is ``FlowMatchEulerDiscreteScheduler(shift=shift)``.
+    a ``WanImageToVideoPipeline``. The scheduler is ``FlowMatchEulerDiscreteScheduler(shift=shift)``, or with
+    ``scheduler="unipc"`` the ``UniPCMultistepScheduler`` config the released Wan 2.1 folders ship
+    (``flow_prediction``, ``use_flow_sigmas``, ``flow_shift=shift``).
     """
     from diffusers import (
         AutoencoderKLWan,
         FlowMatchEulerDiscreteScheduler,
+        UniPCMultistepScheduler,
         WanImageToVideoPipeline,
         WanPipeline,
     )
@@ -249,7 +267,11 @@ def build_tiny_wan(
         **tiny_text_parts(out, umt5=True),
         vae=vae,
         transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        scheduler=(
+            UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
+            if scheduler == "unipc"
+            else FlowMatchEulerDiscreteScheduler(shift=shift)
+        ),
     )
     if i2v:
         from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel

@@ -349,3 +349,136 @@ def test_frameloom_sample_on_a_family_run(cog10, manifest, tmp_path):
     )
     assert [p.name for p in paths] == ["000-a_red_ball-seed0.mp4", "000-a_red_ball-seed1.mp4"]
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+# ------------------------------------------------------------------------------------------ sampling parity
+
+
+@pytest.mark.parametrize(
+    "version,i2v", [("1.0", False), ("1.0", True), pytest.param("1.5", True, marks=pytest.mark.slow)]
+)
+def test_frameloom_sample_equals_the_pipeline(version, i2v, manifest, tmp_path):
+    """`frameloom sample`'s DDIM gives the pipeline's video (CogVideoXPipeline / CogVideoXImageToVideoPipeline
+    with the folder's CogVideoXDDIMScheduler) for the same seed, with a negative prompt and an id token (the
+    trigger goes on the prompt only). I2V: the pipeline encodes the image (a VAE sample from the seed's
+    generator) before drawing the noise. Measured max |diff| in [0, 1] pixel units on these weights: now
+    <= 4.2e-7 for all three; before the fixes 5.4e-3 (1.0 T2V: the id token was on the negative prompt),
+    0.64 (1.0 I2V) and 0.51 (1.5 I2V: noise drawn before the image latent)."""
+    from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
+
+    pre = build_tiny_cogvideox(tmp_path / "pre", version=version, i2v=i2v)
+    extra = ("sample.negative_prompt=blurry, dark", "model.id_token=TOK", "sample.steps=3")
+    cfg = _cfg(pre, manifest, tmp_path / "run", *extra)
+    model = cog.build_denoiser(cfg.model, 0, 0).eval()
+    _redraw(model, seed=1)  # non-trivial weights everywhere (zero-initialised layers would hide differences)
+    codec, encoder = cog.load_codec(cfg, "cpu"), cog.load_text_encoder(cfg, "cpu")
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))  # [0, 1]
+    images = image * 2 - 1 if i2v else None
+    ours = cog.sample_videos(model, encoder, codec, cfg, ["a red ball"], [5], images=images)
+    ours = ((ours[0] + 1) / 2).permute(1, 0, 2, 3)  # (T, 3, H, W) in [0, 1]
+
+    pipe_cls = CogVideoXImageToVideoPipeline if i2v else CogVideoXPipeline
+    pipe = pipe_cls.from_pretrained(pre, transformer=model.transformer)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(image=image) if i2v else {}
+    theirs = pipe(
+        prompt="TOK a red ball",
+        negative_prompt="blurry, dark",
+        **TINY_CLIP,
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(5),
+        output_type="pt",
+        max_sequence_length=16,
+        **kwargs,
+    ).frames[0]  # (T, 3, H, W) in [0, 1]
+    torch.testing.assert_close(ours.clamp(0, 1), theirs, atol=1e-5, rtol=0)
+
+
+def _redraw(model: torch.nn.Module, seed: int) -> None:
+    """Every weight of the denoiser from N(0, 0.2) with a fixed seed (the tiny models' output layers start at
+    zero: without this, different inputs could still give equal videos)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+# ------------------------------------------------------------------------------------------ LoRA checkpoints
+
+
+def test_lora_checkpoints_hold_the_adapter_and_resume_bit_exactly(cog10, manifest, tmp_path):
+    """A LoRA run's checkpoint holds the adapter (+ optimizer and state), not the frozen base; resuming from
+    it rebuilds the base from model.pretrained and continues exactly as the uninterrupted run (CPU)."""
+    import json
+
+    from safetensors import safe_open
+
+    from frameloom.checkpoint import io as ckpt
+
+    extra = ("model.lora.rank=4", "optim.lr=1e-2", "checkpoint.every=2", "checkpoint.keep_last=0")
+    straight = train(_cfg(cog10, manifest, tmp_path / "a", *extra, "train.steps=4"))
+    step2 = ckpt.checkpoint_dir(tmp_path / "a") / "step-00000002"
+    assert json.loads((step2 / "meta.json").read_text())["trainable_only"] is True
+    with safe_open(str(step2 / "model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    # 2 layers x 4 targets x (A, B), nothing of the base (which has 40 tensors)
+    assert len(keys) == 16 and all(".lora_A." in k or ".lora_B." in k for k in keys)
+    base_bytes = sum(
+        p.numel() * 4 for p in cog.build_denoiser(_cfg(cog10, manifest, tmp_path).model, 0, 0).parameters()
+    )
+    assert (step2 / "model.safetensors").stat().st_size < base_bytes / 5
+
+    first = train(_cfg(cog10, manifest, tmp_path / "b", *extra, "train.steps=2"))
+    resumed = train(
+        _cfg(cog10, manifest, tmp_path / "b", *extra, "train.steps=4", "checkpoint.resume=latest")
+    )
+    assert first.losses + resumed.losses == straight.losses
+    a = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "a"))["model"]
+    b = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "b"))["model"]
+    assert set(a) == set(keys) and all(torch.equal(a[k], b[k]) for k in a)
+    # frameloom sample and export read it (the base from the pretrained directory)
+    from frameloom.sampling.generate import sample_command
+
+    (path,) = sample_command(str(tmp_path / "b"), prompts=["a red ball"], out=str(tmp_path / "out"))
+    assert path.stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------------ validation ergonomics
+
+
+def test_validation_at_step_0_and_videos_in_tensorboard(cog10, manifest, tmp_path):
+    """validation.at_start samples before training (step 0); every validation mp4 also lands in TensorBoard
+    as an animated image at its step."""
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    extra = ("model.lora.rank=4", "validation.every=2", "validation.prompts=[a red ball]")
+    run = tmp_path / "run"
+    train(_cfg(cog10, manifest, run, *extra, "validation.at_start=true", "logging.tensorboard=true"))
+    assert [p.parent.name for p in sorted((run / "samples").glob("*/*.mp4"))] == [
+        "step-00000000",
+        "step-00000002",
+    ]
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
+    events = acc.Images("validation/000-a_red_ball-seed0")
+    assert [e.step for e in events] == [0, 2]
+    gif = Image.open(io.BytesIO(events[0].encoded_image_string))
+    assert gif.format == "GIF" and gif.n_frames == 5 and gif.size == (16, 16)
+
+
+def test_sample_image_flag_conditions_an_i2v_run(tmp_path, manifest):
+    """`frameloom sample --image` gives an I2V family its first frame (before: only
+    model.config.validation_images, and an error without it)."""
+    from frameloom.cli import main
+
+    pre = build_tiny_cogvideox(tmp_path / "i2v", version="1.0", i2v=True)
+    train(_cfg(pre, manifest, tmp_path / "run", "model.lora.rank=4", "train.steps=1"))
+    image = solid_image(tmp_path / "first.png", 16, 200)
+    out = tmp_path / "out"
+    args = ["sample", str(tmp_path / "run"), "--prompt", "a cat", "--out", str(out)]
+    assert main(args) == 2  # an I2V model needs a first frame
+    assert main([*args, "--image", str(image)]) == 0
+    assert [p.name for p in out.glob("*.mp4")] == ["000-a_cat-seed0.mp4"]

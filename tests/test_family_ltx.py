@@ -128,21 +128,22 @@ def test_text_matches_the_pipelines_prompt_embeddings(ltx_dir, manifest, tmp_pat
 def test_shift_and_loss_match_the_formula_by_hand(ltx_dir, manifest, tmp_path):
     from diffusers import LTXPipeline
 
-    cfg = ltx_cfg(ltx_dir, manifest, tmp_path)
+    cfg = ltx_cfg(ltx_dir, manifest, tmp_path, "model.config={first_frame_conditioning_p: 0.0}")
     family = get_family("ltx_video")
     objective = family.build_objective(cfg)
     # mu for 2 x 8 x 8 = 128 tokens on LTX-Video's line (1024 -> 0.95, 4096 -> 2.05):
     # m = 1.1 / 3072, b = 0.95 - 1024 m = 0.583333; mu = 128 m + b = 0.629167; shift e^mu = 1.876019.
-    assert objective.mu(GRID) == pytest.approx(0.6291667, abs=1e-6)
-    assert objective.resolve_shift(GRID) == pytest.approx(math.exp(0.6291667), abs=1e-5)
+    assert objective.flow.mu(GRID) == pytest.approx(0.6291667, abs=1e-6)
+    assert objective.flow.resolve_shift(GRID) == pytest.approx(math.exp(0.6291667), abs=1e-5)
 
     model = family.build_denoiser(cfg.model, 8, 32).eval()
     x0 = torch.randn(2, 8, *GRID, generator=torch.Generator().manual_seed(1))
     emb = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(2))
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
     inputs = objective.draw(x0, torch.Generator().manual_seed(3))
+    assert inputs.model_kwargs == {"frame_rate": 25.0}  # no data.target_fps / model.config.frame_rate
     with torch.no_grad():
-        loss = objective.loss(model(inputs.x_t, inputs.t, emb, mask), inputs)
+        loss = objective.loss(model(inputs.x_t, inputs.t, emb, mask, **inputs.model_kwargs), inputs)
 
         # By hand: LTX-Video's trainer draws t = sigmoid(N(mu, 1)), which is logit-normal(0, 1) shifted by
         # e^mu; noise after t; x_t = (1 - t) x0 + t noise; the transformer takes the pipeline's packed tokens,
@@ -199,7 +200,7 @@ def test_lora_export_loads_in_the_pipeline_and_matches_frameloom_sampling(lora_r
     from diffusers import LTXPipeline
 
     run, _ = lora_run
-    export_run(run, fmt="lora", out=tmp_path / "lora", comfyui=True)
+    export_run(run, fmt="lora", out=tmp_path / "lora", comfyui=True, dtype="fp32")
     cfg, model, _ = load_run_denoiser(run)
     encoder, codec = pl.load_text_encoder(cfg, "cpu"), pl.load_codec(cfg, "cpu")
     ours = sample_latents(model, encoder, codec, cfg, ["a red ball"], [7])
@@ -234,3 +235,112 @@ def test_lora_export_loads_in_the_pipeline_and_matches_frameloom_sampling(lora_r
         assert key.startswith("diffusion_model.")
         module = key.removeprefix("diffusion_model.").rsplit(".", 2 if "lora_" in key else 1)[0]
         assert f"{module}.base_layer" in modules, key
+
+
+# ------------------------------------------------------------------------------------------------ I2V
+
+
+def test_first_frame_conditioning_by_hand(ltx_dir, manifest, tmp_path):
+    """With probability p a sample's first latent frame stays clean at time 0 and leaves the loss (as
+    LTXImageToVideoPipeline samples); the other samples train text-to-video."""
+    from diffusers import LTXPipeline
+
+    cfg = ltx_cfg(ltx_dir, manifest, tmp_path, "model.config={first_frame_conditioning_p: 0.5}")
+    family = get_family("ltx_video")
+    objective = family.build_objective(cfg)
+    model = family.build_denoiser(cfg.model, 8, 32).eval()
+    x0 = torch.randn(4, 8, *GRID, generator=torch.Generator().manual_seed(1))
+    emb = torch.randn(4, 3, 32, generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    inputs = objective.draw(x0, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        loss = objective.loss(model(inputs.x_t, inputs.t, emb, mask, **inputs.model_kwargs), inputs)
+
+        # By hand: t = sigmoid(N(mu, 1)), noise, then one uniform per sample: < 0.5 conditions on frame 0.
+        g = torch.Generator().manual_seed(5)
+        t = torch.sigmoid(torch.randn(4, generator=g) + 0.6291667)
+        noise = torch.randn(x0.shape, generator=g)
+        first = torch.rand(4, generator=g) < 0.5
+        assert first.tolist() == [False, True, False, False]  # both kinds in this batch
+        x_t = (1 - t.view(4, 1, 1, 1, 1)) * x0 + t.view(4, 1, 1, 1, 1) * noise
+        x_t[first, :, 0] = x0[first, :, 0]
+        frame_t = t[:, None].repeat(1, GRID[0])
+        frame_t[first, 0] = 0
+        tokens = GRID[1] * GRID[2]
+        timestep = (1000 * frame_t).repeat_interleave(tokens, dim=1)  # (B, T H W): frame 0's tokens first
+        out = model.transformer(
+            hidden_states=LTXPipeline._pack_latents(x_t),
+            encoder_hidden_states=emb,
+            timestep=timestep,
+            encoder_attention_mask=mask.float(),
+            num_frames=GRID[0],
+            height=GRID[1],
+            width=GRID[2],
+            rope_interpolation_scale=(4 / 25, 4, 4),
+        ).sample
+        err = ((LTXPipeline._unpack_latents(out, *GRID) - (noise - x0)) ** 2).mean(dim=(1, 3, 4))  # (B, T)
+        per_sample = torch.where(first, err[:, 1:].mean(dim=1), err.mean(dim=1))
+        expected = per_sample.mean()
+    torch.testing.assert_close(inputs.x_t, x_t, atol=1e-6, rtol=0)
+    torch.testing.assert_close(inputs.t, frame_t, atol=1e-6, rtol=0)
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_image_to_video_sampling_equals_the_i2v_pipeline(manifest, tmp_path):
+    """`frameloom sample --image` on an LTX-Video run equals LTXImageToVideoPipeline (image latent drawn
+    before the noise, frame 0 at time 0 and never stepped), and validation with first frames goes through
+    that pipeline. (The I2V pipeline normalizes the image latent without the VAE's scaling factor: equal to
+    frameloom's codec for LTX-Video's scaling_factor 1.0, the released value; the tiny model uses it here.)"""
+    from diffusers import LTXImageToVideoPipeline
+
+    from families import solid_image
+    from frameloom.models.ltx_video.family import validate
+
+    pre = build_tiny_ltx(tmp_path / "ltx", scaling_factor=1.0)
+    image_path = solid_image(tmp_path / "first.png", 32, 90)
+    cfg = ltx_cfg(pre, manifest, tmp_path, f"sample.image={image_path}", "sample.negative_prompt=blurry")
+    model = get_family("ltx_video").build_denoiser(cfg.model, 0, 0).eval()
+    encoder, codec = pl.load_text_encoder(cfg, "cpu"), pl.load_codec(cfg, "cpu")
+    ours = sample_latents(model, encoder, codec, cfg, ["a red ball"], [7])
+
+    pipe = LTXImageToVideoPipeline.from_pretrained(pre)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(
+        image=torch.full((1, 3, 32, 32), 90 / 255),
+        prompt="a red ball",
+        negative_prompt="blurry",
+        num_frames=LTX_CLIP["num_frames"],
+        height=LTX_CLIP["height"],
+        width=LTX_CLIP["width"],
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        max_sequence_length=TEXT_LEN,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(7),
+    ).frames
+    torch.testing.assert_close(ours, unpack_latents(theirs, GRID), atol=PARITY_ATOL, rtol=0)
+    paths = validate(
+        model, encoder, codec, ltx_cfg(pre, manifest, tmp_path, "validation.prompts=[a cat]", f"sample.image={image_path}"), tmp_path / "val"
+    )  # fmt: skip
+    assert len(paths) == 1 and paths[0].stat().st_size > 0
+
+
+def test_frame_rates_per_clip_and_from_the_data(ltx_dir, manifest, tmp_path):
+    """RoPE's time scale is the clips' frame rate: data.target_fps when set (model.config.frame_rate wins),
+    and a batch may carry one rate per clip (B,): each sample as if alone at its own rate."""
+    from frameloom.models.ltx_video.family import clip_frame_rate
+
+    assert clip_frame_rate(ltx_cfg(ltx_dir, manifest, tmp_path)) == 25.0
+    assert clip_frame_rate(ltx_cfg(ltx_dir, manifest, tmp_path, "data.target_fps=12")) == 12.0
+    both = ltx_cfg(ltx_dir, manifest, tmp_path, "data.target_fps=12", "model.config={frame_rate: 30}")
+    assert clip_frame_rate(both) == 30.0
+    model = get_family("ltx_video").build_denoiser(both.model, 0, 0).eval()
+    x = torch.randn(2, 8, *GRID, generator=torch.Generator().manual_seed(0))
+    emb, mask = torch.randn(2, 3, 32), torch.ones(2, 3, dtype=torch.bool)
+    t = torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        batched = model(x, t, emb, mask, frame_rate=torch.tensor([25.0, 12.0]))
+        alone = [model(x[i : i + 1], t[i : i + 1], emb[i : i + 1], mask[i : i + 1], frame_rate=r) for i, r in enumerate((25.0, 12.0))]  # fmt: skip
+        other = model(x[:1], t[:1], emb[:1], mask[:1], frame_rate=12.0)
+    torch.testing.assert_close(batched, torch.cat(alone), atol=1e-5, rtol=0)
+    assert (other - alone[0]).abs().max() > 1e-3  # the rate matters

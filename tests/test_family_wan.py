@@ -360,7 +360,7 @@ def test_lora_export_loads_in_the_pipeline_and_matches_frameloom_sampling(lora_r
     from diffusers import WanPipeline
 
     run, _ = lora_run
-    written = export_run(run, fmt="lora", out=tmp_path / "lora", comfyui=True)
+    written = export_run(run, fmt="lora", out=tmp_path / "lora", comfyui=True, dtype="fp32")
     assert [p.name for p in written] == ["pytorch_lora_weights.safetensors", "lora_comfyui.safetensors"]
     cfg, model, _ = load_run_denoiser(run)
     ours = sample_latents(
@@ -391,7 +391,7 @@ def test_i2v_lora_trains_exports_and_matches_the_pipeline(wan_i2v_dir, manifest,
     targets = "model.lora.target_modules=[to_q, to_k, to_v, to_out.0, add_k_proj, add_v_proj]"
     result = train(wan_cfg(wan_i2v_dir, manifest, run, "model.lora.rank=4", targets, "optim.lr=1e-2"))
     assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
-    export_run(run, fmt="lora", out=tmp_path / "lora")
+    export_run(run, fmt="lora", out=tmp_path / "lora", dtype="fp32")
     cfg, model, _ = load_run_denoiser(run)
     encoder, codec = pl.load_text_encoder(cfg, "cpu"), pl.load_codec(cfg, "cpu")
     u8 = torch.randint(0, 256, (3, 32, 32), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
@@ -415,3 +415,76 @@ def test_i2v_lora_trains_exports_and_matches_the_pipeline(wan_i2v_dir, manifest,
     with_lora = _pipeline_latents(pipe, **kw)
     assert (with_lora - base).abs().max() > 1e-2
     torch.testing.assert_close(ours, with_lora, atol=PARITY_ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ defaults
+
+
+def test_defaults_come_from_the_family_not_the_schema(wan_dir, manifest, tmp_path):
+    """Without the preset (no model.text_max_length, objective.shift, timestep_sampling): Wan's own 512 text
+    tokens (the pipeline's and ComfyUI's), uniform times and the scheduler's shift 3."""
+    cfg = load_config(None, family_config("wan", wan_dir, manifest, tmp_path / "run"))
+    assert cfg.model.text_max_length is None and cfg.objective.shift is None
+    assert get_family("wan").build_denoiser(cfg.model, 0, 0).text_len == 512
+    assert pl.load_text_encoder(cfg, "cpu").max_length == 512
+    flow = get_family("wan").build_objective(cfg)
+    assert (flow.shift, flow.timestep_sampling) == (3.0, "uniform")
+
+
+def test_shift_one_is_an_unshifted_schedule(wan_dir, manifest, tmp_path):
+    """objective.shift / sample.shift 1.0 mean "no shift", null means the scheduler's (3.0 here)."""
+    from frameloom.models.wan.family import _solver
+
+    family = get_family("wan")
+    assert family.build_objective(wan_cfg(wan_dir, manifest, tmp_path, "objective.shift=1.0")).shift == 1.0
+    assert family.build_objective(wan_cfg(wan_dir, manifest, tmp_path)).shift == 3.0
+    model = family.build_denoiser(wan_cfg(wan_dir, manifest, tmp_path).model, 0, 0)
+    for shift, expected in (("1.0", 1.0), ("null", 3.0)):
+        cfg = wan_cfg(wan_dir, manifest, tmp_path, f"sample.shift={shift}", "sample.steps=4")
+        assert torch.equal(_solver(model, cfg)["sigmas"], flow_match_sigmas(4, {"shift": expected}))
+    # 4 steps unshifted: linspace(1, 1/1000, 4) then 0 (the training grid's last time is 1/1000)
+    unshifted = _solver(model, wan_cfg(wan_dir, manifest, tmp_path, "sample.shift=1.0", "sample.steps=4"))
+    assert unshifted["sigmas"].tolist() == pytest.approx([1.0, 0.667, 0.334, 0.001, 0.0], abs=1e-6)
+
+
+def test_sampling_uses_the_folders_unipc_like_the_pipeline(manifest, tmp_path):
+    """The released Wan folders ship UniPC: frameloom's sample equals WanPipeline with that scheduler (also
+    with a negative prompt and an id token, which goes on the prompt only), and the mp4 says which solver
+    made it. Measured max |diff| on latents ~1e-6 (batched vs separate cond/uncond forwards)."""
+    import av
+    from diffusers import WanPipeline
+
+    from frameloom.sampling.generate import generate_to_files
+
+    root = build_tiny_wan(tmp_path / "unipc", scheduler="unipc")
+    extra = ("sample.steps=3", "sample.negative_prompt=blurry", "model.id_token=TOK")
+    cfg = wan_cfg(root, manifest, tmp_path / "run", *extra)
+    model = get_family("wan").build_denoiser(cfg.model, 0, 0).eval()
+    encoder, codec = pl.load_text_encoder(cfg, "cpu"), pl.load_codec(cfg, "cpu")
+    ours = sample_latents(model, encoder, codec, cfg, ["a red ball"], [7])
+    pipe = WanPipeline.from_pretrained(root)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt="TOK a red ball", negative_prompt="blurry", max_sequence_length=TEXT_LEN)
+    theirs = pipe(
+        num_frames=WAN_CLIP["num_frames"],
+        height=WAN_CLIP["height"],
+        width=WAN_CLIP["width"],
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(7),
+        **kw,
+    ).frames
+    assert type(pipe.scheduler).__name__ == "UniPCMultistepScheduler"
+    torch.testing.assert_close(ours, theirs, atol=PARITY_ATOL, rtol=0)
+    # Euler on the same shifted grid is a different solver: far from the pipeline's UniPC.
+    euler = sample_latents(
+        model, encoder, codec, wan_cfg(root, manifest, tmp_path / "run", *extra, "sample.scheduler=euler"),
+        ["a red ball"], [7],
+    )  # fmt: skip
+    assert (euler - theirs).abs().max() > 1e-2
+    (path,) = generate_to_files(model, encoder, codec, cfg, ["a red ball"], out_dir=tmp_path / "out")
+    with av.open(str(path)) as container:
+        assert container.metadata["comment"] == (
+            "frameloom sampler: UniPCMultistepScheduler, 3 steps, shift 3, guidance 3"
+        )

@@ -1,6 +1,7 @@
 """`frameloom export` on CogVideoX runs: the LoRA file loads into the diffusers pipeline with every key in
 place, changes its output, and the pipeline then generates what frameloom's own sampler generates; the
-ComfyUI key mapping; full fine-tunes as a diffusers directory and as one safetensors file.
+ComfyUI and kohya key forms against the names of ComfyUI's own CogVideoX and LTX-Video models; bf16 files by
+default; full fine-tunes as a diffusers directory and as one safetensors file.
 
 Tolerance of the parity check: both sides run the same float32 maths on CPU in a different order (frameloom's
 DDIM in closed form vs the scheduler's), so videos agree to 1e-5 in [0, 1] pixel units (measured: 3.6e-7);
@@ -19,7 +20,7 @@ from frameloom.cli import main
 from frameloom.config import load_config
 from frameloom.data import synthetic
 from frameloom.errors import FrameloomError
-from frameloom.export import COMFYUI_FILE, LORA_FILE, export_run, load_run_denoiser
+from frameloom.export import COMFYUI_FILE, KOHYA_FILE, LORA_FILE, export_run, load_run_denoiser
 from frameloom.models.cogvideox.sampling import sample_videos
 from frameloom.models.lora import get_lora_state_dict, to_comfyui_keys
 from frameloom.pipeline import load_codec, load_text_encoder
@@ -65,7 +66,7 @@ def test_lora_export_loads_in_pipeline_and_matches_frameloom_sampling(setup, tmp
     from diffusers import CogVideoXPipeline
 
     root, pre, runs = setup
-    paths = export_run(runs["lora"], fmt="lora", out=tmp_path / "lora", comfyui=True)
+    paths = export_run(runs["lora"], fmt="lora", out=tmp_path / "lora", comfyui=True, dtype="fp32")
     assert [p.name for p in paths] == [LORA_FILE, COMFYUI_FILE]
     cfg, model, _ = load_run_denoiser(runs["lora"])
     trained = get_lora_state_dict(model.transformer)
@@ -95,24 +96,147 @@ def test_lora_export_loads_in_pipeline_and_matches_frameloom_sampling(setup, tmp
     torch.testing.assert_close(ours, tuned, atol=1e-5, rtol=0)
 
 
-def test_comfyui_key_mapping(setup, tmp_path):
+# The Linear/Conv weights of ComfyUI's own models, as their model files name them (module attribute paths):
+# comfy/ldm/cogvideo/model.py (ComfyUI @955ce480): CogVideoXTransformer3DModel.__init__ builds
+# patch_embed.{proj, text_proj}, time_embedding_linear_{1,2}, ofs_embedding_linear_{1,2} (1.5 I2V), blocks
+# (nn.ModuleList of CogVideoXBlock), norm_final, norm_out.linear, proj_out; CogVideoXBlock.__init__ builds
+# norm1.linear, q, k, v, norm_q, norm_k, attn_out, norm2.linear, ff_proj, ff_out.
+COMFY_COGVIDEOX_TOP = [
+    "patch_embed.proj",
+    "patch_embed.text_proj",
+    "time_embedding_linear_1",
+    "time_embedding_linear_2",
+    "norm_out.linear",
+    "proj_out",
+]
+COMFY_COGVIDEOX_OFS = ["ofs_embedding_linear_1", "ofs_embedding_linear_2"]
+COMFY_COGVIDEOX_BLOCK = ["norm1.linear", "q", "k", "v", "attn_out", "norm2.linear", "ff_proj", "ff_out"]
+# comfy/ldm/lightricks/model.py (ComfyUI @005d2d3a): LTXVModel.__init__ builds patchify_proj, adaln_single
+# (AdaLayerNormSingle: emb.timestep_embedder.linear_{1,2}, linear), caption_projection.linear_{1,2},
+# transformer_blocks (BasicTransformerBlock: attn1/attn2 CrossAttention with to_q, to_k, to_v, to_out.0;
+# ff.net.0.proj, ff.net.2), proj_out.
+COMFY_LTX_TOP = [
+    "patchify_proj",
+    "adaln_single.emb.timestep_embedder.linear_1",
+    "adaln_single.emb.timestep_embedder.linear_2",
+    "adaln_single.linear",
+    "caption_projection.linear_1",
+    "caption_projection.linear_2",
+    "proj_out",
+]
+COMFY_LTX_BLOCK = [
+    *(f"{a}.{m}" for a in ("attn1", "attn2") for m in ("to_q", "to_k", "to_v", "to_out.0")),
+    "ff.net.0.proj",
+    "ff.net.2",
+]
+
+
+def comfy_unloaded_keys(lora: dict, comfy_modules: list[str]) -> list[str]:
+    """The keys of a LoRA file ComfyUI would report as "lora key not loaded" for a model whose weights are
+    ``diffusion_model.<m>.weight`` for ``m`` in ``comfy_modules``: comfy/lora.py's ``model_lora_keys_unet``
+    maps ``diffusion_model.<m>`` (generic format) and ``lora_unet_<m with . -> _>`` (kohya) to each weight,
+    and ``load_lora`` takes ``<key>.lora_up.weight``, ``<key>.lora_down.weight`` and ``<key>.alpha``."""
+    key_map = {}
+    for m in comfy_modules:
+        key_map[f"diffusion_model.{m}"] = m
+        key_map["lora_unet_" + m.replace(".", "_")] = m
+    loaded = set()
+    for key in key_map:
+        parts = [f"{key}.lora_up.weight", f"{key}.lora_down.weight", f"{key}.alpha"]
+        if parts[0] in lora:
+            loaded.update(p for p in parts if p in lora)
+    return sorted(set(lora) - loaded)
+
+
+def _every_linear_lora(transformer) -> dict[str, torch.Tensor]:
+    """A rank-2 LoRA on every Linear/Conv2d module of ``transformer`` (PEFT keys)."""
+    from frameloom.config.schema import LoraConfig
+    from frameloom.models.lora import apply_lora
+
+    names = [n for n, m in transformer.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    apply_lora(transformer, LoraConfig(rank=2, target_modules=names))
+    return get_lora_state_dict(transformer)
+
+
+@pytest.mark.parametrize("version,i2v", [("1.0", False), ("1.5", True)])
+def test_cogvideox_comfyui_names_are_comfyuis_model(version, i2v, tmp_path):
+    """A LoRA on every linear layer maps onto exactly ComfyUI's CogVideoX weight names (not diffusers'), and
+    ComfyUI's key matching loads every key of the ComfyUI and kohya forms."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from frameloom.models.cogvideox.family import comfyui_module
+    from frameloom.models.lora import to_kohya_keys
+
+    pre = build_tiny_cogvideox(tmp_path / "pre", version=version, i2v=i2v)
+    state = _every_linear_lora(CogVideoXTransformer3DModel.from_pretrained(pre, subfolder="transformer"))
+    comfy = to_comfyui_keys(state, 2.0, comfyui_module)
+    expected = COMFY_COGVIDEOX_TOP + (COMFY_COGVIDEOX_OFS if i2v else [])
+    expected += [f"blocks.{i}.{m}" for i in range(2) for m in COMFY_COGVIDEOX_BLOCK]
+    assert {k.removeprefix("diffusion_model.").rsplit(".", 2)[0] for k in comfy if "lora_down" in k} == set(
+        expected
+    )
+    assert (
+        comfy["diffusion_model.blocks.1.attn_out.lora_down.weight"]
+        is state["transformer_blocks.1.attn1.to_out.0.lora_A.weight"]
+    )
+    assert comfy_unloaded_keys(comfy, expected) == []
+    kohya = to_kohya_keys(state, 2.0, comfyui_module)
+    assert "lora_unet_blocks_0_ff_proj.lora_up.weight" in kohya
+    assert comfy_unloaded_keys(kohya, expected) == []
+    # The diffusers names frameloom used to write load nowhere in ComfyUI's model.
+    assert comfy_unloaded_keys(to_comfyui_keys(state, 2.0), expected) != []
+
+
+def test_ltx_comfyui_names_outside_the_blocks(tmp_path):
+    """LTX-Video: block layers keep diffusers' names in ComfyUI, but the input projection is patchify_proj
+    and the timestep embedding adaln_single."""
+    from diffusers import LTXVideoTransformer3DModel
+
+    from families import build_tiny_ltx
+    from frameloom.models.ltx_video.family import comfyui_module
+
+    pre = build_tiny_ltx(tmp_path / "ltx")
+    state = _every_linear_lora(LTXVideoTransformer3DModel.from_pretrained(pre, subfolder="transformer"))
+    comfy = to_comfyui_keys(state, 4.0, comfyui_module)
+    expected = COMFY_LTX_TOP + [f"transformer_blocks.{i}.{m}" for i in range(2) for m in COMFY_LTX_BLOCK]
+    assert {k.removeprefix("diffusion_model.").rsplit(".", 2)[0] for k in comfy if "lora_up" in k} == set(
+        expected
+    )
+    assert comfy_unloaded_keys(comfy, expected) == []
+    assert comfyui_module("time_embed.emb.timestep_embedder.linear_1") == (
+        "adaln_single.emb.timestep_embedder.linear_1"
+    )
+    with pytest.raises(FrameloomError, match="no ComfyUI name for the ltx_video module"):
+        comfyui_module("transformer_blocks.0.attn1.norm_q")
+
+
+def test_exported_files_bf16_by_default_comfyui_and_kohya(setup, tmp_path):
+    from frameloom.models.lora import to_kohya_keys
+
     root, pre, runs = setup
-    export_run(runs["lora"], fmt="lora", out=tmp_path / "lora", comfyui=True)
-    comfy = load_file(str(tmp_path / "lora" / COMFYUI_FILE))
+    paths = export_run(runs["lora"], fmt="lora", out=tmp_path / "lora", comfyui=True, kohya=True)
+    assert [p.name for p in paths] == [LORA_FILE, COMFYUI_FILE, KOHYA_FILE]
+    _, model, _ = load_run_denoiser(runs["lora"])
+    trained = get_lora_state_dict(model.transformer)
     diffusers_keys = load_file(str(tmp_path / "lora" / LORA_FILE))
+    comfy, kohya = (load_file(str(tmp_path / "lora" / f)) for f in (COMFYUI_FILE, KOHYA_FILE))
     # 2 layers x 4 target modules x (lora_down, lora_up, alpha)
-    assert len(comfy) == 2 * 4 * 3 and len(diffusers_keys) == 2 * 4 * 2
+    assert len(comfy) == len(kohya) == 2 * 4 * 3 and len(diffusers_keys) == 2 * 4 * 2
     m = "transformer_blocks.1.attn1.to_out.0"
-    assert torch.equal(
-        comfy[f"diffusion_model.{m}.lora_down.weight"], diffusers_keys[f"transformer.{m}.lora_A.weight"]
-    )
-    assert torch.equal(
-        comfy[f"diffusion_model.{m}.lora_up.weight"], diffusers_keys[f"transformer.{m}.lora_B.weight"]
-    )
-    assert comfy[f"diffusion_model.{m}.alpha"].item() == 2.0
-    # a family module map renames the module path (Wan's ComfyUI names differ from diffusers')
-    renamed = to_comfyui_keys({"a.b.lora_A.weight": torch.zeros(1)}, 8, lambda name: name.replace("a.", "x."))
-    assert set(renamed) == {"diffusion_model.x.b.lora_down.weight", "diffusion_model.x.b.alpha"}
+    for file_key, value in (
+        (f"transformer.{m}.lora_A.weight", diffusers_keys),
+        ("diffusion_model.blocks.1.attn_out.lora_down.weight", comfy),
+        ("lora_unet_blocks_1_attn_out.lora_down.weight", kohya),
+    ):
+        assert value[file_key].dtype == torch.bfloat16
+        assert torch.equal(value[file_key], trained[f"{m}.lora_A.weight"].to(torch.bfloat16)), file_key
+    assert comfy["diffusion_model.blocks.1.attn_out.alpha"].item() == 2.0
+    assert kohya["lora_unet_blocks_1_attn_out.alpha"].dtype == torch.float32
+    from frameloom.models.cogvideox.family import comfyui_module
+
+    assert set(kohya) == set(to_kohya_keys(trained, 2.0, comfyui_module))
+    fp32 = export_run(runs["lora"], fmt="lora", out=tmp_path / "fp32", dtype="fp32")[0]
+    assert torch.equal(load_file(str(fp32))[f"transformer.{m}.lora_A.weight"], trained[f"{m}.lora_A.weight"])
 
 
 def test_full_fine_tune_exports_as_diffusers_and_safetensors(setup, tmp_path):
@@ -139,7 +263,7 @@ def test_lora_run_exported_as_diffusers_has_the_lora_merged(setup, tmp_path):
     from diffusers import CogVideoXPipeline
 
     root, pre, runs = setup
-    export_run(runs["lora"], fmt="lora", out=tmp_path / "lora")
+    export_run(runs["lora"], fmt="lora", out=tmp_path / "lora", dtype="fp32")
     export_run(runs["lora"], fmt="diffusers", out=tmp_path / "merged")
     with_adapter = CogVideoXPipeline.from_pretrained(pre)
     with_adapter.load_lora_weights(str(tmp_path / "lora"), weight_name=LORA_FILE)
@@ -160,7 +284,7 @@ def test_export_cli_and_errors(setup, tmp_path, capsys):
     assert main(["export", str(runs["full"]), "--format", "lora", "--out", str(tmp_path / "x")]) == 2
     assert "needs a LoRA run" in capsys.readouterr().err
     assert main(["export", str(tmp_path), "--format", "safetensors", "--out", str(tmp_path / "y")]) == 2
-    with pytest.raises(FrameloomError, match="--comfyui applies to --format lora only"):
+    with pytest.raises(FrameloomError, match="--comfyui and --kohya apply to --format lora only"):
         export_run(runs["full"], fmt="diffusers", out=tmp_path / "z", comfyui=True)
     with pytest.raises(SystemExit):
         main(["export", "--help"])

@@ -129,6 +129,8 @@ def test_ddpm_from_config_and_errors():
     assert obj.schedule.alphas_cumprod[-1].item() == 0.0
     inputs = obj.draw(torch.randn(2, 4, 1, 2, 2), torch.Generator().manual_seed(0), StepContext())
     assert inputs.extras["weights"].shape == (2,)
-    bad = load_config(None, ["objective.name=ddpm"])  # timestep_sampling keeps the flow default
+    # timestep_sampling null (the default) is ddpm's own uniform; a flow sampling is refused
+    assert build_objective(load_config(None, ["objective.name=ddpm"])).timestep_sampling == "uniform"
+    bad = load_config(None, ["objective.name=ddpm", "objective.timestep_sampling=logit_normal"])
     with pytest.raises(FrameloomError, match="timestep_sampling"):
         build_objective(bad)

@@ -148,10 +148,35 @@ def _cmd_export(args: argparse.Namespace, _: list[str]) -> int:
     from frameloom.export import export_run
 
     paths = export_run(
-        args.run_dir, fmt=args.format, out=args.out, checkpoint=args.checkpoint, comfyui=args.comfyui
+        args.run_dir,
+        fmt=args.format,
+        out=args.out,
+        checkpoint=args.checkpoint,
+        comfyui=args.comfyui,
+        kohya=args.kohya,
+        dtype=args.dtype,
     )
     for p in paths:
         print(p)
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    import os
+
+    from frameloom.config import load_config
+    from frameloom.memory.plan import plan_memory
+
+    if args.gpu_memory is not None and args.gpu_memory <= 0:
+        raise FrameloomError("--gpu-memory must be a positive number of GiB")
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 1:
+        raise FrameloomError("--world-size must be >= 1")
+    gpu = int(args.gpu_memory * 1024**3) if args.gpu_memory is not None else None
+    plan = plan_memory(
+        load_config(args.config, overrides), gpu_memory=gpu, world_size=world, device_type=args.device
+    )
+    print(plan.to_json() if args.json else plan.table())
     return 0
 
 
@@ -284,6 +309,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train, takes_overrides=True)
 
     p = sub.add_parser(
+        "plan",
+        help="memory estimate per process for the config's model, buckets and parallel layout",
+        description="Builds the model from its configs on the meta device (no weights are read) and traces "
+        "one training step per bucket: weights, gradients, optimizer and EMA per process for the parallel "
+        "layout (FSDP/DDP, CPU offload, block swapping), activations per bucket, the total, whether it fits "
+        "the GPU and the largest batch that does. See src/frameloom/memory/plan.py for what is counted.",
+    )
+    p.add_argument("config", help="YAML config")
+    p.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="GPU memory per process in GiB (default: this machine's GPU, if any)",
+    )
+    p.add_argument(
+        "--world-size", type=int, default=None, help="processes of the run (default: WORLD_SIZE or 1)"
+    )
+    p.add_argument(
+        "--device",
+        default="cuda",
+        choices=["cuda", "cpu"],
+        help="where the run trains: cuda (default; train.mixed_precision auto means bf16) or cpu",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.set_defaults(func=_cmd_plan, takes_overrides=True)
+
+    p = sub.add_parser(
         "sample",
         help="generate mp4s from a run or config",
         description="Generates one H.264 mp4 per prompt and seed, from the EMA weights by default.",
@@ -338,7 +391,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--comfyui",
         action="store_true",
-        help="with --format lora: also write lora_comfyui.safetensors with ComfyUI key names",
+        help="with --format lora: also write lora_comfyui.safetensors with the module names of ComfyUI's own "
+        "model (diffusion_model.<name>.lora_down/lora_up/alpha)",
+    )
+    p.add_argument(
+        "--kohya",
+        action="store_true",
+        help="with --format lora: also write lora_kohya.safetensors (lora_unet_<name with _> keys, as "
+        "musubi-tuner and sd-scripts write them; ComfyUI loads it too)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=["bf16", "fp32"],
+        help="precision of the LoRA files (default: bf16; fp32 keeps the trained values exactly)",
     )
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_cmd_export)

@@ -5,59 +5,102 @@ Formats (``--format``):
 - ``lora``: ``pytorch_lora_weights.safetensors`` in diffusers' form (``transformer.<module>.lora_A/B.weight``
   plus the adapter config in the safetensors metadata), loaded by the family pipeline's
   ``load_lora_weights``; with ``--comfyui`` also ``lora_comfyui.safetensors`` in ComfyUI's form
-  (``diffusion_model.<module>.lora_down/lora_up.weight`` + ``.alpha``; see models/lora.py and docs/families.md).
-  Verified by loading it into a fresh transformer from ``model.pretrained``: every key must land, and the
-  loaded weights must equal the trained ones.
+  (``diffusion_model.<comfy module>.lora_down/lora_up.weight`` + ``.alpha``), with ``--kohya`` also
+  ``lora_kohya.safetensors`` (``lora_unet_<comfy module with _>.lora_down/lora_up.weight`` + ``.alpha``; see
+  models/lora.py and docs/families.md). The files are bf16 by default (``--dtype fp32`` on request).
+  Verified by loading the diffusers file the way a pipeline does, as a second adapter of the same
+  transformer: every key must land, and the loaded weights must equal the written ones.
 - ``diffusers``: a complete diffusers directory: ``model.pretrained``'s parts (hard links where possible)
   with ``transformer/`` replaced by the trained transformer (a LoRA merged into its base). Verified by
-  ``from_pretrained`` on the written transformer and comparing every tensor.
+  reading the written files back tensor by tensor against the model and against the key names and shapes
+  the transformer class builds from the written config.
 - ``safetensors``: one consolidated ``model.safetensors``: the denoiser's state dict (for a diffusers family
-  the transformer's, in diffusers names, a LoRA merged in). Verified by reading it back.
+  the transformer's, in diffusers names, a LoRA merged in). Verified by reading it back tensor by tensor.
 - ``native``: the seed system's own released layout, written by the family's ``export_released(cfg, weights,
   out)`` (Open-Sora-Plan: an ``OpenSoraT2V_v1_3`` folder its ``from_pretrained`` loads; Pyramid Flow: a
   ``diffusion_transformer_*`` folder). Verified by the family.
 
-Weights come from ``frameloom.checkpoint.io.load_checkpoint`` (the full state however it was saved); the
-EMA weights are used when the checkpoint has them and ``sample.use_ema`` is on, as ``frameloom sample`` does.
+Memory: export holds one copy of the base plus the adapter. The denoiser is built once from
+``model.pretrained``; the checkpoint's tensors are read one at a time into it (a LoRA run's checkpoint holds
+only the adapter, checkpoint/trainable.py; an older one holding the base too is read without a second
+copy); merging happens in place; and verification streams the written files instead of loading a second
+model (``benchmarks/export_memory.py`` measures it). The EMA weights are used when the checkpoint has them
+and ``sample.use_ema`` is on, as ``frameloom sample`` does.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from frameloom.checkpoint import io as ckpt
+from frameloom.checkpoint.trainable import check_loaded, load_weights
 from frameloom.config import Config, apply_overrides, load_config
 from frameloom.errors import FrameloomError
 
-__all__ = ["FORMATS", "export_run", "load_run_denoiser", "merged_transformer"]
+__all__ = ["DTYPES", "FORMATS", "export_run", "load_run_denoiser", "merge_lora_in_place"]
 
 FORMATS = ("diffusers", "lora", "safetensors", "native")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 COMFYUI_FILE = "lora_comfyui.safetensors"
+KOHYA_FILE = "lora_kohya.safetensors"
+#: ``--dtype`` of the LoRA files.
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+#: The adapter name the diffusers file is loaded back under for verification.
+VERIFY_ADAPTER = "frameloom_export_check"
 
 
 def _run_config(run_dir: Path) -> Config:
     resolved = run_dir / "config.resolved.yaml"
     if not resolved.is_file():
         raise FrameloomError(f"{run_dir} is not a run directory (no config.resolved.yaml)")
-    return apply_overrides(load_config(resolved), [f"run_dir={run_dir}"])
+    # Export builds the base from model.pretrained in model.dtype: never fp8 (a LoRA merged into fp8
+    # weights would lose precision), and never swapped.
+    return apply_overrides(load_config(resolved), [f"run_dir={run_dir}", "model.fp8_base=false"])
 
 
-def _checkpoint_weights(cfg: Config, checkpoint: str) -> tuple[dict[str, torch.Tensor], Path]:
+def _resolve(cfg: Config, checkpoint: str) -> Path:
     path = ckpt.resolve_checkpoint(cfg.run_dir, checkpoint)
     if path is None:
         raise FrameloomError(f"no complete checkpoint in {Path(cfg.run_dir) / 'checkpoints'}")
+    return path
+
+
+def _checkpoint_weights(cfg: Config, path: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's model weights with the EMA ones over them (``sample.use_ema``), all in memory."""
     loaded = ckpt.load_checkpoint(path)
     weights = dict(loaded["model"])
     if cfg.sample.use_ema and loaded.get("ema") is not None:
         weights.update(loaded["ema"])
-    return weights, path
+    return weights
+
+
+@torch.no_grad()
+def _stream_into(model: torch.nn.Module, cfg: Config, path: Path) -> None:
+    """Copy a full-format checkpoint's tensors into ``model`` one at a time (EMA ones where present and
+    ``sample.use_ema``): never more than one checkpoint tensor in memory besides the model."""
+    targets = model.state_dict(keep_vars=True)
+    files = [path / "model.safetensors"]
+    if cfg.sample.use_ema and (path / "ema.safetensors").is_file():
+        files.append(path / "ema.safetensors")  # read last: its values win
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key not in targets:
+                    unexpected.append(key)
+                    continue
+                targets[key].copy_(f.get_tensor(key))
+                seen.add(key)
+    check_loaded(model, set(targets) - seen, unexpected, str(path))
 
 
 def load_run_denoiser(
@@ -66,7 +109,7 @@ def load_run_denoiser(
     """(config, denoiser with the checkpoint's weights, checkpoint folder) of a run, on the CPU.
 
     Diffusers families read their sizes from ``model.pretrained``, so the latent/text sizes passed to
-    ``build_denoiser`` are not used (0).
+    ``build_denoiser`` are not used (0). The base is built once; the checkpoint is streamed into it.
     """
     from frameloom.models.registry import get_family
 
@@ -76,20 +119,20 @@ def load_run_denoiser(
         raise FrameloomError(
             f"model.family {cfg.model.family!r} has no diffusers form; use --format safetensors (or native)"
         )
-    weights, path = _checkpoint_weights(cfg, checkpoint)
+    path = _resolve(cfg, checkpoint)
     model = family.build_denoiser(cfg.model, 0, 0)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise FrameloomError(
-            f"checkpoint {path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
+    if ckpt.read_meta(path)["format"] == "full":
+        _stream_into(model, cfg, path)
+    else:  # sharded: consolidated in memory (a LoRA run's sharded checkpoint is the adapter only)
+        load_weights(model, _checkpoint_weights(cfg, path), str(path))
     return cfg, model.eval(), path
 
 
-def merged_transformer(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model.transformer`` with any LoRA merged into its base weights and the PEFT layers
-    removed (diffusers' ``fuse_lora`` + ``unload_lora``), ready for ``save_pretrained``."""
-    transformer = copy.deepcopy(model.transformer)
+def merge_lora_in_place(model: torch.nn.Module) -> torch.nn.Module:
+    """``model.transformer`` with any LoRA merged into its base weights and the PEFT layers removed
+    (diffusers' ``fuse_lora`` + ``unload_lora``), in place (no copy of the base): ready for
+    ``save_pretrained``. The denoiser is not used afterwards."""
+    transformer = model.transformer
     if getattr(model, "is_lora", False):
         transformer.fuse_lora(lora_scale=1.0)
         transformer.unload_lora()
@@ -112,7 +155,7 @@ def _link_or_copy_tree(src: Path, dst: Path, skip: set[str]) -> None:
             shutil.copy2(item, target)
 
 
-def _assert_equal(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], what: str) -> None:
+def _assert_equal(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], what: str) -> None:
     if set(expected) != set(got):
         lost, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
         raise FrameloomError(f"export check failed for {what}: missing {lost[:3]}, unexpected {extra[:3]}")
@@ -121,19 +164,45 @@ def _assert_equal(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor
             raise FrameloomError(f"export check failed for {what}: {key} differs after loading back")
 
 
+def _read_back(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the safetensors ``files``, one at a time (how verification avoids a second copy)."""
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def _verify_streamed(expected: Mapping[str, torch.Tensor], files: list[Path], what: str) -> None:
+    """The ``files`` hold exactly ``expected``'s keys with equal values, read back one tensor at a time."""
+    seen: set[str] = set()
+    for key, value in _read_back(files):
+        if key not in expected:
+            raise FrameloomError(f"export check failed for {what}: unexpected {key}")
+        if not torch.equal(expected[key].detach().cpu(), value):
+            raise FrameloomError(f"export check failed for {what}: {key} differs after loading back")
+        seen.add(key)
+    lost = sorted(set(expected) - seen)
+    if lost:
+        raise FrameloomError(f"export check failed for {what}: missing {lost[:3]}")
+
+
 # --------------------------------------------------------------------------------------------------------
 # formats
 
 
-def _export_lora(cfg: Config, model: torch.nn.Module, out: Path, comfyui: bool) -> list[Path]:
-    from frameloom.models.lora import ADAPTER, get_lora_state_dict, lora_alpha, to_comfyui_keys
+def _export_lora(
+    cfg: Config, model: torch.nn.Module, out: Path, comfyui: bool, kohya: bool, dtype: torch.dtype
+) -> list[Path]:
+    from peft.utils import get_peft_model_state_dict
+
+    from frameloom.models.lora import ADAPTER, lora_alpha, to_comfyui_keys, to_kohya_keys
     from frameloom.models.registry import get_family
 
     if not getattr(model, "is_lora", False):
         raise FrameloomError("--format lora needs a LoRA run (model.lora.rank > 0); use --format diffusers")
     family = get_family(cfg.model.family)
     pipe_cls = family.pipeline_class(cfg)
-    state = {k: v.contiguous() for k, v in model.lora_state_dict().items()}
+    state = {k: v.to(dtype).contiguous() for k, v in model.lora_state_dict().items()}
     metadata = model.transformer.peft_config[ADAPTER].to_dict()
     metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
     pipe_cls.save_lora_weights(
@@ -144,34 +213,56 @@ def _export_lora(cfg: Config, model: torch.nn.Module, out: Path, comfyui: bool) 
     )
     written = [out / LORA_FILE]
 
-    # Verify: load the file the way a pipeline does into a fresh base transformer; every key must land.
-    fresh = family.build_denoiser(_without_lora(cfg).model, 0, 0).transformer
+    # Verify: load the file the way a pipeline does, as a second adapter of the same transformer (no second
+    # base in memory); every key must land with the written values.
+    transformer = model.transformer
     loaded, meta = pipe_cls.lora_state_dict(str(out), weight_name=LORA_FILE, return_lora_metadata=True)
-    fresh.load_lora_adapter(loaded, adapter_name=ADAPTER, metadata=meta, prefix="transformer")
-    _assert_equal(state, get_lora_state_dict(fresh), str(out / LORA_FILE))
-
-    if comfyui:
-        comfy = to_comfyui_keys(state, lora_alpha(cfg.model.lora), family.comfyui_module)
-        save_file({k: v.contiguous() for k, v in comfy.items()}, str(out / COMFYUI_FILE))
-        _assert_equal(comfy, load_file(str(out / COMFYUI_FILE)), str(out / COMFYUI_FILE))
-        written.append(out / COMFYUI_FILE)
+    with warnings.catch_warnings():  # PEFT warns about a second adapter and its deletion: both intended
+        warnings.simplefilter("ignore", UserWarning)
+        transformer.load_lora_adapter(
+            loaded, adapter_name=VERIFY_ADAPTER, metadata=meta, prefix="transformer"
+        )
+        try:
+            got = get_peft_model_state_dict(transformer, adapter_name=VERIFY_ADAPTER)
+            _assert_equal(state, got, LORA_FILE)
+        finally:
+            transformer.delete_adapters(VERIFY_ADAPTER)
+    alpha = lora_alpha(cfg.model.lora)
+    for wanted, name, convert in (
+        (comfyui, COMFYUI_FILE, to_comfyui_keys),
+        (kohya, KOHYA_FILE, to_kohya_keys),
+    ):
+        if wanted:
+            keyed = {k: v.contiguous() for k, v in convert(state, alpha, family.comfyui_module).items()}
+            save_file(keyed, str(out / name))  # weights in `dtype`, alphas fp32 scalars
+            _verify_streamed(keyed, [out / name], str(out / name))
+            written.append(out / name)
     return written
-
-
-def _without_lora(cfg: Config) -> Config:
-    return apply_overrides(cfg, ["model.lora.rank=0"])
 
 
 def _export_diffusers(cfg: Config, model: torch.nn.Module, out: Path) -> list[Path]:
     root = Path(cfg.model.pretrained)
     _link_or_copy_tree(root, out, skip={"transformer"})
-    transformer = merged_transformer(model)
+    transformer = merge_lora_in_place(model)
     if (out / "transformer").exists():
         shutil.rmtree(out / "transformer")
     transformer.save_pretrained(str(out / "transformer"))
-    # Verify: the written transformer loads with from_pretrained and carries exactly the trained weights.
-    reloaded = type(transformer).from_pretrained(str(out), subfolder="transformer", local_files_only=True)
-    _assert_equal(transformer.state_dict(), reloaded.state_dict(), str(out / "transformer"))
+    # Verify: the written config builds (on the meta device: no weights) a transformer with exactly the
+    # written names and shapes, and every written tensor equals the trained one.
+    cls = type(transformer)
+    with torch.device("meta"):
+        skeleton = cls.from_config(cls.load_config(str(out / "transformer")))
+    files = sorted((out / "transformer").glob("*.safetensors"))
+    shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    written = {}
+    for key, value in _read_back(files):
+        written[key] = tuple(value.shape)
+    if written != shapes:
+        diff = sorted(set(written) ^ set(shapes)) or [k for k in shapes if shapes[k] != written.get(k)]
+        raise FrameloomError(
+            f"export check failed for {out / 'transformer'}: {diff[:3]} do not fit the class"
+        )
+    _verify_streamed(transformer.state_dict(), files, str(out / "transformer"))
     return [out]
 
 
@@ -179,14 +270,14 @@ def _export_safetensors(cfg: Config, out: Path, checkpoint: str) -> list[Path]:
     from frameloom.models.registry import get_family
 
     if get_family(cfg.model.family).pipeline_class is None:  # frameloom's own DiT: its state dict as is
-        weights, _ = _checkpoint_weights(cfg, checkpoint)
+        weights = _checkpoint_weights(cfg, _resolve(cfg, checkpoint))
     else:
         _, model, _ = load_run_denoiser(cfg.run_dir, checkpoint)
-        weights = merged_transformer(model).state_dict()
+        weights = merge_lora_in_place(model).state_dict()
     weights = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
     path = out / "model.safetensors"
     save_file(weights, str(path), metadata={"format": "pt", "frameloom.family": cfg.model.family})
-    _assert_equal(weights, load_file(str(path)), str(path))
+    _verify_streamed(weights, [path], str(path))
     return [path]
 
 
@@ -203,7 +294,7 @@ def _export_native(cfg: Config, out: Path, checkpoint: str) -> list[Path]:
         raise FrameloomError(
             f"model.family {cfg.model.family!r} has no native layout to export; use --format safetensors"
         )
-    weights, _ = _checkpoint_weights(cfg, checkpoint)
+    weights = _checkpoint_weights(cfg, _resolve(cfg, checkpoint))
     return export(cfg, weights, out)
 
 
@@ -214,13 +305,18 @@ def export_run(
     out: str | os.PathLike,
     checkpoint: str = "latest",
     comfyui: bool = False,
+    kohya: bool = False,
+    dtype: str = "bf16",
 ) -> list[Path]:
     """Export a run's checkpoint in ``fmt`` (``diffusers``, ``lora``, ``safetensors``) into ``out``; returns
-    the written paths. Every format is verified by loading it back (module docstring)."""
+    the written paths. Every format is verified by loading it back (module docstring). ``comfyui`` /
+    ``kohya`` add the LoRA in those key forms; ``dtype`` (``bf16`` or ``fp32``) is the LoRA files'."""
     if fmt not in FORMATS:
         raise FrameloomError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    if comfyui and fmt != "lora":
-        raise FrameloomError("--comfyui applies to --format lora only")
+    if (comfyui or kohya) and fmt != "lora":
+        raise FrameloomError("--comfyui and --kohya apply to --format lora only")
+    if dtype not in DTYPES:
+        raise FrameloomError(f"--dtype must be bf16 or fp32, not {dtype!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
@@ -229,5 +325,5 @@ def export_run(
         return _export_native(_run_config(Path(run_dir)), out, checkpoint)
     cfg, model, _ = load_run_denoiser(run_dir, checkpoint)
     if fmt == "lora":
-        return _export_lora(cfg, model, out, comfyui)
+        return _export_lora(cfg, model, out, comfyui, kohya, DTYPES[dtype])
     return _export_diffusers(cfg, model, out)

@@ -156,9 +156,9 @@ def load_text_encoder(cfg: Config, device: torch.device | str = "cpu"):
     family = get_family(cfg.model.family)
     if family.load_text_encoder is not None:
         return family.load_text_encoder(cfg, torch.device(device))
-    return T5TextEncoder.from_pretrained(text_encoder_dir(cfg), max_length=cfg.model.text_max_length).to(
-        device
-    )
+    return T5TextEncoder.from_pretrained(
+        text_encoder_dir(cfg), max_length=cfg.model.text_max_length or 64
+    ).to(device)
 
 
 def open_store(cfg: Config):

@@ -4,6 +4,8 @@ Two layouts of `checkpoints/step-NNNNNNNN/` (meta.json `format`):
 
 - `full`: `model.safetensors`, `ema.safetensors` (whole tensors, gathered on rank 0) and `state.pt`
   (optimizer state keyed by parameter name, scheduler, sampler, RNG, counters). One process writes it.
+  A LoRA run's model tensors are its trainable ones only (`meta.json` `trainable_only`,
+  checkpoint/trainable.py): the frozen base is rebuilt from `model.pretrained` when loading.
 - `sharded`: `dcp/` written by every rank with torch.distributed.checkpoint (each rank its own shards of the
   model, optimizer and EMA; replicated tensors once), and `state.pt` (the non-tensor state) from rank 0.
   With `async_save` the tensors are staged to CPU memory and written by a background thread while training
@@ -49,6 +51,7 @@ from frameloom.checkpoint.io import (
     read_meta,
     step_name,
 )
+from frameloom.checkpoint.trainable import check_loaded, trainable_only
 from frameloom.parallel.env import all_gather_objects, barrier, broadcast_object, is_distributed
 
 FULL, SHARDED = "full", "sharded"
@@ -140,10 +143,13 @@ def save_training_checkpoint(
     barrier()
     rngs = all_gather_objects(capture_rng())  # one per rank, restored by rank on a same-size resume
     state = dict(state, rng=rngs, world_size=len(rngs))
-    meta: dict[str, Any] = {"step": step, "format": fmt}
+    # A LoRA run saves what it trains (checkpoint/trainable.py): the frozen base comes from model.pretrained.
+    only = trainable_only(module)
+    meta: dict[str, Any] = {"step": step, "format": fmt, "trainable_only": only}
     future = None
     if fmt == FULL:
-        model_sd = get_model_state_dict(module, options=_FULL)  # whole tensors on rank 0 (collective)
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=only)
+        model_sd = get_model_state_dict(module, options=full)  # whole tensors on rank 0 (collective)
         optim_sd = get_optimizer_state_dict(module, optimizer, options=_FULL)
         ema_sd = {k: _full_tensor(v).detach().cpu().contiguous() for k, v in ema.items()} if ema else None
         files = ["model.safetensors", "state.pt"] + (["ema.safetensors"] if ema_sd is not None else [])
@@ -154,7 +160,7 @@ def save_training_checkpoint(
             torch.save(dict(state, optimizer=optim_sd), tmp / "state.pt")
     elif fmt == SHARDED:
         tensors = {
-            "model": get_model_state_dict(module),
+            "model": get_model_state_dict(module, options=StateDictOptions(ignore_frozen_params=only)),
             "optim": get_optimizer_state_dict(module, optimizer),
         }
         if ema:
@@ -206,19 +212,22 @@ def load_training_checkpoint(
         state = torch.load(path / "state.pt", weights_only=False)
     except (OSError, RuntimeError) as exc:
         raise CheckpointError(f"cannot read {path / 'state.pt'}: {exc}") from None
+    only = bool(meta.get("trainable_only", False))  # the frozen base is not in it: rebuilt from pretrained
     if meta.get("format", FULL) == SHARDED:
-        model_sd = get_model_state_dict(module)
+        model_sd = get_model_state_dict(module, options=StateDictOptions(ignore_frozen_params=only))
         optim_sd = get_optimizer_state_dict(module, optimizer)  # initialises the optimizer state to load into
         tensors: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
         if ema is not None and meta.get("ema"):
             tensors["ema"] = ema  # loaded in place (local shards for DTensors)
         with _single_process_quiet():
             dcp.load(tensors, checkpoint_id=path / DCP_DIR, no_dist=not is_distributed())
-        set_model_state_dict(module, model_sd)
+        loaded = set_model_state_dict(module, model_sd, options=StateDictOptions(strict=not only))
+        check_loaded(module, loaded.missing_keys, loaded.unexpected_keys, str(path))
         set_optimizer_state_dict(module, optimizer, optim_sd)
     else:
-        full = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(module, load_file(path / "model.safetensors"), options=full)
+        full = StateDictOptions(full_state_dict=True, strict=not only)
+        loaded = set_model_state_dict(module, load_file(path / "model.safetensors"), options=full)
+        check_loaded(module, loaded.missing_keys, loaded.unexpected_keys, str(path))
         optim_sd = state.pop("optimizer")
         if optim_sd["state"] and all(isinstance(k, int) for k in optim_sd["state"]):
             if is_distributed():

@@ -123,14 +123,18 @@ class ModelConfig:
     """`pixel` (the denoiser works on pixels) or a local directory of a diffusers VAE."""
     text_encoder: str | None = None
     """Local directory of a T5 encoder + tokenizer; `tiny-byt5` builds the quickstart's tiny frozen encoder."""
-    text_max_length: int = 64
-    """Text tokens kept per caption."""
+    text_max_length: int | None = None
+    """Text tokens kept per caption; null: the family's own length (dit 64, cogvideox the transformer's
+    max_text_seq_length (226), wan 512, ltx_video 128: what each pipeline uses)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA settings."""
     id_token: str | None = None
     """Trigger word prepended (with a space) to every non-empty caption when encoding (CogVideoX --id_token)."""
     dtype: str = "float32"
     """Precision of a pretrained denoiser: its trained weights (full fine-tune) or its frozen base (LoRA)."""
+    fp8_base: bool = False
+    """LoRA only: store the frozen base's block linear weights in float8 (e4m3, one scale per output row) and
+    compute in `model.dtype` (weight-only quantization: about half the memory of a bf16 base)."""
     encoder_dtype: str = "float32"
     """Precision of a family's frozen VAE and text encoder (`float32`, `bfloat16`, `float16`)."""
     vae_tiling: bool = False
@@ -143,18 +147,34 @@ class ModelConfig:
 class ObjectiveConfig:
     """The training objective."""
 
-    name: str = "flow"
-    """contract. `flow` (rectified flow), `ddpm` (discrete DDPM, linear betas 0.0001..0.02 over 1000 steps);
-    later `pyramid_flow`."""
-    timestep_sampling: str = "logit_normal"
-    """flow: `uniform` or `logit_normal`; ddpm: `uniform` or `explicit_uniform` (one stratum of [0, 1000) per
-    micro-batch of the step's global batch, Open-Sora-Plan's rank-stratified sampling)."""
+    name: str | None = None
+    """contract. `flow` (rectified flow), `ddpm` (discrete DDPM, linear betas 0.0001..0.02 over 1000 steps, for
+    frameloom's own DiT), ...; null: the family's own (dit, wan, ltx_video: flow; cogvideox: its scheduler's
+    v-prediction DDPM). A family refuses an objective it does not have."""
+    timestep_sampling: str | None = None
+    """Flow times: `uniform`, `logit_normal` (sigmoid(N(logit_mean, logit_std))), `sigmoid`
+    (sigmoid(logit_std * N(0, 1)), never shifted: musubi-tuner's `sigmoid`) or `shift` (the same draw, then
+    shifted: musubi-tuner's `shift`); `uniform` and `logit_normal` are shifted too. ddpm: `uniform` or
+    `explicit_uniform` (one stratum of [0, 1000) per micro-batch of the step's global batch, Open-Sora-Plan's
+    rank-stratified sampling). null: the family's own (dit, ltx_video: logit_normal; wan: uniform; ddpm and
+    cogvideox: uniform integer timesteps, cogvideox's only choice)."""
     logit_mean: float = 0.0
     """Mean of the normal before the sigmoid (logit_normal)."""
     logit_std: float = 1.0
-    """Std of the normal before the sigmoid (logit_normal)."""
-    shift: float = 1.0
-    """Timestep shift s in t' = s t / (1 + (s - 1) t); 1 = none."""
+    """Std of the normal before the sigmoid (logit_normal; the scale of `sigmoid` and `shift`)."""
+    shift: float | str | None = None
+    """Timestep shift s in t' = s t / (1 + (s - 1) t): a number (1.0 is an unshifted schedule), `auto` (the
+    resolution-dependent shift: dit Open-Sora 2.0's rule from the latent size, ltx_video e^mu; wan has none
+    and uses its scheduler's), or null: the family's own (dit: none; wan: the scheduler config's
+    flow_shift; ltx_video: e^mu from the latent size)."""
+    min_t: float = 0.0
+    """Training times are mapped into [min_t, max_t] after drawing (and shifting): t' = min_t + (max_t -
+    min_t) t (musubi-tuner's min/max_timestep / 1000). For ddpm: integer timesteps in [min_t N, max_t N)."""
+    max_t: float = 1.0
+    """Upper end of the training time range (see min_t)."""
+    loss_weighting: str = "none"
+    """Per-sample flow loss weight: `none`, `sigma_sqrt` (1 / t^2) or `cosmap` (2 / (pi (1 - 2t + 2t^2)));
+    SD3's schemes (diffusers' compute_loss_weighting_for_sd3)."""
     prediction_type: str = "epsilon"
     """ddpm: what the denoiser predicts, `epsilon` or `v_prediction` (Open-Sora-Plan v1.3)."""
     rescale_betas_zero_snr: bool = False
@@ -264,6 +284,10 @@ class ParallelConfig:
     """torch.compile each transformer block (after checkpointing, before DDP/FSDP)."""
     async_checkpoint: bool = False
     """Sharded checkpoints are written in the background (dcp.async_save); training continues meanwhile."""
+    blocks_to_swap: int = 0
+    """Keep the frozen weights of the last N transformer blocks in CPU memory and bring each to the device
+    only while it runs (forward and backward), prefetching the next one; LoRA only, needs
+    activation_checkpointing (docs/families.md, "24 GB")."""
     video_sync_group: int = 1
     """Pyramid Flow: consecutive data-parallel ranks that receive the same video (each trains its own AR unit)."""
 
@@ -275,14 +299,17 @@ class SampleConfig:
     steps: int = 30
     """Sampling steps."""
     scheduler: str = "auto"
-    """ddpm objective: `euler_ancestral` (auto), `euler`, `ddim` or `dpmsolver++` (diffusers' schedulers'
-    maths, frameloom.sampling.ddpm_samplers); flow objectives always integrate with Euler."""
+    """Solver of frameloom's own sampler. ddpm objective: `euler_ancestral` (auto), `euler`, `ddim` or
+    `dpmsolver++` (diffusers' schedulers' maths, frameloom.sampling.ddpm_samplers). Diffusers flow families
+    (wan, ltx_video): `auto` = the model folder's scheduler (e.g. UniPC for the released Wan folders) or
+    `euler` (Euler on the same shifted grid). frameloom's DiT integrates with Euler."""
     guidance: float = 5.0
     """Classifier-free guidance scale; 1 disables guidance."""
     negative_prompt: str = ""
     """Prompt the guidance steers away from."""
-    shift: float = 1.0
-    """Timestep shift of the sampling grid."""
+    shift: float | None = None
+    """Timestep shift of the sampling grid; null: the family's own (dit: none; wan: the scheduler's
+    flow_shift; ltx_video: e^mu from the latent size); 1.0 is an unshifted grid."""
     seed: int = 0
     """Noise seed."""
     fps: float = 8.0
@@ -310,6 +337,8 @@ class ValidationConfig:
     """Steps between validation sampling; 0 disables it."""
     prompts: list[str] = field(default_factory=list)
     """Prompts to sample."""
+    at_start: bool = False
+    """Also sample the prompts before the first step (samples/step-00000000: the untrained baseline)."""
 
 
 @dataclass

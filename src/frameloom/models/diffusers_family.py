@@ -26,8 +26,11 @@ What a family folder adds is only what differs: its adapter, objective rules, en
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,7 @@ __all__ = [
     "add_id_token",
     "build_pipeline",
     "check_pretrained",
+    "check_objective_name",
     "check_widths",
     "component_class",
     "flow_objective",
@@ -58,6 +62,9 @@ __all__ = [
     "part_config",
     "pipeline_class",
     "read_model_index",
+    "skeleton",
+    "vae_latent_shape",
+    "text_length",
     "unwrap_text_encoder",
     "with_id_token",
 ]
@@ -191,17 +198,18 @@ def load_text_encoder(
     device: torch.device | str,
     encoder_cls: type[T5TextEncoder] = T5TextEncoder,
     *,
-    max_length: int | None = None,
+    default_length: int,
     parts: tuple[str, ...] = PARTS,
     **encoder_kw,
 ) -> TextEncoder:
     """``<pretrained>/text_encoder`` (T5 or UMT5) + ``tokenizer/`` as a frozen ``encoder_cls`` (the family's
-    encoding mode; ``encoder_kw`` to its constructor) in ``model.encoder_dtype``, over ``max_length`` tokens
-    (default ``model.text_max_length``), with ``model.id_token`` prepended."""
+    encoding mode; ``encoder_kw`` to its constructor) in ``model.encoder_dtype``, over
+    ``model.text_max_length`` tokens (null: the family's ``default_length``), with ``model.id_token``
+    prepended."""
     root = check_pretrained(cfg.model, parts)
     encoder = encoder_cls.from_pretrained(
         root,
-        max_length=max_length or cfg.model.text_max_length,
+        max_length=text_length(cfg.model, default_length),
         dtype=parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype"),
         device=device,
         subfolder="text_encoder",
@@ -211,11 +219,57 @@ def load_text_encoder(
     return with_id_token(encoder, cfg.model.id_token)
 
 
+def text_length(model_cfg: ModelConfig, default: int) -> int:
+    """``model.text_max_length``, or the family's ``default`` (its pipeline's length) when it is null."""
+    return int(model_cfg.text_max_length) if model_cfg.text_max_length is not None else int(default)
+
+
+_SKELETON = contextvars.ContextVar("frameloom_skeleton", default=False)
+
+
+@contextlib.contextmanager
+def skeleton() -> Iterator[None]:
+    """Inside: ``load_trainable_transformer`` builds the transformer from its config alone, no weights read
+    (with ``torch.device("meta")`` around it, a model of any size costs nothing: the memory planner)."""
+    token = _SKELETON.set(True)
+    try:
+        yield
+    finally:
+        _SKELETON.reset(token)
+
+
+def vae_latent_shape(root: str | os.PathLike) -> tuple[int, tuple[int, int, int]]:
+    """``(latent channels, (t, h, w) compression)`` of ``<root>/vae`` from its config alone (a meta-device
+    skeleton, so the codec's own compression rule applies)."""
+    from frameloom.models.codecs import _compression_from_model
+
+    cls = component_class(root, "vae")
+    with torch.device("meta"):
+        vae = cls.from_config(cls.load_config(str(Path(root) / "vae")))
+    cfg = vae.config
+    compression = _compression_from_model(vae, True)
+    if compression is None:
+        raise FrameloomError(f"{Path(root) / 'vae'}: cannot tell the VAE's compression from its config")
+    return int(cfg.get("latent_channels") or cfg.get("z_dim")), compression
+
+
+def _cast_like_from_pretrained(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``dtype`` everywhere but in the modules the class keeps in float32 (``_keep_in_fp32_modules``), as
+    ``from_pretrained(torch_dtype=dtype)`` casts (Wan keeps its norms, time embedder and RoPE in fp32)."""
+    nn.Module.to(model, dtype)
+    keep = set(getattr(type(model), "_keep_in_fp32_modules", None) or [])
+    for name, module in model.named_modules():
+        if keep & set(name.split(".")):
+            nn.Module.to(module, torch.float32)
+    return model
+
+
 def load_trainable_transformer(model_cfg: ModelConfig, subfolder: str = "transformer") -> nn.Module:
     """Load ``<pretrained>/<subfolder>`` with its class from ``model_index.json`` and make it trainable.
 
     Full fine-tune (``model.lora.rank == 0``): all weights in ``model.dtype``, trainable. LoRA: the base in
-    ``model.dtype`` and frozen, PEFT adapters on ``model.lora.target_modules`` in ``model.lora.dtype``.
+    ``model.dtype`` and frozen, PEFT adapters on ``model.lora.target_modules`` in ``model.lora.dtype``;
+    with ``model.fp8_base`` the blocks' frozen linear weights are stored in fp8 (memory/fp8.py).
     """
     from frameloom.models.lora import apply_lora
 
@@ -223,15 +277,27 @@ def load_trainable_transformer(model_cfg: ModelConfig, subfolder: str = "transfo
     cls = component_class(root, subfolder)
     dtype = parse_dtype(model_cfg.dtype, "model.dtype")
     try:
-        transformer = cls.from_pretrained(
-            str(root), subfolder=subfolder, torch_dtype=dtype, local_files_only=True
-        )
+        if _SKELETON.get():  # the planner: shapes and dtypes only
+            transformer = _cast_like_from_pretrained(
+                cls.from_config(cls.load_config(str(root / subfolder))), dtype
+            )
+        else:
+            transformer = cls.from_pretrained(
+                str(root), subfolder=subfolder, torch_dtype=dtype, local_files_only=True
+            )
     except (OSError, ValueError) as exc:
         raise FrameloomError(f"cannot load {cls.__name__} from {root / subfolder}: {exc}") from None
     if model_cfg.lora.rank > 0:
         apply_lora(transformer, model_cfg.lora, parse_dtype(model_cfg.lora.dtype, "model.lora.dtype"))
     else:
         transformer.requires_grad_(True)
+    if model_cfg.fp8_base:
+        if model_cfg.lora.rank <= 0:
+            raise FrameloomError("model.fp8_base stores a frozen base: it needs a LoRA (model.lora.rank > 0)")
+        from frameloom.memory.fp8 import quantize_frozen_linears
+        from frameloom.parallel.memory import transformer_blocks
+
+        quantize_frozen_linears(transformer_blocks(transformer))
     return transformer.train()
 
 
@@ -253,25 +319,37 @@ def load_pretrained_denoiser(build_denoiser, family: str, path: str | os.PathLik
     return build_denoiser(ModelConfig(family=family, pretrained=str(pretrained), **model_kw), 0, 0)
 
 
-def flow_objective(cfg: Config, default_shift: float | str, flow_cls: type | None = None, **extra):
-    """Flow matching from ``objective.*`` for a flow family: ``objective.name`` must be ``flow``; the shift is
-    ``objective.shift``, or the family's ``default_shift`` (its scheduler's) when that is left at 1;
+def check_objective_name(cfg: Config, own: str) -> None:
+    """``objective.name`` must be null (the family's own) or ``own``: a family never silently trains with
+    another objective than the one it has."""
+    name = cfg.objective.name
+    if name is not None and name != own:
+        raise FrameloomError(
+            f"model.family {cfg.model.family} trains with objective.name={own} (or null), not {name!r}"
+        )
+
+
+def flow_objective(
+    cfg: Config,
+    default_shift: float | str,
+    flow_cls: type | None = None,
+    *,
+    default_sampling: str = "logit_normal",
+    **extra,
+):
+    """Flow matching from ``objective.*`` for a flow family: ``objective.name`` must be ``flow`` or null; the
+    shift is ``objective.shift``, or the family's ``default_shift`` (its scheduler's) when that is null (1.0
+    is an unshifted schedule); likewise ``objective.timestep_sampling`` and ``default_sampling``.
     ``flow_cls`` (default ``FlowMatching``) gets ``extra`` too."""
+    from frameloom.objectives import flow_settings
     from frameloom.objectives.flow import FlowMatching
 
-    o = cfg.objective
-    if o.name != "flow":
-        raise FrameloomError(
-            f"model.family {cfg.model.family} trains with objective.name=flow, not {o.name!r}"
-        )
+    check_objective_name(cfg, "flow")
+    # `auto` is the family's resolution-dependent shift: its default when it has one (LTX's e^mu), else the
+    # scheduler's (Wan)
+    settings = flow_settings(cfg.objective, default_shift, default_sampling, auto_shift=default_shift)
     try:
-        return (flow_cls or FlowMatching)(
-            timestep_sampling=o.timestep_sampling,
-            logit_mean=o.logit_mean,
-            logit_std=o.logit_std,
-            shift=float(o.shift) if o.shift != 1.0 else default_shift,
-            **extra,
-        )
+        return (flow_cls or FlowMatching)(**settings, **extra)
     except ValueError as exc:
         raise FrameloomError(f"objective: {exc}") from None
 
@@ -355,6 +433,11 @@ class DiffusersDenoiser(nn.Module):
     def is_lora(self) -> bool:
         return self.lora is not None
 
+    @property
+    def checkpoint_trainable_only(self) -> bool:
+        """A LoRA run's checkpoints hold the adapter, not the frozen base (checkpoint/trainable.py)."""
+        return self.is_lora
+
     def __getattr__(self, name: str) -> Any:
         """The transformer's block lists (``transformer_blocks``, ``blocks``, ...) read through the adapter,
         so the parallel layer (checkpointing, compile, FSDP units) finds them on the module it is given.
@@ -399,14 +482,20 @@ def unwrap_text_encoder(text_encoder: Any) -> Any:
 
 
 def build_pipeline(
-    root: str | os.PathLike, transformer: nn.Module, text_encoder: Any, codec: Any, **parts: Any
+    root: str | os.PathLike,
+    transformer: nn.Module,
+    text_encoder: Any,
+    codec: Any,
+    pipeline_cls: type | None = None,
+    **parts: Any,
 ):
     """The family's diffusers pipeline around already-loaded parts (no second copy of any weight):
     ``transformer`` (the in-training one, LoRA layers included), the frozen text encoder's model and
     tokenizer, the codec's VAE, the scheduler from ``<root>/scheduler``, and any further ``parts`` the
-    pipeline class takes (Wan I2V: ``image_encoder``, ``image_processor``)."""
+    pipeline class takes (Wan I2V: ``image_encoder``, ``image_processor``). ``pipeline_cls`` replaces the
+    class ``model_index.json`` names (LTX-Video's image-to-video pipeline around a T2V folder)."""
     root = Path(root)
-    cls = pipeline_class(root)
+    cls = pipeline_cls or pipeline_class(root)
     scheduler = component_class(root, "scheduler").from_pretrained(str(root), subfolder="scheduler")
     te = unwrap_text_encoder(text_encoder)
     return cls(

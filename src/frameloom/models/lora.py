@@ -10,8 +10,13 @@ Key forms (for a module path ``M`` such as ``transformer_blocks.0.attn1.to_q``):
   ``load_lora_weights`` recovers alpha.
 - ComfyUI (``to_comfyui_keys``): ``diffusion_model.C.lora_down.weight`` (= lora_A),
   ``diffusion_model.C.lora_up.weight`` (= lora_B) and ``diffusion_model.C.alpha`` (a scalar tensor; ComfyUI
-  scales by ``alpha / r`` with ``r = lora_down.shape[0]``), where ``C`` is ComfyUI's name of the module
-  (the family's ``comfyui_module`` map; the diffusers path when the model uses diffusers names).
+  scales by ``alpha / r`` with ``r = lora_down.shape[0]``), where ``C`` is the module's name in ComfyUI's own
+  model (the family's ``comfyui_module`` map; ``module_path_map`` builds one). ComfyUI's
+  ``model_lora_keys_unet`` (comfy/lora.py) matches ``diffusion_model.C`` to the model weight
+  ``diffusion_model.C.weight`` (its "generic" LoRA format).
+- kohya (``to_kohya_keys``): ``lora_unet_<C with "." -> "_">.lora_down.weight`` / ``.lora_up.weight`` /
+  ``.alpha``: the other name ``model_lora_keys_unet`` maps to the same weight (musubi-tuner's and
+  sd-scripts' files use it).
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ __all__ = [
     "lora_alpha",
     "peft_lora_config",
     "set_lora_state_dict",
+    "module_path_map",
     "to_comfyui_keys",
     "to_diffusers_keys",
+    "to_kohya_keys",
 ]
 
 #: The adapter name frameloom trains (PEFT's default).
@@ -112,6 +119,51 @@ def to_diffusers_keys(state: dict[str, torch.Tensor], prefix: str = "transformer
     return {f"{prefix}.{k}": v for k, v in state.items()}
 
 
+def module_path_map(
+    family: str,
+    blocks: tuple[str, str],
+    inner: dict[str, str],
+    top: dict[str, str],
+    prefixes: dict[str, str] | None = None,
+) -> Callable[[str], str]:
+    """A ``comfyui_module`` map from tables: ``<blocks[0]>.N.<inner key>`` -> ``<blocks[1]>.N.<inner value>``,
+    a whole top-level path through ``top``, a path starting with a ``prefixes`` key through its value; any
+    other path is one clear error naming the ``family`` (its LoRA could not be loaded by name)."""
+
+    def rename(path: str) -> str:
+        head, _, rest = path.partition(".")
+        number, _, inside = rest.partition(".")
+        if head == blocks[0] and number.isdigit() and inside in inner:
+            return f"{blocks[1]}.{number}.{inner[inside]}"
+        if path in top:
+            return top[path]
+        for old, new in (prefixes or {}).items():
+            if path == old or path.startswith(old + "."):
+                return new + path[len(old) :]
+        raise FrameloomError(
+            f"no ComfyUI name for the {family} module {path!r} (choose other model.lora.target_modules)"
+        )
+
+    return rename
+
+
+def _lora_keys(
+    state: dict[str, torch.Tensor], alpha: float, name: Callable[[str], str]
+) -> dict[str, torch.Tensor]:
+    """PEFT keys -> ``<name(M)>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (fp32 scalar)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for peft_part, comfy_part in ((".lora_A.weight", "lora_down"), (".lora_B.weight", "lora_up")):
+            if key.endswith(peft_part):
+                prefix = name(key[: -len(peft_part)])
+                out[f"{prefix}.{comfy_part}.weight"] = value
+                out[f"{prefix}.alpha"] = torch.tensor(float(alpha))
+                break
+        else:
+            raise FrameloomError(f"not a LoRA weight key: {key}")
+    return out
+
+
 def to_comfyui_keys(
     state: dict[str, torch.Tensor], alpha: float, module_map: Callable[[str], str] | None = None
 ) -> dict[str, torch.Tensor]:
@@ -119,15 +171,14 @@ def to_comfyui_keys(
 
     ``module_map`` turns a diffusers module path ``M`` into ComfyUI's ``C`` (identity when None).
     """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        for peft_part, comfy_part in ((".lora_A.weight", "lora_down"), (".lora_B.weight", "lora_up")):
-            if key.endswith(peft_part):
-                module = key[: -len(peft_part)]
-                name = f"diffusion_model.{module_map(module) if module_map else module}"
-                out[f"{name}.{comfy_part}.weight"] = value
-                out[f"{name}.alpha"] = torch.tensor(float(alpha))
-                break
-        else:
-            raise FrameloomError(f"not a LoRA weight key: {key}")
-    return out
+    return _lora_keys(state, alpha, lambda m: f"diffusion_model.{module_map(m) if module_map else m}")
+
+
+def to_kohya_keys(
+    state: dict[str, torch.Tensor], alpha: float, module_map: Callable[[str], str] | None = None
+) -> dict[str, torch.Tensor]:
+    """PEFT keys -> kohya keys: ``lora_unet_<C with "." -> "_">.lora_down.weight``, ``.lora_up.weight``,
+    ``.alpha`` (``C`` as in ``to_comfyui_keys``)."""
+    return _lora_keys(
+        state, alpha, lambda m: "lora_unet_" + (module_map(m) if module_map else m).replace(".", "_")
+    )

@@ -42,6 +42,13 @@ class Family:
     """config -> the diffusers pipeline class (validation, LoRA/diffusers export); None: not a diffusers family."""
     comfyui_module: Callable[[str], str] | None = None
     """diffusers module path -> ComfyUI model key path (without `diffusion_model.`); None: the same path."""
+    input_shapes: Callable[[Config], Any] | None = None
+    """config -> the training inputs' shapes (``frameloom.memory.plan.InputShapes``: latent channels, VAE
+    compression, text length and width) from configs alone, for ``frameloom plan``; None: read from the
+    generic codec and text encoder."""
+    describe_sampler: Callable[..., str] | None = None
+    """(model, cfg) -> what `sample` integrates with (solver, steps, shift), for the log and the mp4
+    metadata; None: frameloom's flow Euler."""
 
 
 def _dit() -> Family:
@@ -68,6 +75,8 @@ def _diffusers_family(name: str) -> Family:
         validate=m.validate,
         pipeline_class=_pipeline_class,
         comfyui_module=m.comfyui_module,
+        describe_sampler=m.describe_sampler,
+        input_shapes=m.input_shapes,
     )
 
 

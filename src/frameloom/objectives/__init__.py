@@ -1,6 +1,6 @@
 """Training objectives as small pure functions (flow matching; ddpm and pyramid flow live beside it)."""
 
-from frameloom.config.schema import Config
+from frameloom.config.schema import Config, ObjectiveConfig
 
 from .base import Conditioning, Objective, StepContext, TrainingInputs, call_denoiser, predict
 from .ddpm import (
@@ -37,6 +37,7 @@ __all__ = [
     "call_denoiser",
     "predict",
     "build_objective",
+    "flow_settings",
     "DDPMObjective",
     "DDPMSchedule",
     "VPredictionDDPM",
@@ -61,6 +62,35 @@ __all__ = [
 ]
 
 
+def flow_settings(
+    o: ObjectiveConfig,
+    default_shift: float | str = 1.0,
+    default_sampling: str = "logit_normal",
+    auto_shift: float | str = "auto",
+) -> dict:
+    """``FlowMatching`` keyword arguments from ``objective.*``: a null ``objective.shift`` /
+    ``objective.timestep_sampling`` takes the family's ``default_shift`` (1.0 = none, frameloom's own DiT) /
+    ``default_sampling``; ``shift: auto`` the family's resolution-dependent ``auto_shift`` ("auto": Open-Sora
+    2.0's rule for the DiT)."""
+    if o.shift is None:
+        shift = default_shift
+    elif o.shift == "auto":
+        shift = auto_shift
+    else:
+        shift = (
+            o.shift if isinstance(o.shift, str) else float(o.shift)
+        )  # another string: FlowMatching says no
+    return dict(
+        timestep_sampling=o.timestep_sampling or default_sampling,
+        logit_mean=o.logit_mean,
+        logit_std=o.logit_std,
+        shift=shift,
+        min_t=o.min_t,
+        max_t=o.max_t,
+        loss_weighting=o.loss_weighting,
+    )
+
+
 def build_objective(cfg: Config) -> Objective:
     """The objective named by ``objective.name``; a family may supply its own (``Family.build_objective``)."""
     from frameloom.errors import FrameloomError
@@ -70,14 +100,9 @@ def build_objective(cfg: Config) -> Objective:
     if family.build_objective is not None:
         return family.build_objective(cfg)
     o = cfg.objective
-    if o.name == "flow":
+    if o.name in (None, "flow"):  # null: the family's own, flow matching for frameloom's DiT
         try:
-            return FlowMatching(
-                timestep_sampling=o.timestep_sampling,
-                logit_mean=o.logit_mean,
-                logit_std=o.logit_std,
-                shift=o.shift,
-            )
+            return FlowMatching(**flow_settings(o))
         except ValueError as exc:
             raise FrameloomError(f"objective: {exc}") from None
     if o.name == "ddpm":
@@ -93,6 +118,6 @@ def ddpm_objective_from_config(cfg: Config) -> DDPMObjective:
         prediction_type=o.prediction_type,
         rescale_betas_zero_snr=o.rescale_betas_zero_snr,
         snr_gamma=o.snr_gamma,
-        timestep_sampling=o.timestep_sampling,
+        timestep_sampling=o.timestep_sampling or "uniform",  # null: uniform integer timesteps
         grad_accum=cfg.train.grad_accum,
     )

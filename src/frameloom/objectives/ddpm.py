@@ -239,9 +239,13 @@ class DDPMSchedule:
         """``alpha_bar`` at integer timesteps ``t`` ``(B,)`` as float32 on ``t``'s device."""
         return self.alphas_cumprod.to(t.device)[t.long()].float()
 
-    def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """``n`` uniform integer timesteps in ``[0, N)`` (CogVideoX's trainer: ``torch.randint``)."""
-        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator, device=generator.device)
+    def sample_timesteps(
+        self, n: int, generator: torch.Generator, low: int = 0, high: int | None = None
+    ) -> torch.Tensor:
+        """``n`` uniform integer timesteps in ``[low, high)`` (default ``[0, N)``; CogVideoX's trainer:
+        ``torch.randint``)."""
+        high = self.num_train_timesteps if high is None else high
+        return torch.randint(low, high, (n,), generator=generator, device=generator.device)
 
 
 class VPredictionDDPM:
@@ -253,17 +257,22 @@ class VPredictionDDPM:
     ``loss``: ``x0_pred = sqrt(ab) x_noisy - sqrt(1-ab) pred``; ``mean((x0_pred - x0)^2 / (1 - ab))``.
     """
 
-    def __init__(self, schedule: DDPMSchedule):
+    def __init__(self, schedule: DDPMSchedule, t_range: tuple[float, float] = (0.0, 1.0)):
+        """``t_range = (min_t, max_t)``: timesteps are drawn from ``[round(min_t N), round(max_t N))``."""
         if schedule.prediction_type != "v_prediction":
             raise FrameloomError(
                 f"scheduler prediction_type is {schedule.prediction_type!r}; this objective needs v_prediction"
             )
         self.schedule = schedule
+        n = schedule.num_train_timesteps
+        self.t_low, self.t_high = round(t_range[0] * n), round(t_range[1] * n)
+        if not 0 <= self.t_low < self.t_high <= n:
+            raise FrameloomError(f"objective.min_t/max_t {t_range} leave no timestep of {n}")
 
     def draw(
         self, x0: torch.Tensor, generator: torch.Generator, ctx: StepContext | None = None
     ) -> TrainingInputs:
-        t = self.schedule.sample_timesteps(x0.shape[0], generator)  # (B,) int64
+        t = self.schedule.sample_timesteps(x0.shape[0], generator, self.t_low, self.t_high)  # (B,) int64
         noise = torch.randn(x0.shape, generator=generator, device=generator.device)
         t, noise = t.to(x0.device), noise.to(x0.device, x0.dtype)
         ab = self.schedule.alpha_bar(t)  # (B,) float32

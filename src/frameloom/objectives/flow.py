@@ -11,6 +11,9 @@ Sources:
       (logit-normal timestep sampling, resolution-dependent timestep shift).
     * Open-Sora 2.0 (hpcaitech/Open-Sora, as recorded in SEED_FACTS.md): logit-normal(0, 1) times shifted by
       ``(1 + (S - 256) * 2 / 3840) * sqrt(T_lat)``, ``sigma_min = 1e-5``.
+    * musubi-tuner (kohya-ss/musubi-tuner, ``training/trainer_base.py``): ``sigmoid`` / ``shift`` timestep
+      sampling and the ``[min_timestep, max_timestep]`` range applied after drawing and shifting.
+    * SD3 loss weightings ``sigma_sqrt`` / ``cosmap`` (diffusers' ``compute_loss_weighting_for_sd3``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ __all__ = [
     "caption_dropout_mask",
     "flow_interpolate",
     "flow_loss",
+    "flow_loss_weight",
+    "map_to_range",
     "flow_target",
     "opensora_interpolate",
     "opensora_shift",
@@ -143,6 +148,28 @@ def opensora_shift(latent_tokens_per_frame: int, latent_frames: int) -> float:
     return (1 + (latent_tokens_per_frame - 256) * 2 / 3840) * math.sqrt(latent_frames)
 
 
+def map_to_range(t: torch.Tensor, min_t: float = 0.0, max_t: float = 1.0) -> torch.Tensor:
+    """``t' = min_t + (max_t - min_t) t``: training times restricted to ``[min_t, max_t]`` after drawing and
+    shifting (musubi-tuner's ``--min_timestep/--max_timestep``, divided by 1000)."""
+    if min_t == 0.0 and max_t == 1.0:
+        return t
+    return t * (max_t - min_t) + min_t
+
+
+def flow_loss_weight(t: torch.Tensor, scheme: str) -> torch.Tensor | None:
+    """Per-sample loss weight for flow time (= sigma) ``t`` ``(B,)`` (SD3, diffusers'
+    ``compute_loss_weighting_for_sd3``): ``none`` -> None, ``sigma_sqrt`` -> ``t^-2``,
+    ``cosmap`` -> ``2 / (pi (1 - 2t + 2t^2))``."""
+    if scheme == "none":
+        return None
+    if scheme == "sigma_sqrt":
+        return t.float() ** -2.0
+    if scheme == "cosmap":
+        t = t.float()
+        return 2 / (math.pi * (1 - 2 * t + 2 * t**2))
+    raise ValueError(f"loss_weighting must be none, sigma_sqrt or cosmap, got {scheme!r}")
+
+
 def caption_dropout_mask(n: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Bool ``(n,)``: True where the caption is replaced by the empty prompt (classifier-free guidance
     training, Ho & Salimans 2022; p = 0.1 in Pyramid Flow, sqrt(0.1) per text encoder in Open-Sora 2.0)."""
@@ -175,25 +202,39 @@ class FlowMatching:
     """A flow-matching objective: how training times are drawn and what the model regresses.
 
     Attributes:
-        timestep_sampling: ``"uniform"`` or ``"logit_normal"``.
-        logit_mean, logit_std: parameters of the logit-normal sampler.
+        timestep_sampling: ``"uniform"``, ``"logit_normal"``, ``"sigmoid"`` (``sigmoid(logit_std * N(0, 1))``,
+            never shifted) or ``"shift"`` (the same draw, shifted); musubi-tuner's names for the last two.
+        logit_mean, logit_std: parameters of the logit-normal sampler (``logit_std`` is the scale of
+            ``sigmoid`` and ``shift``, musubi-tuner's ``sigmoid_scale``).
         shift: timestep shift applied after sampling: a float (1.0 = none) or ``"auto"`` for Open-Sora 2.0's
             :func:`opensora_shift` computed from the latent size passed to :meth:`sample_t`.
         s_min: residual noise at the data end (0 = plain rectified flow; Open-Sora 2.0 uses 1e-5).
+        min_t, max_t: the drawn (and shifted) times are mapped into ``[min_t, max_t]`` (:func:`map_to_range`).
+        loss_weighting: ``"none"``, ``"sigma_sqrt"`` or ``"cosmap"`` (:func:`flow_loss_weight`).
 
     ``FlowMatching.opensora()`` gives Open-Sora 2.0's settings.
     """
 
-    timestep_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
+    timestep_sampling: Literal["uniform", "logit_normal", "sigmoid", "shift"] = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
     shift: float | Literal["auto"] = 1.0
     s_min: float = 0.0
+    min_t: float = 0.0
+    max_t: float = 1.0
+    loss_weighting: str = "none"
 
     def __post_init__(self) -> None:
-        if self.timestep_sampling not in ("uniform", "logit_normal"):
+        if self.timestep_sampling not in ("uniform", "logit_normal", "sigmoid", "shift"):
             raise ValueError(
-                f"timestep_sampling must be 'uniform' or 'logit_normal', got {self.timestep_sampling!r}"
+                "timestep_sampling must be uniform, logit_normal, sigmoid or shift, "
+                f"got {self.timestep_sampling!r}"
+            )
+        if not 0.0 <= self.min_t < self.max_t <= 1.0:
+            raise ValueError(f"need 0 <= min_t < max_t <= 1, got min_t={self.min_t}, max_t={self.max_t}")
+        if self.loss_weighting not in ("none", "sigma_sqrt", "cosmap"):
+            raise ValueError(
+                f"loss_weighting must be none, sigma_sqrt or cosmap, got {self.loss_weighting!r}"
             )
         if self.shift != "auto" and not (isinstance(self.shift, (int, float)) and self.shift > 0):
             raise ValueError(f"shift must be a positive number or 'auto', got {self.shift!r}")
@@ -228,13 +269,17 @@ class FlowMatching:
         latent_size: tuple[int, int, int] | None = None,
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
-        """Draw ``batch`` training times ``(batch,)`` in [0, 1] and apply the configured shift."""
+        """Draw ``batch`` training times ``(batch,)`` in [0, 1], apply the configured shift (not for
+        ``sigmoid``), then map them into ``[min_t, max_t]``."""
         if self.timestep_sampling == "uniform":
             t = sample_uniform(batch, generator, device=device)
-        else:
+        elif self.timestep_sampling == "logit_normal":
             t = sample_logit_normal(batch, self.logit_mean, self.logit_std, generator, device=device)
-        shift = self.resolve_shift(latent_size)
-        return t if shift == 1.0 else shift_timesteps(t, shift)
+        else:  # musubi-tuner's sigmoid / shift: sigmoid(scale * N(0, 1))
+            t = sample_logit_normal(batch, 0.0, self.logit_std, generator, device=device)
+        shift = 1.0 if self.timestep_sampling == "sigmoid" else self.resolve_shift(latent_size)
+        t = t if shift == 1.0 else shift_timesteps(t, shift)
+        return map_to_range(t, self.min_t, self.max_t)
 
     def training_pair(
         self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
@@ -258,5 +303,5 @@ class FlowMatching:
         return TrainingInputs(x0=x0, noise=noise, x_t=x_t, t=t, target=target)
 
     def loss(self, pred: torch.Tensor, inputs: TrainingInputs) -> torch.Tensor:
-        """Plain MSE to the velocity target (:func:`flow_loss`)."""
-        return flow_loss(pred, inputs.target)
+        """MSE to the velocity target (:func:`flow_loss`), weighted per sample by ``loss_weighting``."""
+        return flow_loss(pred, inputs.target, flow_loss_weight(inputs.t, self.loss_weighting))

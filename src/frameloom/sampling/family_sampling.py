@@ -17,16 +17,19 @@ pipelines. Family-neutral: the family folders only say which grid, which conditi
    d. Append ``0``. The model is called with ``timestep = 1000 * sigma``; each step is ``x += (s_next - s) v``.
 
    Wan ships a ``UniPCMultistepScheduler`` (``flow_shift``, ``use_flow_sigmas``): a multistep solver with its
-   own grid. frameloom samples it with Euler on the grid above with ``shift = flow_shift`` (what
-   ``FlowMatchEulerDiscreteScheduler.from_config(unipc_config, shift=flow_shift)`` does); the pipeline with
-   UniPC then differs from frameloom's sample by the solver, not the model. LTX-Video's resolution-dependent
+   own grid. frameloom samples with the folder's scheduler (``sample.scheduler: auto``): Euler on the grid
+   above when it is ``FlowMatchEulerDiscreteScheduler``, else the scheduler object itself steps
+   (``scheduler_sample``), so ``frameloom sample`` equals the pipeline for UniPC too; ``sample.scheduler:
+   euler`` forces Euler on the grid with ``shift = flow_shift``. The solver used is written into each mp4's
+   metadata (``comment``) and logged. LTX-Video's resolution-dependent
    shift (``calculate_shift`` in diffusers' LTX pipeline): ``mu`` is linear in the latent token count between
    ``(base_image_seq_len, base_shift)`` and ``(max_image_seq_len, max_shift)``.
 
 2. ``flow_sample_latents``: the pipelines' noise (``randn((1, C, t, h, w), generator=Generator().manual_seed(
    seed))`` per prompt, a batch of one from a CPU generator; LTX packs that same tensor into tokens), then
-   ``euler_sample`` on the grid: per step one batched forward of ``[uncond; cond]``,
-   ``v = v_u + g (v_c - v_u)``; I2V conditions are appended to ``x`` as channels at every call.
+   ``euler_sample`` on the grid (or the folder's scheduler): per step one batched forward of
+   ``[uncond; cond]``, ``v = v_u + g (v_c - v_u)``; I2V conditions are appended to ``x`` as channels at
+   every call. Positive prompts carry ``model.id_token``, the negative prompt never does.
    (CogVideoX's DDIM loop is in models/cogvideox/sampling.py.)
 
 3. ``validate_with_pipeline``: ``validation.prompts`` through the family's diffusers pipeline built around
@@ -36,11 +39,14 @@ pipelines. Family-neutral: the family folders only say which grid, which conditi
    the ones training saw (``model.id_token`` included) and optional text-cleaning packages the pipeline
    would call (Wan I2V's ``ftfy``) are not needed.
 
-4. I2V conditioning images: ``model.config.validation_images`` (``validation_images``, ``load_images``).
+4. I2V conditioning images: ``sample.image`` (``frameloom sample --image``) or
+   ``model.config.validation_images`` (``validation_images``, ``load_images``).
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -58,6 +64,10 @@ __all__ = [
     "exponential_time_shift",
     "flow_match_sigmas",
     "flow_sample_latents",
+    "folder_scheduler",
+    "is_euler",
+    "scheduler_sample",
+    "conditioning_image_paths",
     "load_images",
     "resolution_mu",
     "scheduler_shift",
@@ -167,6 +177,24 @@ def flow_match_sigmas(
 # 2. frameloom's flow sampler on the pipeline's grid
 
 
+def folder_scheduler(root: str | Path, shift: float | None = None):
+    """The scheduler a model folder ships (``<root>/scheduler``, its class from ``model_index.json``), with
+    ``shift`` (when given) replacing its ``shift`` / ``flow_shift`` (and any dynamic shifting)."""
+    from frameloom.models.diffusers_family import component_class, part_config
+
+    config = part_config(root, "scheduler")
+    if shift is not None:  # UniPC / DPM-Solver name it flow_shift, FlowMatchEuler shift
+        config = {**config, ("flow_shift" if "flow_shift" in config else "shift"): float(shift)}
+        if config.get("use_dynamic_shifting"):
+            config["use_dynamic_shifting"] = False
+    return component_class(root, "scheduler").from_config(config)
+
+
+def is_euler(scheduler) -> bool:
+    """Whether frameloom's Euler on ``flow_match_sigmas`` is exactly this scheduler's solver."""
+    return type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+
+
 @torch.no_grad()
 def flow_sample_latents(
     model: torch.nn.Module,
@@ -175,18 +203,29 @@ def flow_sample_latents(
     *,
     seeds: Sequence[int],
     latent_shape: tuple[int, int, int, int],
-    sigmas: torch.Tensor,
     guidance: float,
+    sigmas: torch.Tensor | None = None,
+    scheduler: Any = None,
+    steps: int | None = None,
     negative_prompt: str = "",
     conditions: torch.Tensor | None = None,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Latents ``(N, C, t, h, w)`` for ``prompts[i]`` from ``seeds[i]`` (module docstring, section 2).
 
-    ``latent_shape`` is ``(C, t, h, w)``; ``conditions`` ``(N, K, t, h, w)`` are channels appended to ``x``
-    at every model call (Wan I2V's ``[cond | image]``).
+    The solver is Euler on ``sigmas``, or a diffusers ``scheduler`` stepping ``steps`` times (the model
+    folder's multistep solver, e.g. Wan's UniPC: ``scheduler.step`` on the guided velocity, the model called
+    at ``timestep / 1000``). ``latent_shape`` is ``(C, t, h, w)``; ``conditions`` ``(N, K, t, h, w)`` are
+    channels appended to ``x`` at every model call (Wan I2V's ``[cond | image]``); ``model_kwargs`` go to
+    every call (LTX-Video's ``frame_rate``). The prompts are encoded with ``model.id_token``, the negative
+    prompt without it.
     """
+    from frameloom.models.diffusers_family import unwrap_text_encoder
+
+    if (sigmas is None) == (scheduler is None):
+        raise ValueError("pass exactly one of sigmas (Euler) and scheduler")
     device = next(model.parameters()).device
-    neg_emb, neg_mask = text_encoder.encode([negative_prompt])
+    neg_emb, neg_mask = unwrap_text_encoder(text_encoder).encode([negative_prompt])
     out = []
     for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
         # 1. The pipeline's noise for a batch of one.
@@ -197,19 +236,49 @@ def flow_sample_latents(
         def model_fn(x, t, text, text_mask, cond=cond):
             if cond is not None:  # the classifier-free batch is [uncond; cond]: repeat the conditions
                 x = torch.cat([x, cond.expand(x.shape[0], *cond.shape[1:])], dim=1)
-            return model(x, t, text, text_mask).float()
+            return model(x, t, text, text_mask, **(model_kwargs or {})).float()
 
-        # 2. Euler on the pipeline's grid with classifier-free guidance (skipped at g <= 1, as the pipelines).
-        x = euler_sample(
-            model_fn,
-            noise,
-            sigmas.to(device),
-            cond=(emb.to(device), mask.to(device)),
-            uncond=(neg_emb.to(device), neg_mask.to(device)),
-            guidance=guidance if guidance > 1.0 else 1.0,
-        )
+        text, uncond = (emb.to(device), mask.to(device)), (neg_emb.to(device), neg_mask.to(device))
+        g = guidance if guidance > 1.0 else 1.0  # guidance is skipped at g <= 1, as the pipelines do
+        if scheduler is None:
+            # 2a. Euler on the pipeline's grid with classifier-free guidance.
+            x = euler_sample(model_fn, noise, sigmas.to(device), cond=text, uncond=uncond, guidance=g)
+        else:
+            # 2b. The folder's scheduler (a fresh multistep history per video).
+            x = scheduler_sample(model_fn, noise, copy.deepcopy(scheduler), steps, text, uncond, g)
         out.append(x)
     return torch.cat(out)
+
+
+@torch.no_grad()
+def scheduler_sample(
+    model_fn: Callable[..., torch.Tensor],
+    noise: torch.Tensor,
+    scheduler,
+    steps: int,
+    cond: tuple[torch.Tensor, torch.Tensor],
+    uncond: tuple[torch.Tensor, torch.Tensor],
+    guidance: float,
+) -> torch.Tensor:
+    """``x0`` from ``noise`` with a diffusers flow scheduler: at each of its timesteps ``T`` one batched
+    ``[uncond; cond]`` call at flow time ``T / 1000``, ``v = v_u + g (v_c - v_u)``, then
+    ``scheduler.step(v, T, x)`` (the Wan pipelines' loop)."""
+    from frameloom.sampling.flow_euler import _batch_cfg
+
+    scheduler.set_timesteps(steps, device=noise.device)
+    use_cfg = guidance != 1.0
+    b = noise.shape[0]
+    text, text_mask = _batch_cfg(cond, uncond, b) if use_cfg else cond
+    x = noise
+    for timestep in scheduler.timesteps:
+        t = (timestep.float() / 1000).to(noise.device)
+        if use_cfg:
+            v_u, v_c = model_fn(torch.cat([x, x]), t.expand(2 * b), text, text_mask).chunk(2)
+            v = v_u + guidance * (v_c - v_u)
+        else:
+            v = model_fn(x, t.expand(b), text, text_mask)
+        x = scheduler.step(v, timestep, x, return_dict=False)[0]
+    return x
 
 
 @torch.no_grad()
@@ -223,15 +292,24 @@ def decode_latents(codec, latents: torch.Tensor) -> torch.Tensor:
 # 3. validation through the family's pipeline
 
 
-def write_videos(videos: torch.Tensor, prompts: Sequence[str], seed: int, cfg: Config, out_dir: str | Path):
-    """One mp4 per prompt (``NNN-<slug>-seedS.mp4``) from videos ``(N, 3, T, H, W)`` in [-1, 1]."""
+def write_videos(
+    videos: torch.Tensor,
+    prompts: Sequence[str],
+    seed: int,
+    cfg: Config,
+    out_dir: str | Path,
+    sampler: str | None = None,
+):
+    """One mp4 per prompt (``NNN-<slug>-seedS.mp4``) from videos ``(N, 3, T, H, W)`` in [-1, 1]; ``sampler``
+    (what made them) goes into each file's ``comment`` tag."""
     from frameloom.sampling.generate import slug
     from frameloom.sampling.video_io import write_mp4
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    tags = {"comment": f"frameloom sampler: {sampler}"} if sampler else None
     return [
-        write_mp4(video, out_dir / f"{i:03d}-{slug(p)}-seed{seed}.mp4", fps=cfg.sample.fps)
+        write_mp4(video, out_dir / f"{i:03d}-{slug(p)}-seed{seed}.mp4", fps=cfg.sample.fps, metadata=tags)
         for i, (p, video) in enumerate(zip(prompts, videos))
     ]
 
@@ -245,19 +323,28 @@ def validate_with_pipeline(
     out_dir: str | Path,
     *,
     extra: Callable[[int], dict] | None = None,
+    pipeline_cls: type | None = None,
     **parts: Any,
 ) -> list[Path]:
     """``validation.prompts`` through the family's diffusers pipeline around the in-training transformer
     (LoRA layers active), one mp4 each in ``out_dir``; returns the paths (module docstring, section 3).
 
     ``parts`` are pipeline parts beyond the transformer, text encoder, VAE and scheduler (Wan I2V's image
-    encoder and processor); ``extra(i)`` adds per-prompt pipeline arguments (an I2V image, LTX's frame rate).
+    encoder and processor); ``extra(i)`` adds per-prompt pipeline arguments (an I2V image, LTX's frame rate);
+    ``pipeline_cls`` replaces the folder's pipeline class.
     The negative prompt is encoded without ``model.id_token``, as the pipeline would encode the string.
     """
     from frameloom.models.diffusers_family import build_pipeline, unwrap_text_encoder
 
-    pipe = build_pipeline(model.pretrained, model.transformer, text_encoder, codec, **parts)
+    pipe = build_pipeline(model.pretrained, model.transformer, text_encoder, codec, pipeline_cls, **parts)
     pipe.set_progress_bar_config(disable=True)
+    if cfg.sample.shift is not None and ({"shift", "flow_shift"} & set(pipe.scheduler.config)):
+        pipe.scheduler = folder_scheduler(model.pretrained, cfg.sample.shift)  # a flow family's sample.shift
+    sampler = (
+        f"{type(pipe).__name__} with {type(pipe.scheduler).__name__} (the model folder's), "
+        f"{cfg.sample.steps} steps, guidance {cfg.sample.guidance:g}"
+    )
+    logging.getLogger("frameloom.validate").info("validation with %s", sampler)
     prompts = list(cfg.validation.prompts)
     te_dtype = getattr(text_encoder, "dtype", torch.float32)
     tr_dtype = next(model.transformer.parameters()).dtype
@@ -281,7 +368,7 @@ def validate_with_pipeline(
         with torch.autocast(device.type, dtype=tr_dtype, enabled=te_dtype != tr_dtype):
             frames = pipe(**kwargs).frames[0]  # (T, 3, H, W) in [0, 1]
         videos.append(frames.permute(1, 0, 2, 3).float() * 2 - 1)
-    return write_videos(torch.stack(videos), prompts, cfg.sample.seed, cfg, out_dir)
+    return write_videos(torch.stack(videos), prompts, cfg.sample.seed, cfg, out_dir, sampler)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -301,12 +388,21 @@ def load_images(paths: Sequence[str], height: int, width: int) -> torch.Tensor:
     return torch.stack(out)
 
 
+def conditioning_image_paths(cfg: Config) -> list[str]:
+    """The image-to-video first frames the config names: ``sample.image`` (``frameloom sample --image``,
+    one image for every prompt), else ``model.config.validation_images`` (one per prompt, cycled)."""
+    if cfg.sample.image:
+        return [cfg.sample.image]
+    return list(cfg.model.config.get("validation_images") or [])
+
+
 def validation_images(cfg: Config, n: int) -> torch.Tensor:
-    """``model.config.validation_images`` for ``n`` prompts (cycled), ``(n, 3, H, W)`` in [-1, 1] at the
-    run's size: the conditioning images of image-to-video sampling and validation."""
-    paths = list(cfg.model.config.get("validation_images") or [])
+    """The conditioning images (``conditioning_image_paths``) for ``n`` prompts, ``(n, 3, H, W)`` in
+    [-1, 1] at the run's size: the first frames of image-to-video sampling and validation."""
+    paths = conditioning_image_paths(cfg)
     if not paths:
         raise FrameloomError(
-            "an image-to-video model needs model.config.validation_images (one image per prompt)"
+            "an image-to-video model needs a first frame: frameloom sample --image PATH, or "
+            "model.config.validation_images (one image per prompt)"
         )
     return load_images([paths[i % len(paths)] for i in range(n)], cfg.data.height, cfg.data.width)

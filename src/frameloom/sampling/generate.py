@@ -16,6 +16,7 @@ import torch
 
 from frameloom import pipeline
 from frameloom.checkpoint import io as ckpt
+from frameloom.checkpoint.trainable import load_weights
 from frameloom.config import Config, apply_overrides, load_config
 from frameloom.errors import FrameloomError
 from frameloom.sampling.flow_euler import euler_sample
@@ -106,7 +107,10 @@ def generate_to_files(
         return names
     from frameloom.models.registry import get_family
 
-    family_sample = get_family(cfg.model.family).sample
+    family = get_family(cfg.model.family)
+    family_sample = family.sample
+    solver = sampler_description(family, model, cfg)
+    logging.getLogger("frameloom.sample").info("sampling with %s", solver)
     if family_sample is not None:  # the family's own sampler (e.g. CogVideoX: v-prediction DDIM)
         videos = family_sample(
             model, text_encoder, codec, cfg, [p for _, p, _ in pairs], [s for _, _, s in pairs]
@@ -130,12 +134,21 @@ def generate_to_files(
             steps=cfg.sample.steps,
             guidance=cfg.sample.guidance,
             negative_prompt=cfg.sample.negative_prompt,
-            shift=cfg.sample.shift,
+            shift=cfg.sample.shift if cfg.sample.shift is not None else 1.0,  # null: none for the DiT
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     for path, video in zip(names[rank::world], videos):
-        write_mp4(video, path, fps=cfg.sample.fps)
+        write_mp4(video, path, fps=cfg.sample.fps, metadata={"comment": f"frameloom sampler: {solver}"})
     return names
+
+
+def sampler_description(family, model: torch.nn.Module, cfg: Config) -> str:
+    """The solver, steps, shift and guidance ``generate_to_files`` samples with (the family's own words, or
+    frameloom's flow Euler): logged and written into each mp4's ``comment`` tag."""
+    if family.describe_sampler is not None:
+        return family.describe_sampler(model, cfg)
+    shift = cfg.sample.shift if cfg.sample.shift is not None else 1.0
+    return f"Euler, {cfg.sample.steps} steps, shift {shift:g}, guidance {cfg.sample.guidance:g}"
 
 
 def load_for_sampling(
@@ -162,7 +175,7 @@ def load_for_sampling(
         weights = dict(loaded["model"])
         if cfg.sample.use_ema and loaded["ema"] is not None:
             weights.update(loaded["ema"])
-        model.load_state_dict(weights)
+        load_weights(model, weights, str(path))  # a LoRA checkpoint holds the adapter: the base is pretrained
     return model.to(device).eval()
 
 

@@ -85,6 +85,7 @@ def write_mp4(
     crf: int = DEFAULT_CRF,
     preset: str = "medium",
     threads: int | None = 1,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Encode ``video`` as an H.264 (libx264, yuv420p) mp4 at ``path`` and return the path.
 
@@ -100,6 +101,8 @@ def write_mp4(
         threads: encoder threads. The default 1 makes the bytes independent of the machine's core count
             (x264's output depends on its thread count) and is also the fastest for tiny videos; ``None``
             lets the encoder choose.
+        metadata: container tags (the mp4 muxer keeps the standard ones, e.g. ``comment``, ``title``);
+            frameloom's samplers record which solver made the video under ``comment``.
 
     The same ``video`` and arguments give the same bytes (with ``threads`` set): B-frames and x264's
     macroblock tree are off because with them tiny clips did not encode repeatably.
@@ -121,6 +124,7 @@ def write_mp4(
     _, h, w, _ = frames.shape
     try:
         with av.open(str(tmp), mode="w") as container:
+            container.metadata.update(metadata or {})
             stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
             options = {"crf": str(int(crf)), "preset": preset, "x264-params": _X264_PARAMS}

@@ -38,6 +38,7 @@ from frameloom.checkpoint.distributed import (
 from frameloom.config import Config, dump_yaml
 from frameloom.data.sampler import build_sampler
 from frameloom.errors import FrameloomError
+from frameloom.memory.block_swap import place_on_device
 from frameloom.models.registry import get_family
 from frameloom.objectives import Conditioning, StepContext, build_objective, caption_dropout_mask, predict
 from frameloom.parallel import env as dist_env
@@ -157,7 +158,9 @@ class Trainer:
         self._fit_text_statistics(self.model)
         if self.cached:
             self._release_encoders()
-        self.model.to(self.device).train()
+        # the device, except the frozen weights of parallel.blocks_to_swap blocks (memory/block_swap.py)
+        self.swapper = place_on_device(self.model, self.device, cfg.parallel)
+        self.model.train()
         self._check_sequence_split(self.model)
         self.par: Parallelized | None = None
         self.model = self.parallelize(self.model)  # what to call (a DDP wrapper, or the module itself)
@@ -508,6 +511,8 @@ class Trainer:
         if resumed is not None:
             bar.write(f"resumed from {resumed} at step {self.step}")
         losses: list[float] = []
+        if cfg.validation.at_start and cfg.validation.prompts and self.step == 0:
+            self.validate()  # samples/step-00000000: the model before any training
         last_ckpt: Path | None = resumed
         preempted = False
         batches = iter(self._loader())
@@ -601,6 +606,10 @@ class Trainer:
             if self.cached:  # back out of memory until the next validation
                 self._release_encoders()
             model.train(was_training)
+            if self.cfg.logging.tensorboard:  # the mp4s also as animated images (train/video_log.py)
+                from frameloom.train.video_log import log_videos
+
+                log_videos(self.run_dir, paths, self.step, self.cfg.sample.fps)
         dist_env.barrier()
         return paths
 

@@ -66,8 +66,9 @@ class CogVideoXObjective(VPredictionDDPM):
         noised_image_dropout: float = 0.05,
         image_noise_mean: float = -3.0,
         image_noise_std: float = 0.5,
+        t_range: tuple[float, float] = (0.0, 1.0),
     ):
-        super().__init__(schedule)
+        super().__init__(schedule, t_range)
         self.patch_size_t = patch_size_t
         self.i2v = i2v
         self.image_scale = image_scale

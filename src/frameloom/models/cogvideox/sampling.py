@@ -1,11 +1,15 @@
 """CogVideoX sampling: frameloom's own DDIM loop (``frameloom sample``) and validation through diffusers'
 CogVideoX pipeline built around the in-training weights.
 
-frameloom's loop reproduces ``CogVideoXPipeline`` with ``CogVideoXDDIMScheduler`` step for step, so the two
-give the same video for the same seed, steps and guidance (tests/test_family_cogvideox.py checks it):
+frameloom's loop reproduces ``CogVideoXPipeline`` / ``CogVideoXImageToVideoPipeline`` with
+``CogVideoXDDIMScheduler`` step for step, so the two give the same video for the same seed, steps, guidance
+and negative prompt (tests/test_family_cogvideox.py checks 1.0 T2V, 1.0 I2V and 1.5 I2V):
 
-1. noise ``randn((1, T', C, h, w), generator=Generator().manual_seed(seed))`` in the pipeline's
-   ``(B, T, C, H, W)`` layout, where ``T'`` adds CogVideoX 1.5's extra latent frames;
+1. one CPU generator ``Generator().manual_seed(seed)`` per video, used in the pipeline's order: I2V first
+   encodes the image (a VAE *sample* drawn with it, scaled like the pipeline), then the noise
+   ``randn((1, T', C, h, w))`` in the pipeline's ``(B, T, C, H, W)`` layout, where ``T'`` adds CogVideoX
+   1.5's extra latent frames; the text is encoded with ``model.id_token`` (positive prompts only: the
+   negative prompt is encoded as the string it is, never with the trigger word);
 2. timesteps ``ddim_timesteps(N, steps, spacing)``; at each, one batched forward of ``[uncond; cond]``,
    ``v = v_u + g (v_c - v_u)``, ``x0 = sqrt(ab) x - sqrt(1 - ab) v``, then the DDIM step to
    ``t - N // steps`` (``alpha_bar = 1`` past the end when ``set_alpha_to_one``);
@@ -21,10 +25,11 @@ import torch
 
 from frameloom.config.schema import Config
 from frameloom.models.cogvideox.objective import image_condition
+from frameloom.models.diffusers_family import unwrap_text_encoder
 from frameloom.objectives.ddpm import DDPMSchedule, ddim_step, ddim_timesteps, x0_from_v
 from frameloom.sampling.family_sampling import validate_with_pipeline, validation_images
 
-__all__ = ["ddim_sample", "sample_videos", "validate"]
+__all__ = ["ddim_sample", "describe_sampler", "sample_videos", "validate"]
 
 
 @torch.no_grad()
@@ -85,20 +90,20 @@ def sample_videos(
     channels = config.out_channels or config.in_channels
     if getattr(model, "is_i2v", False) and images is None:
         images = validation_images(cfg, len(prompts))
-    neg = text_encoder.encode([cfg.sample.negative_prompt])
+    neg = unwrap_text_encoder(text_encoder).encode([cfg.sample.negative_prompt])  # no id_token
     out = []
     for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
-        # 1. Noise exactly as the pipeline draws it: (1, T', C, h, w) from a CPU generator.
+        # 1. The pipeline's draws from one CPU generator: the image latent (I2V) first, then the noise.
         g = torch.Generator().manual_seed(int(seed))
-        noise = torch.randn((1, t_lat + extra, channels, h, w), generator=g).permute(0, 2, 1, 3, 4).to(device)
-        emb, mask = text_encoder.encode([prompt])
         image_cond = None
         if images is not None:
             latent = codec.encode(
                 images[i : i + 1].unsqueeze(2).to(device), generator=g
             ).float()  # (1, C, 1, h, w)
             latent = latent * _image_scale(codec)
-            image_cond = image_condition(latent, t_lat + extra)
+            image_cond = image_condition(latent, t_lat + extra)  # (1, C, T', h, w)
+        noise = torch.randn((1, t_lat + extra, channels, h, w), generator=g).permute(0, 2, 1, 3, 4).to(device)
+        emb, mask = text_encoder.encode([prompt])
         # 2. DDIM with guidance.
         x = ddim_sample(
             model,
@@ -113,6 +118,15 @@ def sample_videos(
         # 3. Drop CogVideoX 1.5's extra front frames, decode.
         out.append(codec.decode(x[:, :, extra:]).float().clamp(-1, 1).cpu())
     return torch.cat(out)
+
+
+def describe_sampler(model: torch.nn.Module, cfg: Config) -> str:
+    """What ``sample_videos`` integrates with, for the log and the mp4 metadata."""
+    schedule = DDPMSchedule.from_pretrained(model.pretrained)
+    return (
+        f"DDIM (eta 0, {schedule.timestep_spacing} timesteps, CogVideoXDDIMScheduler's step), "
+        f"{cfg.sample.steps} steps, guidance {cfg.sample.guidance:g}"
+    )
 
 
 def _image_scale(codec) -> float:

@@ -6,9 +6,12 @@ Conventions bridged (read from diffusers' ``LTXPipeline``):
   ``T' = T / p_t``, ``H' = H / p``, ``W' = W / p`` (``LTXPipeline._pack_latents``: channel-major inside a
   patch, tokens in (t, h, w) order) plus the grid size; ``pack_latents``/``unpack_latents`` do that and back;
 - RoPE positions: ``rope_interpolation_scale = (vae_t / frame_rate, vae_s, vae_s)`` (latent positions in
-  seconds and pixels); ``frame_rate`` is ``model.config.frame_rate`` (default 25, the pipeline's default;
-  set it to the clips' frame rate);
-- time: ``timestep = 1000 * sigma``; prediction: the velocity ``noise - x0``;
+  seconds and pixels); ``frame_rate`` is the clips' frame rate: a ``frame_rate`` argument of ``forward``
+  (one per sample, ``(B,)``: clips of several frame rates in one batch), else the adapter's own
+  (``model.config.frame_rate``, else ``data.target_fps``, else 25, the pipeline's default; family.py);
+- time: ``timestep = 1000 * sigma``, one per sample ``(B,)`` or one per latent frame ``(B, T)`` (image-to-video:
+  the clean first frame is at time 0, as ``LTXImageToVideoPipeline`` gives each token
+  ``t * (1 - conditioning_mask)``); prediction: the velocity ``noise - x0``;
 - text: real token embeddings plus the mask (``encoder_attention_mask``): masked positions get a -10000
   bias, so zero padding of any length gives the pipeline's result (models/text.py, ``PaddedT5TextEncoder``);
 - latents: ``(z - latents_mean) * scaling_factor / latents_std`` (``DiffusersVAECodec``);
@@ -35,7 +38,15 @@ from frameloom.models.diffusers_family import DiffusersDenoiser
 from frameloom.objectives.flow import FlowMatching
 from frameloom.sampling.family_sampling import resolution_mu
 
-__all__ = ["LTXDenoiser", "LTXVideoCodec", "ResolutionShiftedFlow", "pack_latents", "unpack_latents"]
+__all__ = [
+    "LTXDenoiser",
+    "LTXVideoCodec",
+    "ResolutionShiftedFlow",
+    "pack_latents",
+    "rope_scale",
+    "token_timesteps",
+    "unpack_latents",
+]
 
 
 def pack_latents(x: torch.Tensor, p: int = 1, p_t: int = 1) -> torch.Tensor:
@@ -58,8 +69,33 @@ def unpack_latents(
     return x.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
 
+def token_timesteps(t: torch.Tensor, grid: tuple[int, int, int], patch_t: int = 1) -> torch.Tensor:
+    """The transformer's ``timestep`` ``1000 * t``: ``(B,)`` as it is, or per latent frame ``(B, T)`` ->
+    per token ``(B, T' H' W')`` in the tokens' (t, h, w) order (one value per temporal patch)."""
+    if t.dim() == 1:
+        return t.float() * 1000
+    frames, h, w = grid
+    per_frame = t.float()[:, ::patch_t][:, :frames]  # (B, T')
+    return (per_frame[:, :, None].expand(-1, -1, h * w) * 1000).flatten(1)  # (B, T'H'W')
+
+
+def rope_scale(
+    frame_rate: float | torch.Tensor, temporal_compression: int, spatial_compression: int
+) -> tuple[float | torch.Tensor, int, int]:
+    """``rope_interpolation_scale`` ``(vae_t / frame_rate, vae_s, vae_s)``; a ``(B,)`` tensor of frame rates
+    gives a ``(B, 1, 1, 1, 1)`` time scale (diffusers' LTX RoPE multiplies its ``(B, 1, T, H, W)`` grid)."""
+    if isinstance(frame_rate, torch.Tensor):
+        return (
+            (temporal_compression / frame_rate.float()).view(-1, 1, 1, 1, 1),
+            spatial_compression,
+            spatial_compression,
+        )
+    return (temporal_compression / float(frame_rate), spatial_compression, spatial_compression)
+
+
 class LTXDenoiser(DiffusersDenoiser):
-    """``forward(x_t (B, C, T, H, W), t (B,), text (B, L, D), mask (B, L)) -> v (B, C, T, H, W)``."""
+    """``forward(x_t (B, C, T, H, W), t (B,) or (B, T), text (B, L, D), mask (B, L), frame_rate=None)
+    -> v (B, C, T, H, W)``; ``frame_rate`` (a float, or ``(B,)``) overrides the adapter's (module docstring)."""
 
     def __init__(
         self,
@@ -74,9 +110,9 @@ class LTXDenoiser(DiffusersDenoiser):
         cfg = transformer.config
         self.patch, self.patch_t = int(cfg.patch_size), int(cfg.patch_size_t)
         self.latent_channels = int(cfg.out_channels)
-        ct, cs, _ = vae_compression
+        self.vae_compression = tuple(int(c) for c in vae_compression)
         self.frame_rate = float(frame_rate)
-        self.rope_scale = (ct / self.frame_rate, cs, cs)
+        self.rope_scale = rope_scale(self.frame_rate, self.vae_compression[0], self.vae_compression[1])
 
     def pipeline_text(self, emb: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """``LTXPipeline``'s ``prompt_embeds`` and ``prompt_attention_mask`` (the padded positions are masked
@@ -84,25 +120,38 @@ class LTXDenoiser(DiffusersDenoiser):
         return {"prompt_embeds": emb, "prompt_attention_mask": mask}
 
     def forward(
-        self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor, text_mask: torch.Tensor | None
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        text_emb: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        frame_rate: float | torch.Tensor | None = None,
     ) -> torch.Tensor:
         dtype = self.transformer.dtype
         b, _, frames, height, width = x_t.shape
         grid = (frames // self.patch_t, height // self.patch, width // self.patch)
         if text_mask is None:
             text_mask = torch.ones(text_emb.shape[:2], dtype=torch.bool, device=text_emb.device)
+        if t.dim() == 1:
+            t = t.expand(b)
         # 1. Pack into tokens.
         tokens = pack_latents(x_t, self.patch, self.patch_t)  # (B, T'H'W', C p_t p p)
-        # 2. The diffusers call: timestep = 1000 * sigma, the grid and RoPE scale for the positions.
+        # 2. The diffusers call: timestep = 1000 * sigma (per sample, or per token for a clean first frame),
+        #    the grid and the RoPE scale of the clips' frame rate.
+        scale = self.rope_scale
+        if frame_rate is not None:  # one rate (a float: the pipeline's arithmetic) or one per sample (B,)
+            if isinstance(frame_rate, torch.Tensor):
+                frame_rate = frame_rate.to(x_t.device)
+            scale = rope_scale(frame_rate, self.vae_compression[0], self.vae_compression[1])
         out = self.transformer(
             hidden_states=tokens.to(dtype),
             encoder_hidden_states=text_emb.to(dtype),
-            timestep=t.float().expand(b) * 1000,
+            timestep=token_timesteps(t, grid, self.patch_t),  # (B,) or (B, T'H'W')
             encoder_attention_mask=text_mask.to(dtype),
             num_frames=grid[0],
             height=grid[1],
             width=grid[2],
-            rope_interpolation_scale=self.rope_scale,
+            rope_interpolation_scale=scale,
             return_dict=False,
         )[0]  # (B, T'H'W', C p_t p p)
         # 3. Back to (B, C, T, H, W).

@@ -277,7 +277,7 @@ def load_text_encoder(cfg: Config, device: torch.device):
     return load(
         text_encoder_dir(cfg),
         _clip_dir(cfg, s),
-        t5_max_length=cfg.model.text_max_length,
+        t5_max_length=cfg.model.text_max_length or 512,  # null: Open-Sora 2.0's 512
         clip_max_length=s.clip_max_length,
         dtype=parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype"),
         device=device,
@@ -292,7 +292,7 @@ def build_objective(cfg: Config):
     from .objective import OpenSoraFlow
 
     o = cfg.objective
-    if o.name != "flow":
+    if o.name not in (None, "flow"):  # null: the family's own
         raise FrameloomError(f"model.family opensora2 trains with objective.name=flow, not {o.name!r}")
     s = settings(cfg.model)
     if s.condition_config and not mmdit_config(cfg.model).cond_embed:
@@ -301,10 +301,10 @@ def build_objective(cfg: Config):
         )
     try:
         flow = FlowMatching(
-            timestep_sampling=o.timestep_sampling,
+            timestep_sampling=o.timestep_sampling or "logit_normal",  # null: the family's own
             logit_mean=o.logit_mean,
             logit_std=o.logit_std,
-            shift=float(o.shift) if o.shift != 1.0 else "auto",
+            shift="auto" if o.shift in (None, 1.0, "auto") else float(o.shift),  # null / 1: its auto shift
             s_min=OPENSORA_SIGMA_MIN,
         )
     except ValueError as exc:

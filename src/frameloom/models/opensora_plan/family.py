@@ -116,7 +116,7 @@ def load_text_encoder(cfg: Config, device: torch.device):
 
     return T5TextEncoder.from_pretrained(
         text_encoder_dir(cfg),
-        max_length=cfg.model.text_max_length,
+        max_length=cfg.model.text_max_length or 512,  # null: Open-Sora-Plan's 512
         dtype=_dtype(cfg.model.encoder_dtype, "model.encoder_dtype"),
     ).to(device)
 
@@ -126,7 +126,7 @@ def build_objective(cfg: Config):
     min-SNR 5, explicit_uniform)."""
     from frameloom.objectives import ddpm_objective_from_config
 
-    if cfg.objective.name != "ddpm":
+    if cfg.objective.name not in (None, "ddpm"):  # null: the family's own
         raise FrameloomError(
             f"model.family opensora_plan trains with objective.name=ddpm, not {cfg.objective.name!r} "
             "(Open-Sora-Plan's flow-matching option is not implemented)"

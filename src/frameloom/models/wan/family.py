@@ -21,12 +21,14 @@ from frameloom.errors import FrameloomError
 from frameloom.models import diffusers_family as df
 from frameloom.models.codecs import DiffusersVAECodec
 from frameloom.models.wan.adapter import WanDenoiser
-from frameloom.models.wan.i2v import ConditionedFlow, WanI2VCodec, pack_image_embeds
+from frameloom.models.wan.i2v import ConditionedFlow, WanI2VCodec, image_channels, pack_image_embeds
 from frameloom.models.wan.text import WanTextEncoder
 from frameloom.sampling.family_sampling import (
     decode_latents,
     flow_match_sigmas,
     flow_sample_latents,
+    folder_scheduler,
+    is_euler,
     scheduler_shift,
     validate_with_pipeline,
     validation_images,
@@ -36,6 +38,8 @@ __all__ = [
     "build_denoiser",
     "build_objective",
     "comfyui_module",
+    "describe_sampler",
+    "input_shapes",
     "is_i2v",
     "load_codec",
     "load_denoiser",
@@ -66,14 +70,21 @@ def load_codec(cfg: Config, device: torch.device):
     return df.load_vae_codec(cfg, device, codec_cls, parts=parts)
 
 
+#: Wan 2.1's text length: its pipelines (``max_sequence_length``) and ComfyUI pad every caption to 512 tokens.
+TEXT_LENGTH = 512
+
+
 def load_text_encoder(cfg: Config, device: torch.device):
-    """UMT5 with Wan's prompt cleaning (wan/text.py), ``model.text_max_length`` tokens, ``model.id_token``."""
-    return df.load_text_encoder(cfg, device, WanTextEncoder, parts=_parts(cfg.model))
+    """UMT5 with Wan's prompt cleaning (wan/text.py), ``model.text_max_length`` tokens (null: 512),
+    ``model.id_token``."""
+    return df.load_text_encoder(
+        cfg, device, WanTextEncoder, default_length=TEXT_LENGTH, parts=_parts(cfg.model)
+    )
 
 
 def build_denoiser(model_cfg: ModelConfig, latent_channels: int, text_dim: int) -> WanDenoiser:
     """The pretrained transformer (LoRA when ``model.lora.rank > 0``) in frameloom's layout; the text is
-    zero-padded to ``model.text_max_length`` tokens (Wan 2.1 was trained with 512).
+    zero-padded to ``model.text_max_length`` tokens (null: 512, what Wan 2.1 was trained with).
 
     ``latent_channels``/``text_dim`` are checked against the transformer when given (> 0).
     """
@@ -91,30 +102,72 @@ def build_denoiser(model_cfg: ModelConfig, latent_channels: int, text_dim: int) 
                 f"the image encoder has width {vision['hidden_size']}, the transformer expects {config.image_dim}"
             )
     return WanDenoiser(
-        transformer, root, model_cfg.lora, text_len=model_cfg.text_max_length, image_tokens=image_tokens
+        transformer,
+        root,
+        model_cfg.lora,
+        text_len=df.text_length(model_cfg, TEXT_LENGTH),
+        image_tokens=image_tokens,
     )
+
+
+def input_shapes(cfg: Config):
+    """Latent and text shapes from the directory's configs (``frameloom plan``); an I2V clip's latent also
+    carries the condition and the packed image tokens (wan/i2v.py)."""
+    from frameloom.memory.plan import InputShapes
+
+    root = df.check_pretrained(cfg.model, _parts(cfg.model))
+    channels, compression = df.vae_latent_shape(root)
+    text_dim = int(df.part_config(root, "transformer")["text_dim"])
+    extra = None
+    if is_i2v(root):
+        vision = df.part_config(root, "image_encoder")
+        vision = vision.get("vision_config", vision)
+        tokens = (int(vision["image_size"]) // int(vision["patch_size"])) ** 2 + 1
+        dim = int(vision["hidden_size"])
+
+        def extra(grid, channels=channels, tokens=tokens, dim=dim):
+            return channels + image_channels(tokens, dim, grid)
+
+    return InputShapes(channels, compression, df.text_length(cfg.model, TEXT_LENGTH), text_dim, extra)
 
 
 def load_denoiser(path: str) -> WanDenoiser:
     """A diffusers directory (or its ``transformer/`` folder) -> the full-weights denoiser, no LoRA, with Wan
     2.1's 512 text positions."""
-    return df.load_pretrained_denoiser(build_denoiser, "wan", path, text_max_length=512)
+    return df.load_pretrained_denoiser(build_denoiser, "wan", path)
 
 
 def build_objective(cfg: Config):
-    """Flow matching with the scheduler config's shift; I2V: only the latent channels are noised."""
+    """Flow matching with the scheduler config's shift (``objective.shift: null``) and uniform times
+    (``objective.timestep_sampling: null``); I2V: only the latent channels are noised."""
     root = df.check_pretrained(cfg.model, _parts(cfg.model))
-    flow = df.flow_objective(cfg, scheduler_shift(df.part_config(root, "scheduler")))
+    flow = df.flow_objective(
+        cfg, scheduler_shift(df.part_config(root, "scheduler")), default_sampling="uniform"
+    )
     if not is_i2v(root):
         return flow
     return ConditionedFlow(flow, int(df.part_config(root, "vae").get("z_dim", 16)))
 
 
-def _sigmas(model: WanDenoiser, cfg: Config) -> torch.Tensor:
+def _solver(model: WanDenoiser, cfg: Config) -> dict:
+    """``flow_sample_latents``' solver arguments: the folder's scheduler (``sample.scheduler: auto``), or
+    Euler on the shifted grid (``euler``, or when the folder's scheduler is FlowMatchEuler: the same thing).
+    ``sample.shift`` (null: the scheduler's) replaces the folder's shift in both."""
+    if cfg.sample.scheduler not in ("auto", "euler"):
+        raise FrameloomError(f"sample.scheduler must be auto or euler, not {cfg.sample.scheduler!r}")
+    scheduler = folder_scheduler(model.pretrained, cfg.sample.shift)
+    if cfg.sample.scheduler == "auto" and not is_euler(scheduler):
+        return {"scheduler": scheduler, "steps": cfg.sample.steps}
+    return {"sigmas": flow_match_sigmas(cfg.sample.steps, dict(scheduler.config))}
+
+
+def describe_sampler(model: WanDenoiser, cfg: Config) -> str:
+    """What ``sample_videos`` integrates with, for the log and the mp4 metadata."""
+    solver = _solver(model, cfg)
     config = df.part_config(model.pretrained, "scheduler")
-    if cfg.sample.shift != 1.0:  # an explicit sampling shift replaces the scheduler's
-        config = {**config, "shift": float(cfg.sample.shift), "flow_shift": float(cfg.sample.shift)}
-    return flow_match_sigmas(cfg.sample.steps, config)
+    shift = cfg.sample.shift if cfg.sample.shift is not None else scheduler_shift(config)
+    name = type(solver["scheduler"]).__name__ if "scheduler" in solver else "Euler (FlowMatchEuler grid)"
+    return f"{name}, {cfg.sample.steps} steps, shift {shift:g}, guidance {cfg.sample.guidance:g}"
 
 
 @torch.no_grad()
@@ -127,8 +180,8 @@ def sample_latents(
     seeds,
     images: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Normalized latents ``(N, C, t, h, w)``; I2V takes ``images`` ``(N, 3, H, W)`` in [-1, 1] (or
-    ``model.config.validation_images``)."""
+    """Normalized latents ``(N, C, t, h, w)`` with the folder's scheduler (``_solver``); I2V takes
+    ``images`` ``(N, 3, H, W)`` in [-1, 1] (or ``model.config.validation_images``)."""
     grid = codec.latent_size(cfg.data.num_frames, cfg.data.height, cfg.data.width)
     conditions = None
     if model.i2v:
@@ -142,10 +195,10 @@ def sample_latents(
         prompts,
         seeds=seeds,
         latent_shape=(model.latent_channels, *grid),
-        sigmas=_sigmas(model, cfg),
         guidance=cfg.sample.guidance,
         negative_prompt=cfg.sample.negative_prompt,
         conditions=conditions,
+        **_solver(model, cfg),
     )
 
 

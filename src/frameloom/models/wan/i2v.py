@@ -35,7 +35,7 @@ import torch
 from frameloom.errors import FrameloomError
 from frameloom.models.codecs import DiffusersVAECodec, LatentCodec, config_sha256, weights_sha256
 from frameloom.objectives.base import StepContext, TrainingInputs
-from frameloom.objectives.flow import FlowMatching, flow_loss
+from frameloom.objectives.flow import FlowMatching
 
 __all__ = [
     "ConditionedFlow",
@@ -108,7 +108,8 @@ class ConditionedFlow:
 
     ``draw``: times and noise as ``FlowMatching.draw`` (times first, then noise of the *noised part's*
     shape, both from the generator), ``x_t = [(1 - t) z + t noise | conditions]``, target ``noise - z``.
-    ``loss``: the plain flow MSE of the ``channels``-channel prediction.
+    ``loss``: the flow loss of the ``channels``-channel prediction (``FlowMatching.loss``: MSE, weighted by
+    its ``loss_weighting``).
     """
 
     def __init__(self, flow: FlowMatching, channels: int):
@@ -125,7 +126,7 @@ class ConditionedFlow:
         return inputs
 
     def loss(self, pred: torch.Tensor, inputs: TrainingInputs) -> torch.Tensor:
-        return flow_loss(pred, inputs.target)
+        return self.flow.loss(pred, inputs)
 
 
 # --------------------------------------------------------------------------------------------------------
