@@ -34,6 +34,7 @@ __all__ = [
     "PRESETS",
     "build_denoiser",
     "build_objective",
+    "describe_sampler",
     "export_released",
     "load_codec",
     "load_denoiser",
@@ -42,6 +43,8 @@ __all__ = [
 ]
 
 TINY = "tiny-pyramid"
+TEXT_MAX_LENGTH = 128  # T5 tokens per caption (the seed's max_sequence_length)
+DEFAULT_OBJECTIVE = "pyramid_flow"  # objective.name null: the full-sequence recipe (the seed's "more stable")
 
 #: the released architectures (SEED_MODELS.md; config.json of rain1011/pyramid-flow-{miniflux,sd3})
 PRESETS: dict[str, dict[str, Any]] = {
@@ -265,7 +268,7 @@ def load_text_encoder(cfg: Config, device: torch.device):
     return PyramidTextEncoder.from_pretrained(
         root,
         variant,
-        cfg.model.text_max_length,
+        cfg.model.text_max_length or TEXT_MAX_LENGTH,
         dtype=parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype"),
         device=device,
     )
@@ -294,7 +297,7 @@ def build_objective(cfg: Config):
     )
 
     opts = PyramidOptions.from_dict(cfg.objective.pyramid)
-    name = cfg.objective.name
+    name = cfg.objective.name or DEFAULT_OBJECTIVE
     if name == "flow":
         return FullResolutionFlow(opts)
     if name not in ("pyramid_flow", "pyramid_flow_ar"):
@@ -330,6 +333,34 @@ def _encode_prompts(text_encoder, texts: list[str], negative: str):
     return cond, uncond
 
 
+def sampling_mode(cfg: Config) -> str:
+    """`ar`, `full` or `flow`: ``sample.pyramid.mode``, or (auto) the one the run's objective trained for."""
+    from frameloom.sampling.pyramid import PyramidSampleOptions
+
+    mode = PyramidSampleOptions.from_dict(cfg.sample.pyramid).mode
+    if mode != "auto":
+        return mode
+    return {"pyramid_flow_ar": "ar", "flow": "flow"}.get(cfg.objective.name or DEFAULT_OBJECTIVE, "full")
+
+
+def describe_sampler(model: torch.nn.Module, cfg: Config) -> str:
+    """What `frameloom sample` logs and writes into each mp4's comment."""
+    from frameloom.sampling.pyramid import PyramidSampleOptions
+
+    opts, mode = PyramidSampleOptions.from_dict(cfg.sample.pyramid), sampling_mode(cfg)
+    if mode == "flow":
+        return f"Euler, {cfg.sample.steps} steps, guidance {cfg.sample.guidance:g}"
+    text = f"pyramid stage Euler with renoising jumps, {opts.first_frame_steps} steps per stage"
+    if mode == "ar":
+        text += (
+            f" (first frame, guidance {cfg.sample.guidance:g}), then unit by unit {opts.video_steps} "
+            f"(guidance {opts.video_guidance:g})"
+        )
+    else:
+        text += f", guidance {cfg.sample.guidance:g}"
+    return text
+
+
 @torch.no_grad()
 def sample_videos(model, text_encoder, codec, cfg: Config, prompts, seeds) -> torch.Tensor:
     """``frameloom sample`` / validation: videos ``(N, 3, T, H, W)`` in [-1, 1] (sampling/pyramid.py)."""
@@ -347,9 +378,7 @@ def sample_videos(model, text_encoder, codec, cfg: Config, prompts, seeds) -> to
     t, h, w = codec.latent_size(cfg.data.num_frames, cfg.data.height, cfg.data.width)
     shape = (len(prompts), codec.latent_channels, t, h, w)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    mode = sopts.mode
-    if mode == "auto":
-        mode = {"pyramid_flow_ar": "ar", "flow": "flow"}.get(cfg.objective.name, "full")
+    mode = sampling_mode(cfg)
     first_frame = None
     if cfg.sample.image:
         if mode != "ar":

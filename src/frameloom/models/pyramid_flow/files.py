@@ -65,7 +65,7 @@ def write_jsonl(cfg, out: str | os.PathLike, *, progress: bool = True) -> Path:
     from frameloom import pipeline
     from frameloom.cache.dataset import CachedClipDataset
 
-    from .family import _denoiser_variant
+    from .family import TEXT_MAX_LENGTH, _denoiser_variant
 
     variant = _denoiser_variant(cfg)
     codec = pipeline.load_codec(cfg, "cpu")
@@ -95,7 +95,7 @@ def write_jsonl(cfg, out: str | os.PathLike, *, progress: bool = True) -> Path:
         raw = denormalize_latent(item["latent"][None].float(), variant).to(torch.bfloat16)  # (1, C, T, h, w)
         latent, text_fea = out.parent / "latents" / f"{i:06d}.pt", out.parent / "text" / f"{i:06d}.pt"
         torch.save(raw.clone(), latent)
-        length = cfg.model.text_max_length  # upstream pads every caption to a fixed length
+        length = cfg.model.text_max_length or TEXT_MAX_LENGTH  # upstream pads every caption to a fixed length
         emb = torch.zeros(1, length, item["text_emb"].shape[-1])
         mask = torch.zeros(1, length, dtype=torch.long)
         n = min(item["text_emb"].shape[0], length)
