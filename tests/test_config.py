@@ -128,3 +128,40 @@ def test_manifest_relative_to_config_file(tmp_path):
     (tmp_path / "data" / "m.parquet").write_bytes(b"")
     cfg = load_config(write(tmp_path / "c.yaml", "data: {manifest: data/m.parquet}\n"))
     assert Path(cfg.data.manifest) == tmp_path / "data" / "m.parquet"
+
+
+def test_yaml_boolean_words_of_string_options(tmp_path):
+    """YAML 1.1 reads `no` and `off` as false: string options whose word that was take it back; any other
+    string option says to quote the value."""
+    cfg = load_config(
+        write(tmp_path / "c.yaml", "train: {mixed_precision: no}\ndata: {caption_aesthetic: off}\n")
+    )
+    assert (cfg.train.mixed_precision, cfg.data.caption_aesthetic) == ("no", "off")
+    assert load_config(None, ["train.mixed_precision=no", "--data.caption_aesthetic", "off"]) == cfg
+    with pytest.raises(ConfigError, match=r"^parallel.mixed_precision: YAML reads no/off/false as the boolean "
+                                          r"false; quote the value \(e.g. mixed_precision: 'no'\)$"):  # fmt: skip
+        load_config(write(tmp_path / "d.yaml", "parallel: {mixed_precision: off}\n"))
+    with pytest.raises(ConfigError, match=r"^data.frame_policy: YAML reads yes/on/true as the boolean true"):
+        load_config(None, ["data.frame_policy=on"])  # a str-or-null option
+    path = tmp_path / "resolved.yaml"
+    dump_yaml(cfg, path)  # written quoted, read back as the word
+    assert load_config(path) == cfg
+
+
+def test_shift_accepts_auto_and_numbers(tmp_path):
+    from frameloom.errors import FrameloomError
+    from frameloom.objectives import build_objective
+
+    cfg = load_config(write(tmp_path / "c.yaml", "objective: {shift: auto}\n"))
+    assert cfg.objective.shift == "auto" and build_objective(cfg).shift == "auto"
+    assert load_config(None, ["objective.shift=3"]).objective.shift == 3.0
+    with pytest.raises(FrameloomError, match="shift must be a positive number or 'auto', got 'fast'"):
+        build_objective(load_config(None, ["objective.shift=fast"]))
+
+
+def test_backend_choice():
+    from frameloom.parallel.env import default_backend
+
+    assert default_backend("cpu") == "gloo" and default_backend("cpu", cpu_collectives=True) == "gloo"
+    assert default_backend("cuda") == "nccl"
+    assert default_backend("cuda", cpu_collectives=True) == "cuda:nccl,cpu:gloo"  # FSDP CPU offload

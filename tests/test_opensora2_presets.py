@@ -45,6 +45,7 @@ def shrink(root: Path, csv: Path, preset: str, *extra: str) -> list[str]:
         "data.height=32",
         "data.width=32",
         "data.num_workers=0",
+        "data.require_cache=false",  # the preset refuses to start without a complete cache; these decode
         "parallel.sp_size=1",
         "train.steps=2",
         "train.progress=false",

@@ -13,6 +13,7 @@ losses and gradients bit-identical.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -203,13 +204,116 @@ def _lora_check(rank: int) -> dict:
     return out
 
 
+def _bf16_timestep_check(rank: int) -> dict:
+    """FSDP2 bf16 mixed precision without autocast on the DiT with pooled text and per-token conditioning:
+    what the timestep embedder receives, against the fp32 features rounded to bf16 once."""
+    from frameloom.models.dit.model import VideoDiT, timestep_embedding
+    from frameloom.parallel import init_distributed, parallelize
+
+    env = init_distributed("cpu")
+    torch.manual_seed(0)
+    model = VideoDiT(in_channels=3, patch_size=(1, 2, 2), hidden_size=32, depth=2, num_heads=2, text_dim=8,
+                     pooled_text=True, positional_conditioning=True)  # fmt: skip
+    seen: list[torch.Tensor] = []
+    model.t_embedder.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    par = parallelize(model, ParallelConfig(data_parallel="fsdp", mixed_precision="bf16"), env)
+    g = torch.Generator().manual_seed(3)
+    t = torch.tensor([0.7371, 0.2503])
+    try:
+        out = par.forward(torch.randn(2, 3, 2, 4, 4, generator=g), t, torch.randn(2, 5, 8, generator=g))
+    except Exception as exc:  # before the fix: a dtype mismatch (fp32 pooled text meets bf16 weights)
+        return {"error": repr(exc)}
+    expected = timestep_embedding(t * model.timestep_scale, model.frequency_embedding_size).to(torch.bfloat16)
+    return {
+        "seen": seen[0],
+        "expected": expected,
+        "out_dtype": out.dtype,
+        "finite": bool(out.isfinite().all()),
+    }
+
+
+def _nan_on_one_rank(rank: int, manifest: Path, run_dir: Path) -> dict:
+    """DDP, 3 steps, NaN latents on rank 1 only at step 2: every rank skips step 2, AdamW steps twice."""
+    trainer = Trainer(config(manifest, run_dir, f"train.steps={STEPS}", "train.log_every=1"))
+    encode = trainer._encode
+
+    def encode_nan(batch):
+        latent, cond = encode(batch)
+        return (latent * float("nan") if rank == 1 and trainer.step == 1 else latent), cond
+
+    trainer._encode = encode_nan
+    result = trainer.fit()
+    steps = {float(state["step"]) for state in trainer.optimizer.state.values()}
+    weights = torch.cat([p.detach().flatten() for p in trainer.module.parameters()])
+    return {"losses": result.losses, "skipped": result.skipped_steps, "adam_steps": steps, "weights": weights}
+
+
+def _instrumented(name: str, cfg) -> dict:
+    """A DP run, counting VideoDiT builds and moves: FSDP must never move the whole model to the device (it
+    shards from the CPU) and validation must build no second model."""
+    from frameloom.models.dit.model import VideoDiT
+
+    calls = {"init": 0, "to": 0}
+    init, to = VideoDiT.__init__, VideoDiT.to
+
+    def counting_init(self, *args, **kwargs):
+        calls["init"] += 1
+        init(self, *args, **kwargs)
+
+    def counting_to(self, *args, **kwargs):
+        calls["to"] += 1
+        return to(self, *args, **kwargs)
+
+    VideoDiT.__init__, VideoDiT.to = counting_init, counting_to
+    try:
+        trainer = Trainer(cfg)
+        placed = dict(calls)
+        params = list(trainer.module.parameters())
+        local = sum(
+            (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in params
+        )
+        total = sum(p.numel() * p.element_size() for p in params)
+        losses = trainer.fit().losses
+    finally:
+        VideoDiT.__init__, VideoDiT.to = init, to
+    return {"losses": losses, "kind": trainer.par.kind, "placed": placed, "during_fit": calls["init"] - 1,
+            "local_bytes": local, "total_bytes": total}  # fmt: skip
+
+
+VALIDATED = ("ddp", "zero3")  # runs that also validate at their last step (3 prompts over 2 ranks)
+PROMPTS = ["a red square moving left", "a blue circle moving up", "a green star"]
+
+
 def _worker(rank: int, root: str) -> None:
+    import json
+
+    from frameloom.sampling import video_io
+
     root = Path(root)
     manifest = root / "data" / "manifest.parquet"
     result: dict = {}
+    written: list[str] = []
+    write_mp4 = video_io.write_mp4
+
+    def recording_write(video, path, *args, **kwargs):
+        written.append(Path(path).name)
+        return write_mp4(video, path, *args, **kwargs)
+
+    video_io.write_mp4 = recording_write
     for name, extra in DP_RUNS.items():
-        trainer = Trainer(config(manifest, root / "runs" / f"dp-{name}", f"train.steps={STEPS}", *extra))
-        result[name] = {"losses": trainer.fit().losses, "kind": trainer.par.kind}
+        if name in VALIDATED:
+            extra = [*extra, f"validation.every={STEPS}", f"validation.prompts={json.dumps(PROMPTS)}"]
+        written.clear()
+        cfg = config(manifest, root / "runs" / f"dp-{name}", f"train.steps={STEPS}", *extra)
+        result[name] = {**_instrumented(name, cfg), "written": list(written)}
+    video_io.write_mp4 = write_mp4
+    result["bf16"] = _bf16_timestep_check(rank)
+    result["nan"] = _nan_on_one_rank(rank, manifest, root / "runs" / "nan")
+    try:  # no objective in frameloom uses it yet: refused before anything is built
+        Trainer(config(manifest, root / "runs" / "vsg", "parallel.video_sync_group=2"))
+        result["vsg"] = "accepted"
+    except FrameloomError as exc:
+        result["vsg"] = str(exc)
     trainer = Trainer(config(manifest, root / "runs" / "sp2", f"train.steps={STEPS}", "parallel.sp_size=2"))
     result["sp_train"] = {"losses": trainer.fit().losses, "data_world": trainer.data_world}
     result["sp_model"] = _sp_model_check(rank)
@@ -277,6 +381,70 @@ def test_fsdp_equals_ddp(two_procs, name):
     ddp_model, ddp_ema = weights(root / "runs" / "dp-ddp")
     assert_close_dicts(model, ddp_model, RTOL)
     assert_close_dicts(ema, ddp_ema, RTOL)
+
+
+def test_fsdp_shards_from_the_cpu_and_holds_a_share_of_the_parameters(two_procs):
+    """FSDP never moves the whole model to the device before sharding (cpu_offload: a model bigger than one
+    GPU); after sharding each rank holds about 1/world of the parameter bytes (the rest is padding)."""
+    _, results = two_procs
+    for r in range(2):
+        for name in ("zero2", "zero3", "zero3_offload"):
+            got = results[r][name]
+            assert got["placed"] == {"init": 1, "to": 0}, name  # built once, never moved whole
+            assert got["local_bytes"] <= 0.5 * got["total_bytes"] * 1.02, (name, got)
+        ddp = results[r]["ddp"]
+        assert ddp["placed"]["to"] == 1 and ddp["local_bytes"] == ddp["total_bytes"]
+    assert (
+        results[0]["zero3_offload"]["local_bytes"] + results[1]["zero3_offload"]["local_bytes"]
+        >= (results[0]["zero3_offload"]["total_bytes"])
+    )
+
+
+def test_fsdp_bf16_keeps_the_timestep_in_fp32(two_procs):
+    """FSDP2 bf16 without autocast: the timestep embedder receives the fp32 timestep's features rounded once
+    to bf16 (not features of a bf16-rounded timestep), and pooled text / per-token conditioning run."""
+    _, results = two_procs
+    for r in range(2):
+        got = results[r]["bf16"]
+        assert "error" not in got, got
+        assert got["seen"].dtype == torch.bfloat16 and torch.equal(got["seen"], got["expected"])
+        assert got["out_dtype"] == torch.bfloat16 and got["finite"]
+
+
+def test_nan_on_one_rank_is_skipped_on_every_rank(two_procs):
+    _, results = two_procs
+    a, b = results[0]["nan"], results[1]["nan"]
+    assert a["skipped"] == b["skipped"] == 1
+    assert math.isnan(a["losses"][1]) and math.isnan(b["losses"][1])
+    assert a["losses"][::2] == b["losses"][::2] and all(math.isfinite(x) for x in a["losses"][::2])
+    assert a["adam_steps"] == b["adam_steps"] == {2.0}  # 3 steps, the NaN one left AdamW untouched
+    assert torch.equal(a["weights"], b["weights"])  # the replicas stayed identical
+
+
+def test_video_sync_group_is_refused_without_an_objective_that_uses_it(two_procs):
+    _, results = two_procs
+    for r in range(2):
+        assert "parallel.video_sync_group=2 needs an objective" in results[r]["vsg"]
+        assert "set parallel.video_sync_group: 1" in results[r]["vsg"]
+
+
+@pytest.mark.parametrize("name", VALIDATED)
+def test_validation_is_shared_over_ranks_on_the_live_model(two_procs, name):
+    """3 prompts, 2 ranks: rank 0 writes prompts 0 and 2, rank 1 prompt 1, with the global names; no second
+    model is built; the files equal sampling the run's checkpoint (its EMA) in one process, byte for byte."""
+    from frameloom.sampling.generate import sample_command
+
+    root, results = two_procs
+    names = sorted(p.name for p in (root / "runs" / f"dp-{name}" / "samples" / "step-00000003").glob("*.mp4"))
+    assert [n[:4] for n in names] == ["000-", "001-", "002-"]
+    assert results[0][name]["written"] == [names[0], names[2]] and results[1][name]["written"] == [names[1]]
+    assert results[0][name]["during_fit"] == results[1][name]["during_fit"] == 0
+    again = sample_command(
+        str(root / "runs" / f"dp-{name}"), prompts=PROMPTS, seeds=[0], out=str(root / name)
+    )
+    for path in again:
+        made = root / "runs" / f"dp-{name}" / "samples" / "step-00000003" / path.name
+        assert made.read_bytes() == path.read_bytes(), path.name
 
 
 def test_sequence_parallel_model_output_and_grads(two_procs):
@@ -490,3 +658,48 @@ def test_commands_under_torchrun(data_root, tmp_path):
     out = frameloom("sample", str(run_dir), "--prompt", "a", "b", "c", "--out", str(tmp_path / "s"))
     paths = [Path(line) for line in out.split()]
     assert len(paths) == 3 and all(p.stat().st_size > 0 for p in paths)
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_with_loader_workers_saves_and_resumes(data_root, tmp_path):
+    """torchrun --nproc_per_node 2, 2 loader workers per rank, SIGTERM to the launcher mid-run: torchrun
+    signals each rank's process group (workers included); the workers ignore it, the ranks agree, save and
+    exit 0; the checkpoint resumes to the uninterrupted run's losses (one process with grad_accum 2 draws
+    what 2 processes draw; 1e-5: DDP's reduction order)."""
+    import signal
+    import time
+
+    from frameloom.train.trainer import train
+
+    cfg_file = tmp_path / "config.yaml"
+    cfg_file.write_text("")
+    run = tmp_path / "run"
+    manifest = data_root / "data" / "manifest.parquet"
+    common = [*TINY, f"data.manifest={manifest}", "checkpoint.every=1000", "train.log_every=1"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.Popen(
+        [*torchrun, "-m", "frameloom", "train", str(cfg_file), *common, f"run_dir={run}", "train.steps=400",
+         "data.num_workers=2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert "DataLoader worker" not in out and "SIGTERM: saved" in out, out  # (killed by signal: Terminated)
+    saved = ckpt.latest_checkpoint(run)
+    assert saved is not None, out
+    stopped_at = ckpt.read_meta(saved)["step"]
+    assert 3 <= stopped_at < 400
+    one = [*common, "train.grad_accum=2"]  # one process, the same global batch
+    resumed = train(load_config(None, [*one, f"run_dir={run}", f"train.steps={stopped_at + 2}",
+                                       "checkpoint.resume=latest"]))  # fmt: skip
+    assert resumed.step == stopped_at + 2 and len(resumed.losses) == 2
+    reference = train(
+        load_config(None, [*one, f"run_dir={tmp_path / 'ref'}", f"train.steps={stopped_at + 2}"])
+    )
+    torch.testing.assert_close(
+        torch.tensor(resumed.losses), torch.tensor(reference.losses[-2:]), rtol=1e-5, atol=0
+    )

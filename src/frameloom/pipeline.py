@@ -29,6 +29,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """`train.mixed_precision` -> the autocast dtype of training, validation and sampling (None: fp32):
+    `auto` is bf16 on CUDA and fp32 elsewhere, `bf16` always, `no` never."""
+    if mixed_precision == "no" or (mixed_precision == "auto" and device.type != "cuda"):
+        return None
+    if mixed_precision in ("auto", "bf16"):
+        return torch.bfloat16
+    raise FrameloomError(f"train.mixed_precision must be auto, bf16 or no, not {mixed_precision!r}")
+
+
 def clip_spec(cfg: Config) -> ClipSpec:
     """The config's clip spec, checked: one stride rule, speed_factor >= 1, a known temporal crop and frame
     policy, and a num_frames valid under that policy (docs/datasets.md, "Frame rules")."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from frameloom.config.schema import FREEFORM, Config
+from frameloom.config.schema import FREEFORM, YAML_BOOL_WORDS, Config
 from frameloom.errors import FrameloomError
 
 
@@ -179,9 +179,24 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+    elif tp is str and isinstance(value, bool) and value in YAML_BOOL_WORDS.get(key, {}):
+        return YAML_BOOL_WORDS[key][value]  # YAML 1.1 read the word (`no`, `off`) as a boolean
     elif isinstance(tp, type) and isinstance(value, tp):
         return value
+    if isinstance(value, bool) and _accepts_str(tp):
+        word = "no/off/false" if not value else "yes/on/true"
+        raise ConfigError(
+            f"{key}: YAML reads {word} as the boolean {str(value).lower()}; quote the value "
+            f"(e.g. {key.rsplit('.', 1)[-1]}: '{'no' if not value else 'yes'}')"
+        )
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _accepts_str(tp: Any) -> bool:
+    """True when the annotation `tp` admits a string (str, or a union with str)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_accepts_str(a) for a in typing.get_args(tp))
+    return tp is str
 
 
 def build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:

@@ -29,9 +29,19 @@ class DataConfig:
     cache_dir: str | None = None
     """Latent/text-embedding store; default: `.frameloom_cache` beside the manifest."""
     use_cache: str = "auto"
-    """auto: read the cache when it is complete for this run's spec, else encode on the fly; never: always on the fly."""
+    """auto: read the cache when it is complete for this run's spec, else encode on the fly (with a warning
+    that counts the missing entries); never: always on the fly."""
+    require_cache: bool = False
+    """Refuse to start (naming how many entries are missing) unless every training sample comes from the
+    cache; the presets set it, so an incomplete `frameloom cache` never silently turns into decoding."""
     num_workers: int = 0
-    """DataLoader worker processes."""
+    """DataLoader worker processes (they ignore SIGTERM/SIGINT: the trainer handles preemption)."""
+    persistent_workers: bool = True
+    """With num_workers > 0: keep the workers alive for the whole run (no restart at epoch boundaries)."""
+    pin_memory: bool = True
+    """Page-locked host batches for asynchronous copies to the GPU (CUDA only; ignored on CPU)."""
+    prefetch_factor: int = 2
+    """With num_workers > 0: batches each worker prepares ahead."""
     # -- frame and caption rules of the seeds, path safety (data/video.py, data/captions.py, docs/datasets.md) --
     speed_factor: float = 1.0
     """Open-Sora-Plan speed_factor (>= 1): subsample the strided frames further, by up to this factor."""
@@ -132,6 +142,9 @@ class ModelConfig:
     """Trigger word prepended (with a space) to every non-empty caption when encoding (CogVideoX --id_token)."""
     dtype: str = "float32"
     """Precision of a pretrained denoiser: its trained weights (full fine-tune) or its frozen base (LoRA)."""
+    text_statistics: str = "auto"
+    """Mean/std a pooled-text denoiser standardizes its text with: `auto` (fit on the training captions for a
+    model built from scratch, keep a pretrained model's saved values), `fit` (always refit), `keep`."""
     fp8_base: bool = False
     """LoRA only: store the frozen base's block linear weights in float8 (e4m3, one scale per output row) and
     compute in `model.dtype` (weight-only quantization: about half the memory of a bf16 base)."""
@@ -230,7 +243,11 @@ class TrainConfig:
     device: str = "auto"
     """`auto` (CUDA when available), `cpu`, or `cuda`."""
     log_every: int = 10
-    """Steps between TensorBoard scalar writes (metrics.jsonl gets every step)."""
+    """Steps between host reads of the loss and grad norm: every `log_every` steps one all-reduce brings the
+    interval's values to the host, metrics.jsonl gets one record per step and TensorBoard the interval's."""
+    max_consecutive_skips: int = 20
+    """Stop the run (exit status 2, last good checkpoint kept) after this many consecutive steps with a
+    non-finite gradient; checked every `log_every` steps and before each checkpoint. 0 = never stop."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -289,7 +306,8 @@ class ParallelConfig:
     only while it runs (forward and backward), prefetching the next one; LoRA only, needs
     activation_checkpointing (docs/families.md, "24 GB")."""
     video_sync_group: int = 1
-    """Pyramid Flow: consecutive data-parallel ranks that receive the same video (each trains its own AR unit)."""
+    """Pyramid Flow: consecutive data-parallel ranks that receive the same video (each trains its own AR unit).
+    Refused (> 1) by every objective that does not use it."""
 
 
 @dataclass
@@ -371,3 +389,10 @@ class Config:
 
 # Free-form mappings: any key is allowed below these.
 FREEFORM = {"model.config", "data.bucket_config", "objective.pyramid", "sample.pyramid"}
+
+# String options one of whose words YAML 1.1 reads as a boolean (`no`, `off`, `yes`, `on`, ...): the boolean
+# is taken back to that word. A boolean given to any other string option is an error that says to quote it.
+YAML_BOOL_WORDS: dict[str, dict[bool, str]] = {
+    "train.mixed_precision": {False: "no"},
+    "data.caption_aesthetic": {False: "off"},
+}

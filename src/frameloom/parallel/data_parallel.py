@@ -27,15 +27,28 @@ def mixed_precision_policy(p: ParallelConfig, device: torch.device) -> MixedPrec
     """bf16 compute with fp32 gradient reduction; the sharded master weights stay in the model's fp32.
 
     `auto` is bf16 on CUDA and fp32 on CPU (CPU bf16 matmuls are slow and tests compare in fp32).
+    Forward inputs are not cast (`cast_forward_inputs=False`): FSDP2 would otherwise round every floating
+    input of the root and of each block to bf16, the timestep too (t = 0.7371 would reach the sinusoidal
+    embedding as 0.7383), so FSDP training and single-device sampling would see different timestep features,
+    and RoPE tables would lose precision. The models cast what meets their weights themselves (the DiT to
+    its patch-embedding dtype, the family adapters to the transformer's dtype), after the fp32 maths on
+    timesteps, positions and pooled text.
     """
     bf16 = p.mixed_precision == "bf16" or (p.mixed_precision == "auto" and device.type == "cuda")
     if bf16:
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
     return MixedPrecisionPolicy()
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, p: ParallelConfig, device: torch.device) -> nn.Module:
-    """`fully_shard` each transformer block, then the root (embeddings, final layer), in place."""
+    """`fully_shard` each transformer block, then the root (embeddings, final layer), in place.
+
+    `model` may still be on the CPU (the trainer leaves it there): each `fully_shard` call moves only its
+    own unit's parameters to the device, keeps this rank's shard and frees the rest, so no device ever holds
+    the whole model, and with `cpu_offload` the shards go back to host memory one unit at a time. Once done,
+    each rank holds about 1/world of the parameters (tested: tests/test_parallel.py)."""
     kwargs = {
         "mesh": mesh,
         "mp_policy": mixed_precision_policy(p, device),

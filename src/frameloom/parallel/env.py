@@ -49,11 +49,20 @@ def _env_int(name: str, default: int) -> int:
         raise FrameloomError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def default_backend(device_type: str, *, cpu_collectives: bool = False) -> str:
+    """The process group's backend: gloo on CPU; NCCL on CUDA, with gloo beside it for CPU tensors
+    (`cuda:nccl,cpu:gloo`) when `cpu_collectives` (FSDP CPU offload: gradient norms of CPU shards)."""
+    if device_type != "cuda":
+        return "gloo"
+    return "cuda:nccl,cpu:gloo" if cpu_collectives else "nccl"
+
+
 def init_distributed(device: torch.device | str = "cpu", *, backend: str | None = None) -> DistEnv:
     """Join the default process group when WORLD_SIZE > 1 (or one is already initialised).
 
     `device` is the configured device type (`cpu` or `cuda`); on CUDA each process takes GPU LOCAL_RANK.
-    `backend` overrides the choice (NCCL on CUDA, gloo on CPU), e.g. gloo for CPU-only collectives.
+    `backend` overrides the choice (`default_backend`: NCCL on CUDA, gloo on CPU), e.g. gloo for CPU-only
+    collectives, `cuda:nccl,cpu:gloo` for both.
     Idempotent: a second call returns the same environment.
     """
     device = torch.device(device)
@@ -78,9 +87,9 @@ def init_distributed(device: torch.device | str = "cpu", *, backend: str | None 
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        chosen = backend or ("nccl" if device.type == "cuda" else "gloo")
+        chosen = backend or default_backend(device.type)
         kwargs: dict[str, Any] = {"backend": chosen, "rank": rank, "world_size": world}
-        if chosen == "nccl":
+        if "nccl" in chosen:
             kwargs["device_id"] = device  # binds the communicator to this GPU up front
         dist.init_process_group(**kwargs)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)

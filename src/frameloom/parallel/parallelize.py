@@ -81,7 +81,9 @@ def parallelize(
     batch_size: int = 1,
     compile_backend: str = "inductor",
 ) -> Parallelized:
-    """Apply the configured parallelism and memory savers to `model` (already on `env.device`)."""
+    """Apply the configured parallelism and memory savers to `model`: on `env.device` already, except for
+    FSDP, where it may still be on the CPU (FSDP2 moves and shards it one unit at a time, `apply_fsdp`, so a
+    model larger than one device trains with `cpu_offload`)."""
     plan = plan_parallel(p, env.world_size, batch_size)
     mesh = build_mesh(plan, env.device.type) if env.distributed else None
     # 1. sequence parallel

@@ -124,16 +124,18 @@ def plan_parallel(p: ParallelConfig, world_size: int, batch_size: int) -> Parall
     return plan
 
 
-def check_sequence_split(num_tokens: int, num_heads: int, sp: int) -> None:
-    """Ulysses needs the token count and the attention heads divisible by the sequence-parallel size."""
+def check_sequence_split(num_tokens: int, num_heads: int, sp: int, where: str = "") -> None:
+    """Ulysses needs the token count and the attention heads divisible by the sequence-parallel size.
+    `where` names the shape (e.g. a bucket's latent grid) in the message."""
     if sp == 1:
         return
     if num_heads % sp:
         raise FrameloomError(f"parallel.sp_size={sp} does not divide the model's {num_heads} attention heads")
     if num_tokens % sp:
+        at = f" ({where})" if where else ""
         raise FrameloomError(
-            f"parallel.sp_size={sp} does not divide the {num_tokens} video tokens per sample "
-            "(latent frames x height x width / patch); change data.num_frames/height/width"
+            f"parallel.sp_size={sp} does not divide the {num_tokens} video tokens per sample{at} "
+            "(latent frames x height x width / patch); change data.num_frames/height/width or the buckets"
         )
 
 

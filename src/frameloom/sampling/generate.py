@@ -7,6 +7,7 @@ device.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Sequence
@@ -82,6 +83,41 @@ def slug(text: str, limit: int = 48) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:limit] or "empty"
 
 
+def sample_videos(
+    model: torch.nn.Module, text_encoder, codec, cfg: Config, prompts: Sequence[str], seeds: Sequence[int]
+) -> torch.Tensor:
+    """Videos (N, 3, T, H, W) in [-1, 1], prompt i with seed i, by the run's sampler: the family's own
+    (e.g. CogVideoX: v-prediction DDIM), the DDPM samplers for a DDPM-trained native DiT, else the flow Euler
+    sampler under the run's autocast (bf16 on CUDA by default)."""
+    from frameloom.models.registry import get_family
+
+    family_sample = get_family(cfg.model.family).sample
+    if family_sample is not None:
+        return family_sample(model, text_encoder, codec, cfg, list(prompts), list(seeds))
+    if cfg.objective.name == "ddpm":  # sample.scheduler
+        from frameloom.sampling.ddpm_generate import ddpm_videos
+
+        return ddpm_videos(model, text_encoder, codec, cfg, list(prompts), list(seeds))
+    device = next(model.parameters()).device
+    dtype = pipeline.autocast_dtype(cfg.train.mixed_precision, device)
+    precision = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    with precision:
+        return generate(
+            model,
+            text_encoder,
+            codec,
+            list(prompts),
+            seeds=list(seeds),
+            num_frames=cfg.data.num_frames,
+            height=cfg.data.height,
+            width=cfg.data.width,
+            steps=cfg.sample.steps,
+            guidance=cfg.sample.guidance,
+            negative_prompt=cfg.sample.negative_prompt,
+            shift=cfg.sample.shift if cfg.sample.shift is not None else 1.0,  # null: none for the DiT
+        )
+
+
 def generate_to_files(
     model: torch.nn.Module,
     text_encoder,
@@ -107,35 +143,11 @@ def generate_to_files(
         return names
     from frameloom.models.registry import get_family
 
-    family = get_family(cfg.model.family)
-    family_sample = family.sample
-    solver = sampler_description(family, model, cfg)
+    solver = sampler_description(get_family(cfg.model.family), model, cfg)
     logging.getLogger("frameloom.sample").info("sampling with %s", solver)
-    if family_sample is not None:  # the family's own sampler (e.g. CogVideoX: v-prediction DDIM)
-        videos = family_sample(
-            model, text_encoder, codec, cfg, [p for _, p, _ in pairs], [s for _, _, s in pairs]
-        )
-    elif cfg.objective.name == "ddpm":  # a DDPM-trained native DiT: the DDPM samplers (sample.scheduler)
-        from frameloom.sampling.ddpm_generate import ddpm_videos
-
-        videos = ddpm_videos(
-            model, text_encoder, codec, cfg, [p for _, p, _ in pairs], [s for _, _, s in pairs]
-        )
-    else:
-        videos = generate(
-            model,
-            text_encoder,
-            codec,
-            [p for _, p, _ in pairs],
-            seeds=[s for _, _, s in pairs],
-            num_frames=cfg.data.num_frames,
-            height=cfg.data.height,
-            width=cfg.data.width,
-            steps=cfg.sample.steps,
-            guidance=cfg.sample.guidance,
-            negative_prompt=cfg.sample.negative_prompt,
-            shift=cfg.sample.shift if cfg.sample.shift is not None else 1.0,  # null: none for the DiT
-        )
+    videos = sample_videos(
+        model, text_encoder, codec, cfg, [p for _, p, _ in pairs], [s for _, _, s in pairs]
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     for path, video in zip(names[rank::world], videos):
         write_mp4(video, path, fps=cfg.sample.fps, metadata={"comment": f"frameloom sampler: {solver}"})

@@ -4,7 +4,7 @@ image-to-video / looping through the ``cond`` input (hpcaitech/Open-Sora ``opens
 
 1. Grid: ``linspace(1, 0, steps + 1)`` shifted by ``t' = a t / (1 + (a - 1) t)`` with
    ``a = (1 + (S - 256) * 2 / 3840) * sqrt(T_lat)``, ``S`` = video tokens per latent frame (``h w / p^2``);
-   ``sample.shift`` other than 1 sets ``a``. The model is called with ``t``; ``x += (t_next - t) v``.
+   ``sample.shift`` (null: that rule) sets ``a``. The model is called with ``t``; ``x += (t_next - t) v``.
 2. Guidance, one batched forward of three branches per step: ``v_c`` (prompt, image), ``v_i`` (negative
    prompt, image), ``v_0`` (negative prompt, no image): ``v = v_0 + g_img (v_i - v_0) + g_txt (v_c - v_i)``;
    without an image the last two coincide and two branches are run: ``v = v_0 + g_txt (v_c - v_0)``.
@@ -140,7 +140,7 @@ def sample_latents(
     x = torch.stack(
         [torch.randn((C, T, h, w), generator=torch.Generator().manual_seed(int(sd))) for sd in seeds]
     ).to(device)  # (N, C, T, h, w) float32
-    times = opensora_timesteps(s.steps, (h // p) * (w // p), T, float(s.shift) if s.shift != 1.0 else None)
+    times = opensora_timesteps(s.steps, (h // p) * (w // p), T, None if s.shift is None else float(s.shift))
     # 2. text: prompt and negative prompt, tokens (padded to one length) and pooled vectors
     emb, mask = text_encoder.encode(list(prompts))
     pooled = text_encoder.encode_extras(list(prompts))["pooled"]

@@ -1,11 +1,18 @@
-"""The training loop: one optimizer step = `grad_accum` micro-batches of flow matching on the denoiser.
+"""The training loop: one optimizer step = `grad_accum` micro-batches of the objective on the denoiser.
 
 Everything a resumed run needs (model, EMA, optimizer, scheduler, sampler position, RNG states, step,
 counters) is one state, saved atomically (checkpoint/io.py, checkpoint/distributed.py). Randomness of a
-micro-step (timesteps, noise, caption dropout) comes from a generator seeded by (seed, step, slot), where
-`slot = micro * data_world + data_rank` is the micro-batch's place in the step's global batch, so a resumed
-run draws exactly what the uninterrupted run would have drawn, and N processes with gradient accumulation
-A draw what one process with accumulation N * A draws (the sampler hands out micro-batches in the same order).
+micro-step (timesteps, noise, caption dropout) comes from a generator on the training device seeded by a hash
+of (seed, step, slot) (train/rng.py), where `slot = micro * data_world + data_rank` is the micro-batch's place
+in the step's global batch, so a resumed run draws exactly what the uninterrupted run would have drawn, and N
+processes with gradient accumulation A draw what one process with accumulation N * A draws (the sampler hands
+out micro-batches in the same order).
+
+The hot loop never waits for the device between logging steps: the loss, gradient norm and skip flag of each
+step stay on the device (train/interval.py) and reach the host once per `train.log_every` steps (one
+all-reduce, one copy); a step with a non-finite gradient norm is skipped by the fused optimizer itself
+(train/optim.py) and by the EMA's lerp weight; SIGTERM is agreed on through an asynchronous CPU all-reduce
+(train/preemption.py). After `train.max_consecutive_skips` consecutive skipped steps the run stops.
 
 Under torchrun the process joins the process group here (frameloom.parallel.init_distributed), and
 `Trainer.parallelize` applies sequence parallelism, checkpointing, compile and DDP/FSDP2 from outside.
@@ -13,9 +20,8 @@ Under torchrun the process joins the process group here (frameloom.parallel.init
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,11 +50,20 @@ from frameloom.objectives import Conditioning, StepContext, build_objective, cap
 from frameloom.parallel import env as dist_env
 from frameloom.parallel.parallelize import Parallelized
 from frameloom.parallel.parallelize import parallelize as apply_parallelism
-from frameloom.parallel.plan import check_sequence_split, plan_parallel
+from frameloom.parallel.plan import check_sequence_split, check_video_sync_group, plan_parallel
 from frameloom.parallel.sequence import pad_text as pad_text_for_sp
 from frameloom.train.ema import EMA
+from frameloom.train.interval import IntervalLog, NonFiniteStop
+from frameloom.train.loader import build_loader
 from frameloom.train.metrics import MetricsLogger
-from frameloom.train.optim import build_optimizer
+from frameloom.train.optim import build_optimizer, step_unless
+from frameloom.train.preemption import Preemption, StopPoll
+from frameloom.train.rng import step_generator
+from frameloom.train.validation import validate_shared
+
+log = logging.getLogger("frameloom.train")
+
+TEXT_STATISTICS = ("auto", "fit", "keep")
 
 
 @dataclass
@@ -71,13 +86,6 @@ class TrainResult:
         )
 
 
-def step_generator(seed: int, step: int, micro: int, rank: int = 0) -> torch.Generator:
-    """The generator of one micro-step: a pure function of (seed, step, micro, rank)."""
-    g = torch.Generator()
-    g.manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 65_537 + rank)
-    return g
-
-
 def pad_text(embs: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack variable-length text embeddings (L_i, D) into (B, L_max, D) with a bool mask (B, L_max)."""
     length = max(e.shape[0] for e in embs)
@@ -89,26 +97,11 @@ def pad_text(embs: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch
     return out, mask
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step (cluster preemption)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self) -> _Preemption:
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not in the main thread: no handler, no preemption support
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+def enable_fast_fp32(device: torch.device) -> None:
+    """TF32 tensor-core matmuls and convolutions for what still runs in fp32 on CUDA (no effect elsewhere)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 class _NullLogger:
@@ -129,14 +122,27 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         if cfg.train.steps < 1 or cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
             raise FrameloomError("train.steps, train.batch_size and train.grad_accum must be >= 1")
+        if cfg.train.log_every < 1 or cfg.train.max_consecutive_skips < 0:
+            raise FrameloomError("train.log_every must be >= 1 and train.max_consecutive_skips >= 0")
+        if cfg.model.text_statistics not in TEXT_STATISTICS:
+            raise FrameloomError(
+                f"model.text_statistics must be auto, fit or keep, not {cfg.model.text_statistics!r}"
+            )
         # 0. Processes: torchrun's environment (one process without it); the mesh layout, checked up front.
-        self.env = dist_env.init_distributed(pipeline.resolve_device(cfg.train.device))
+        device = pipeline.resolve_device(cfg.train.device)
+        # CPU-offloaded FSDP reduces its CPU gradient norms: the group needs a CPU backend beside NCCL
+        self.env = dist_env.init_distributed(
+            device, backend=dist_env.default_backend(device.type, cpu_collectives=cfg.parallel.cpu_offload)
+        )
         self.device = self.env.device
+        enable_fast_fp32(self.device)
         self.rank, self.world_size = self.env.rank, self.env.world_size
         self.plan = plan_parallel(cfg.parallel, self.world_size, cfg.train.batch_size)
         # ranks of one sp group (and one video_sync_group) read the same batch
         self.data_rank, self.data_world = self.plan.data_rank(self.rank), self.plan.data_world
-        self.autocast = self._autocast_dtype()
+        self.autocast = pipeline.autocast_dtype(cfg.train.mixed_precision, self.device)
+        self.objective = build_objective(cfg)
+        self._check_video_sync_group_use()
 
         # 1. Frozen encoders and the data (cached latents when complete, else on-the-fly encoding).
         torch.manual_seed(cfg.seed)
@@ -151,6 +157,7 @@ class Trainer:
         # only, so the VAE and text encoder leave memory until validation reloads them (`_encoders`).
         self.latent_channels, self.text_dim = self.codec.latent_channels, self.text_encoder.dim
         self.latent_grid = self.codec.latent_size(cfg.data.num_frames, cfg.data.height, cfg.data.width)
+        self.latent_grids = self._latent_grids()  # every (t, h, w) a batch can have: checked before training
 
         # 2. The denoiser (with its text statistics, while the text encoder is loaded), EMA, optimizer, schedule.
         family = get_family(cfg.model.family)
@@ -158,60 +165,136 @@ class Trainer:
         self._fit_text_statistics(self.model)
         if self.cached:
             self._release_encoders()
-        # the device, except the frozen weights of parallel.blocks_to_swap blocks (memory/block_swap.py)
-        self.swapper = place_on_device(self.model, self.device, cfg.parallel)
+        # FSDP2 moves the model to the device one unit at a time while sharding it (never whole); otherwise
+        # the device, except the frozen weights of parallel.blocks_to_swap blocks (memory/block_swap.py,
+        # which refuses FSDP)
+        fsdp = self.world_size > 1 and cfg.parallel.data_parallel == "fsdp"
+        self.swapper = (
+            None
+            if fsdp and not cfg.parallel.blocks_to_swap
+            else place_on_device(self.model, self.device, cfg.parallel)
+        )
         self.model.train()
         self._check_sequence_split(self.model)
+        for t, _, _ in self.latent_grids:
+            check_video_sync_group(t, self.plan.video_sync_group)
         self.par: Parallelized | None = None
         self.model = self.parallelize(self.model)  # what to call (a DDP wrapper, or the module itself)
         self.module = self.par.module if self.par is not None else self.model  # original parameter names
         self.ema = EMA(self.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-        self.optimizer, self.scheduler = build_optimizer(self.module.parameters(), cfg.optim, cfg.train.steps)
-        self.objective = build_objective(cfg)
+        self.trainable = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = build_optimizer(self.trainable, cfg.optim, cfg.train.steps)
         self.sampler = build_sampler(cfg, self.dataset, self.data_rank, self.data_world, policy=self.policy)
+        self.generator = torch.Generator(device=self.device)  # reseeded per micro-step (train/rng.py)
         self.substituted_samples = 0  # samples that failed to decode and were replaced (this process)
         self.step = 0
-        self.skipped_steps = 0
+        self.interval = IntervalLog(world_size=self.world_size)
         self.batches_consumed = 0
+        self._empty_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # empty prompt per text length
+        self._empty_extras_on: dict[str, torch.Tensor] = {}  # the empty prompt's extras on the device
         self._pending: PendingSave | None = None  # an async checkpoint still being written
         self._ckpt_group = None  # gloo group of the async checkpoint writer
+        self._stop_poll = StopPoll(self._cpu_group() if dist_env.is_distributed() else None)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients, up to the last time the host read the interval's flags."""
+        return self.interval.skipped_steps
 
     # ------------------------------------------------------------------ construction helpers
 
-    def _autocast_dtype(self) -> torch.dtype | None:
-        mp = self.cfg.train.mixed_precision
-        if mp == "no" or (mp == "auto" and self.device.type != "cuda"):
-            return None
-        if mp in ("auto", "bf16"):
-            return torch.bfloat16
-        raise FrameloomError(f"train.mixed_precision must be auto, bf16 or no, not {mp!r}")
+    @staticmethod
+    def _cpu_group():
+        import torch.distributed as dist
+
+        return dist.new_group(backend="gloo")  # collective: every rank creates it at the same point
+
+    def _check_video_sync_group_use(self) -> None:
+        """Pyramid Flow's video_sync_group means something only to an objective that trains one unit of the
+        shared video per rank of the group; any other objective would train G identical copies."""
+        g = self.plan.video_sync_group
+        if g > 1 and not getattr(self.objective, "uses_video_sync_group", False):
+            raise FrameloomError(
+                f"parallel.video_sync_group={g} needs an objective that trains one autoregressive unit per "
+                f"rank of the group (Pyramid Flow's); objective.name={self.cfg.objective.name} with "
+                f"model.family={self.cfg.model.family} does not: set parallel.video_sync_group: 1"
+            )
 
     def _build_dataset(self):
+        """The cached dataset when every sample's entry is in the store; otherwise on-the-fly decoding, said
+        loudly (with the count of missing entries), or refused under `data.require_cache`."""
         from frameloom.cache.dataset import CachedClipDataset
 
+        d = self.cfg.data
         manifest = pipeline.manifest_path(self.cfg)
-        if self.cfg.data.use_cache not in ("auto", "never"):
-            raise FrameloomError(f"data.use_cache must be auto or never, not {self.cfg.data.use_cache!r}")
+        if d.use_cache not in ("auto", "never"):
+            raise FrameloomError(f"data.use_cache must be auto or never, not {d.use_cache!r}")
         rules = pipeline.caption_rules(self.cfg)
+
+        def on_the_fly():
+            return pipeline.ClipDataset(manifest, self.spec, seed=self.cfg.seed, caption_rules=rules), False
+
+        if d.use_cache == "never":
+            if d.require_cache:
+                raise FrameloomError("data.require_cache=true contradicts data.use_cache=never")
+            return on_the_fly()
         reasons = pipeline.uncacheable(self.cfg)
-        if self.cfg.data.use_cache == "auto" and reasons:
+        if reasons:
+            if d.require_cache:
+                raise FrameloomError(
+                    f"data.require_cache=true, but this run cannot train from the cache: {'; '.join(reasons)}"
+                )
             if self.rank == 0:
-                logging.getLogger("frameloom.train").warning(
+                log.warning(
                     "not reading the latent cache: %s; decoding and encoding on the fly", "; ".join(reasons)
                 )
-        elif self.cfg.data.use_cache == "auto":
-            cached = CachedClipDataset(
-                manifest,
-                self.spec,
-                self.codec.identity,
-                self.text_encoder.identity,
-                pipeline.open_store(self.cfg),
-                buckets=self.policy,  # one entry per (row, bucket) the policy can assign
-                caption_rules=rules,
+            return on_the_fly()
+        cached = CachedClipDataset(
+            manifest,
+            self.spec,
+            self.codec.identity,
+            self.text_encoder.identity,
+            pipeline.open_store(self.cfg),
+            buckets=self.policy,  # one entry per (row, bucket) the policy can assign
+            caption_rules=rules,
+        )
+        missing = cached.missing()
+        if not missing:
+            return cached, True
+        what = (
+            f"the latent cache {pipeline.cache_root(self.cfg)} lacks the entries of {len(missing)} of "
+            f"{len(cached)} samples for this run's codec, text encoder, clip and caption settings"
+        )
+        if d.require_cache:
+            raise FrameloomError(
+                f"data.require_cache=true: {what}; run `frameloom cache` with this config first"
             )
-            if not cached.missing():
-                return cached, True
-        return pipeline.ClipDataset(manifest, self.spec, seed=self.cfg.seed, caption_rules=rules), False
+        if self.rank == 0:
+            log.warning(
+                "%s: training decodes and encodes EVERY sample on the fly (slow); run `frameloom cache` with "
+                "this config first, or set data.require_cache: true to refuse to start",
+                what,
+            )
+        return on_the_fly()
+
+    def _latent_grids(self) -> list[tuple[int, int, int]]:
+        """Every latent (t, h, w) a batch of this run can have: each bucket a policy can assign, else each
+        valid clip length of a frame policy (clips shorter than num_frames), else the configured clip."""
+        from frameloom.data.video import is_valid_length
+
+        d = self.cfg.data
+        shapes = {(d.num_frames, d.height, d.width)}
+        if self.policy is not None:
+            buckets = np.unique(self.policy.reachable()[1])
+            shapes = {self.policy.table.shape(int(b)) for b in buckets}
+        elif d.frame_policy is not None:
+            sp = self.spec.sp_size
+            shapes |= {
+                (n, d.height, d.width)
+                for n in range(1, d.num_frames + 1)
+                if is_valid_length(n, d.frame_policy, sp)
+            }
+        return sorted({tuple(self.codec.latent_size(*s)) for s in shapes})
 
     @torch.no_grad()
     def _empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -225,8 +308,13 @@ class Trainer:
     def _fit_text_statistics(self, model: torch.nn.Module, max_captions: int = 2048) -> None:
         """Give a denoiser that standardizes its pooled text (VideoDiT's `pooled_text`) the mean/std of the
         training captions' pooled embeddings: up to `max_captions` rows, evenly spaced over the manifest.
-        A resumed run then loads the saved values with the weights."""
+        `model.text_statistics`: `auto` fits a model built from scratch and keeps a pretrained model's saved
+        values (fine-tuning must not move its standardization), `fit` always, `keep` never. A resumed run
+        loads the saved values with the weights."""
         if not getattr(model, "wants_text_statistics", False):
+            return
+        policy = self.cfg.model.text_statistics
+        if policy == "keep" or (policy == "auto" and self.cfg.model.pretrained):
             return
         from frameloom.data.captions import row_caption
         from frameloom.data.manifest import read_manifest
@@ -261,13 +349,16 @@ class Trainer:
         return self.text_encoder, self.codec
 
     def _check_sequence_split(self, model: torch.nn.Module) -> None:
-        """Ulysses splits the video tokens and heads over sp ranks: both must divide (checked before training)."""
+        """Ulysses splits the video tokens and heads over sp ranks: both must divide, for every latent shape a
+        batch can have (each bucket), checked before training."""
         sp = self.plan.sp
         if sp == 1 or not hasattr(model, "patch") or not hasattr(model, "num_heads"):
             return
-        t, h, w = self.latent_grid
         pt, ph, pw = model.patch
-        check_sequence_split((t // pt) * (h // ph) * (w // pw), model.num_heads, sp)
+        for t, h, w in self.latent_grids:
+            check_sequence_split(
+                (t // pt) * (h // ph) * (w // pw), model.num_heads, sp, where=f"latent grid {t}x{h}x{w}"
+            )
 
     def parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
         """Sequence parallel -> activation checkpointing -> compile -> DDP/FSDP2, from outside the model
@@ -290,18 +381,12 @@ class Trainer:
         }
 
     def _loader(self) -> DataLoader:
-        return DataLoader(
-            self.dataset,
-            batch_sampler=self.sampler,
-            collate_fn=self._collate,
-            num_workers=self.cfg.data.num_workers,
-            pin_memory=self.device.type == "cuda",
-        )
+        return build_loader(self.dataset, self.sampler, self._collate, self.cfg.data, self.device)
 
     @torch.no_grad()
     def _encode(self, batch: dict) -> tuple[torch.Tensor, Conditioning]:
         """-> latents (B, C, t, h, w) and the text conditioning (tokens (B, L, D), mask (B, L), extras
-        {name: (B, ...)}), on the device."""
+        {name: (B, ...)}), on the device. Page-locked batches on CUDA: the copies are asynchronous."""
         if self.cached:
             extras = {
                 k: v.to(self.device, non_blocking=True).float()
@@ -312,47 +397,69 @@ class Trainer:
                 batch["text_mask"].to(self.device, non_blocking=True),
                 extras,
             )
-        latent = self.codec.encode(batch["video"].to(self.device))
-        emb, mask = self.text_encoder.encode(batch["text"])
-        extras = {
-            k: v.to(self.device).float() for k, v in self.text_encoder.encode_extras(batch["text"]).items()
-        }
+        precision = (
+            torch.autocast(self.device.type, dtype=self.autocast)
+            if self.autocast is not None
+            else contextlib.nullcontext()
+        )
+        with precision:  # on-the-fly encoding in the training precision (bf16 on CUDA by default)
+            latent = self.codec.encode(batch["video"].to(self.device, non_blocking=True))
+            emb, mask = self.text_encoder.encode(batch["text"])
+            extras = {
+                k: v.to(self.device).float()
+                for k, v in self.text_encoder.encode_extras(batch["text"]).items()
+            }
         return latent.float(), Conditioning(emb.float(), mask.to(self.device), extras)
 
     def _drop_extras(self, extras: dict[str, torch.Tensor], drop: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Replace the extra text tensors of the rows where `drop` is True by the empty prompt's."""
-        if not extras or not drop.any():
+        """Replace the extra text tensors of the rows where `drop` is True by the empty prompt's (a select on
+        the device: the host never reads `drop`)."""
+        if not extras:
             return extras
         keep = ~drop.to(next(iter(extras.values())).device)
-        return {
-            k: torch.where(keep.view(-1, *[1] * (v.dim() - 1)), v, self.empty_extras[k].to(v))
-            for k, v in extras.items()
-        }
+        out = {}
+        for k, v in extras.items():
+            empty = self._empty_extras_on.get(k)
+            if empty is None or empty.device != v.device or empty.dtype != v.dtype:
+                empty = self._empty_extras_on[k] = self.empty_extras[k].to(v)  # one copy per run
+            out[k] = torch.where(keep.view(-1, *[1] * (v.dim() - 1)), v, empty)
+        return out
+
+    def _empty_row(self, length: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty prompt padded to `length` tokens, on the device (cached: one copy per length)."""
+        row = self._empty_rows.get(length)
+        if row is None or row[0].device != like.device or row[0].dtype != like.dtype:
+            n = self.empty_emb.shape[0]
+            emb = torch.zeros(length, self.empty_emb.shape[1], dtype=like.dtype)
+            mask = torch.zeros(length, dtype=torch.bool)
+            emb[:n], mask[:n] = self.empty_emb, self.empty_mask.bool()
+            row = (emb.to(like.device), mask.to(like.device))
+            self._empty_rows[length] = row
+        return row
 
     def _drop_captions(self, emb: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor):
-        """Replace the captions where `drop` is True by the empty prompt (for classifier-free guidance)."""
-        if not drop.any():
-            return emb, mask
+        """Replace the captions where `drop` (B,) is True by the empty prompt (for classifier-free guidance).
+
+        A select on the device (no host read of `drop`); the text is first padded to the empty prompt's
+        length when shorter."""
         length = max(emb.shape[1], self.empty_emb.shape[0])
         if emb.shape[1] < length:
-            emb = torch.nn.functional.pad(emb, (0, 0, 0, length - emb.shape[1]))
-            mask = torch.nn.functional.pad(mask, (0, length - mask.shape[1]))
-        emb, mask = emb.clone(), mask.clone()
-        n = self.empty_emb.shape[0]
-        idx = drop.nonzero().flatten().to(emb.device)
-        emb[idx] = 0
-        mask[idx] = False
-        emb[idx, :n] = self.empty_emb.to(emb)
-        mask[idx, :n] = True
+            emb = torch.nn.functional.pad(emb, (0, 0, 0, length - emb.shape[1]))  # (B, length, D)
+            mask = torch.nn.functional.pad(mask, (0, length - mask.shape[1]))  # (B, length)
+        empty_emb, empty_mask = self._empty_row(length, emb)
+        drop = drop.to(emb.device)
+        emb = torch.where(drop[:, None, None], empty_emb[None], emb)
+        mask = torch.where(drop[:, None], empty_mask[None], mask)
         return emb, mask
 
     # ------------------------------------------------------------------ one step
 
     def _micro_step(self, batch: dict, micro: int) -> torch.Tensor:
-        """Forward + backward of one micro-batch; returns the (unscaled) loss."""
+        """Forward + backward of one micro-batch; returns the (unscaled) loss, a 0-dim device tensor."""
         latent, cond = self._encode(batch)  # (B, C, t, h, w); tokens (B, L, D), mask (B, L), extras
         # The micro-batch's place in the step's global batch: one process with accumulation 2 and two
-        # processes without draw the same numbers for the same samples. A CPU generator: same draws anywhere.
+        # processes without draw the same numbers for the same samples. On the device: noise is drawn where
+        # it is used (no host copy); the stream is reseeded from the keys, so resume is exact.
         ctx = StepContext(
             step=self.step,
             micro=micro,
@@ -361,7 +468,7 @@ class Trainer:
             sync_rank=self.plan.sync_rank(self.rank),
             sync_size=self.plan.video_sync_group,
         )
-        g = step_generator(self.cfg.seed, self.step, ctx.slot)
+        g = step_generator(self.cfg.seed, self.step, ctx.slot, generator=self.generator)
         inputs = self.objective.draw(latent, g, ctx)  # times, noise -> x_t (B, C, t, h, w), target
         drop = caption_dropout_mask(latent.shape[0], self.cfg.objective.caption_dropout, g)
         emb, mask = self._drop_captions(cond.emb, cond.mask, drop)
@@ -382,18 +489,20 @@ class Trainer:
             (loss * self.par.loss_scale / self.cfg.train.grad_accum).backward()
         return loss.detach()
 
-    def _optimizer_step(self) -> tuple[float, bool]:
-        """Clip, check and apply the accumulated gradients; returns (grad norm, applied)."""
-        params = [p for p in self.module.parameters() if p.requires_grad]
+    def _optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip and apply the accumulated gradients unless their global norm is non-finite.
+
+        Returns (grad norm, skipped flag: 1.0 = skipped), both 0-dim device tensors the host does not read.
+        The norm is over all ranks' gradients (all-reduced under DDP, over all shards under FSDP), so every
+        rank computes the same flag and skips the same steps."""
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)  # over all shards under FSDP (a DTensor)
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        ok = math.isfinite(norm)
-        if ok:
-            self.optimizer.step()
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)  # over all shards under FSDP (a DTensor)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        skipped = (~torch.isfinite(norm)).float()  # found_inf of the fused optimizer
+        step_unless(self.optimizer, skipped)  # parameters, moments and step counts untouched when skipped
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return norm, ok
+        return norm, skipped
 
     # ------------------------------------------------------------------ state
 
@@ -405,7 +514,8 @@ class Trainer:
             # ahead of); the state says at which world size, so another number of processes resumes there.
             "sampler": self.sampler.state_dict_at(self.batches_consumed),
             "step": self.step,
-            "skipped_steps": self.skipped_steps,
+            "skipped_steps": self.interval.skipped_steps,
+            "consecutive_skips": self.interval.consecutive_skips,
             "substituted_samples": self.substituted_samples,  # this process's count (rank 0's is saved)
         }
 
@@ -428,14 +538,15 @@ class Trainer:
             ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
         return path
 
-    def save(self) -> Path:
+    def save(self, async_ok: bool = True) -> Path:
+        """Write the checkpoint of this step. Sharded checkpoints go out in the background when
+        `parallel.async_checkpoint` and `async_ok` (the stop path passes False: it must be complete before
+        the process exits, so there is nothing to overlap)."""
         fmt = self.checkpoint_format()
-        async_save = self.cfg.parallel.async_checkpoint and fmt == SHARDED
+        async_save = self.cfg.parallel.async_checkpoint and fmt == SHARDED and async_ok
         self._finish_pending()  # at most one checkpoint in flight
         if async_save and self._ckpt_group is None and dist_env.is_distributed():
-            import torch.distributed as dist
-
-            self._ckpt_group = dist.new_group(backend="gloo")  # the writer thread's own collectives
+            self._ckpt_group = self._cpu_group()  # the writer thread's own collectives
         pending = save_training_checkpoint(
             self.run_dir,
             self.step,
@@ -477,11 +588,42 @@ class Trainer:
         if state["rng"] is not None:  # None: a rank the saving run did not have
             ckpt.restore_rng(state["rng"])
         self.step = int(state["step"])
-        self.skipped_steps = int(state["skipped_steps"])
+        self.interval.skipped_steps = int(state["skipped_steps"])
+        self.interval.consecutive_skips = int(state.get("consecutive_skips", 0))  # absent before it was saved
         self.substituted_samples = int(state.get("substituted_samples", 0))  # absent before it was saved
         return path
 
     # ------------------------------------------------------------------ the loop
+
+    def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)  # SUM (gloo has no AVG)
+        return t
+
+    def _flush(self, logger: Any, losses: list[float], last_ckpt: Path | None) -> None:
+        """Bring the interval's step values to the host (one all-reduce, one copy), log one record per step,
+        and stop the run after `train.max_consecutive_skips` consecutive skipped steps (all ranks together:
+        the flags are the same everywhere)."""
+        started, steps = self._interval_start, len(self.interval.pending)
+        records = self.interval.flush(self._reduce_sum if dist_env.is_distributed() else None)
+        if not records:
+            return
+        rate = self._samples_per_step * steps / max(time.perf_counter() - started, 1e-9)
+        for record in records:
+            logger.log({**record, "samples_per_s": rate})
+            losses.append(record["loss"])
+        self._interval_start = time.perf_counter()
+        limit = self.cfg.train.max_consecutive_skips
+        worst = max(r["consecutive_skips"] for r in records)
+        if limit and worst >= limit:
+            first = next(r["step"] for r in records if r["consecutive_skips"] >= limit) - limit + 1
+            raise NonFiniteStop(
+                f"{worst} consecutive steps (from step {first} to {records[-1]['step']}) had a non-finite "
+                f"gradient norm (train.max_consecutive_skips={limit}): stopped without saving; the last good "
+                f"checkpoint is {last_ckpt or 'none (no checkpoint was written)'} - lower optim.lr, check "
+                "the data, or resume from it"
+            )
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
@@ -515,64 +657,65 @@ class Trainer:
             self.validate()  # samples/step-00000000: the model before any training
         last_ckpt: Path | None = resumed
         preempted = False
-        batches = iter(self._loader())
-        with _Preemption() as preemption:
-            while self.step < cfg.train.steps:
-                t0 = time.perf_counter()
-                micro_losses = []
-                for m in range(cfg.train.grad_accum):
-                    batch = next(batches)
-                    self.batches_consumed += 1
-                    self.substituted_samples += int(batch.get("substituted", 0))
-                    micro_losses.append(self._micro_step(batch, m))
-                loss = float(torch.stack(micro_losses).mean())
-                loss = dist_env.all_reduce_mean(loss, self.device)  # every rank agrees (and skips) together
-                if math.isfinite(loss):
-                    grad_norm, applied = self._optimizer_step()
-                else:  # never train on a non-finite loss: drop the step's gradients and count it
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.scheduler.step()
-                    grad_norm, applied = float("nan"), False
-                self.step += 1
-                if applied:
+        self._samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * self.data_world
+        self._interval_start = time.perf_counter()
+        try:
+            with Preemption() as preemption:
+                batches = iter(self._loader())  # workers start here, ignoring SIGTERM (train/loader.py)
+                while self.step < cfg.train.steps:
+                    micro_losses = []
+                    for m in range(cfg.train.grad_accum):
+                        batch = next(batches)
+                        self.batches_consumed += 1
+                        self.substituted_samples += int(batch.get("substituted", 0))
+                        micro_losses.append(self._micro_step(batch, m))
+                    loss = torch.stack(micro_losses).mean()  # this rank's, on the device
+                    grad_norm, skipped = self._optimizer_step()
+                    self.step += 1
                     if self.ema is not None:
-                        self.ema.update(self.module, self.step)
-                else:
-                    self.skipped_steps += 1
-                dt = time.perf_counter() - t0
-                samples = cfg.train.batch_size * cfg.train.grad_accum * self.data_world
-                record = {
-                    "step": self.step,
-                    "loss": loss,
-                    "lr": self.scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm,
-                    "samples_per_s": samples / dt,
-                    "skipped_steps": self.skipped_steps,
-                    "substituted_samples": self.substituted_samples,
-                }
-                logger.log(record)
-                losses.append(loss)
-                bar.set_postfix(loss=f"{loss:.4f}", steps_s=f"{1 / dt:.2f}")
-                bar.update(1)
-                if cfg.validation.every and self.step % cfg.validation.every == 0 and cfg.validation.prompts:
-                    self.validate()
-                done = self.step >= cfg.train.steps
-                self._finish_pending(wait=False)  # an async checkpoint written meanwhile is completed
-                stop = dist_env.any_rank(preemption.requested, self.device)  # SIGTERM reaches ranks apart
-                if done or stop or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
-                    last_ckpt = self.save()
-                if stop and not done:
-                    preempted = True
-                    bar.write(f"SIGTERM: saved {last_ckpt}; resume with checkpoint.resume=latest")
-                    break
-        self._finish_pending()  # the last checkpoint is complete before fit returns
-        bar.close()
-        logger.close()
+                        self.ema.update(self.module, self.step, skipped)  # weight 0 on a skipped step
+                    self.interval.add(
+                        self.step,
+                        loss,
+                        grad_norm,
+                        skipped,
+                        lr=self.scheduler.get_last_lr()[0],
+                        substituted_samples=self.substituted_samples,
+                    )
+                    bar.update(1)
+                    done = self.step >= cfg.train.steps
+                    stop = self._stop_poll.poll(preemption.requested)  # every rank agrees (one step late)
+                    periodic = bool(cfg.checkpoint.every) and self.step % cfg.checkpoint.every == 0
+                    validating = (
+                        bool(cfg.validation.every)
+                        and self.step % cfg.validation.every == 0
+                        and bool(cfg.validation.prompts)
+                    )
+                    if done or stop or periodic or validating or self.step % cfg.train.log_every == 0:
+                        self._flush(logger, losses, last_ckpt)  # may stop the run (non-finite guard)
+                        if losses:
+                            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                    if validating:
+                        self.validate()
+                        self._interval_start = time.perf_counter()
+                    self._finish_pending(wait=False)  # an async checkpoint written meanwhile is completed
+                    if done or stop or periodic:
+                        last_ckpt = self.save(async_ok=not (done or stop))
+                        self._interval_start = time.perf_counter()
+                    if stop and not done:
+                        preempted = True
+                        bar.write(f"SIGTERM: saved {last_ckpt}; resume with checkpoint.resume=latest")
+                        break
+            self._finish_pending()  # the last checkpoint is complete before fit returns
+            self._stop_poll.close()  # (not on an error: a rank that died may never join the reduction)
+        finally:
+            bar.close()
+            logger.close()
         return TrainResult(
             run_dir=self.run_dir,
             step=self.step,
             last_loss=losses[-1] if losses else None,
-            skipped_steps=self.skipped_steps,
+            skipped_steps=self.interval.skipped_steps,
             seconds=time.perf_counter() - start,
             preempted=preempted,
             checkpoint=last_ckpt,
@@ -581,62 +724,37 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> list[Path]:
-        """Sample the validation prompts with the EMA weights into samples/step-N/."""
-        from frameloom.sampling.generate import generate_to_files
-
-        model = self.model
+        """Sample the validation prompts into samples/step-N/ with the live model (EMA weights swapped in when
+        `sample.use_ema`): each data-parallel rank its share of the prompts (train/validation.py)."""
         use_ema = self.ema is not None and self.cfg.sample.use_ema
-        if self.world_size > 1:  # a plain copy (gathered, unwrapped) on rank 0; the others wait
-            model = self.plain_model(ema=use_ema)
-        elif use_ema:
-            model = self.ema_model()
-        paths: list[Path] = []
-        if model is not None:
-            was_training = model.training
-            model.eval()
-            out_dir = self.run_dir / "samples" / ckpt.step_name(self.step)
-            family = get_family(self.cfg.model.family)
-            text_encoder, codec = self._encoders()
-            if family.validate is not None:  # the family's diffusers pipeline around the in-training weights
-                paths = family.validate(model, text_encoder, codec, self.cfg, out_dir)
-            else:
-                prompts = self.cfg.validation.prompts
-                paths = generate_to_files(model, text_encoder, codec, self.cfg, prompts, out_dir=out_dir)
+        module = self.module
+        was_training = module.training
+        module.eval()
+        text_encoder, codec = self._encoders()
+        try:
+            with self.ema.swapped_in(module) if use_ema else contextlib.nullcontext(module):
+                paths = validate_shared(
+                    module,
+                    get_family(self.cfg.model.family),
+                    text_encoder,
+                    codec,
+                    self.cfg,
+                    self.run_dir / "samples" / ckpt.step_name(self.step),
+                    dp_rank=self.plan.dp_rank(self.rank),
+                    dp_size=self.plan.dp_size,
+                    writer=self.plan.sp_rank(self.rank) == 0,
+                )
+        finally:
             del text_encoder, codec
             if self.cached:  # back out of memory until the next validation
                 self._release_encoders()
-            model.train(was_training)
-            if self.cfg.logging.tensorboard:  # the mp4s also as animated images (train/video_log.py)
-                from frameloom.train.video_log import log_videos
+            module.train(was_training)
+        dist_env.barrier()  # every rank's files are written
+        if self.rank == 0 and self.cfg.logging.tensorboard:  # the mp4s also as animated images (video_log.py)
+            from frameloom.train.video_log import log_videos
 
-                log_videos(self.run_dir, paths, self.step, self.cfg.sample.fps)
-        dist_env.barrier()
+            log_videos(self.run_dir, [p for p in paths if p.exists()], self.step, self.cfg.sample.fps)
         return paths
-
-    def plain_model(self, ema: bool) -> torch.nn.Module | None:
-        """Rank 0: a fresh single-device denoiser with the whole (gathered) weights, EMA ones if `ema`;
-        None on the other ranks. Collective under FSDP (every rank must call it)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = get_model_state_dict(self.module, options=full)  # whole tensors on rank 0 (collective)
-        if ema:
-            for k, v in self.ema.shadow.items():
-                weights[k] = (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu()
-        if self.rank != 0:
-            return None
-        family = get_family(self.cfg.model.family)
-        model = family.build_denoiser(self.cfg.model, self.latent_channels, self.text_dim)
-        model.load_state_dict(weights)
-        return model.to(self.device)
-
-    def ema_model(self) -> torch.nn.Module:
-        """A copy of the denoiser carrying the EMA weights."""
-        import copy
-
-        model = copy.deepcopy(self.model)
-        self.ema.copy_to(model)
-        return model
 
 
 def train(cfg: Config) -> TrainResult:

@@ -418,7 +418,9 @@ class VideoDiT(ModelMixin, ConfigMixin):
         self_mask = self._prepare_attn_mask(attn_mask, B, N, dtype)
         pooled = None
         if self.pooled_proj is not None:  # standardized masked mean: (B, L, text_dim) -> (B, text_dim)
-            pooled = (pool_text(text, text_mask).to(dtype) - self.text_mean) / self.text_std
+            # standardized in fp32 with the fp32 statistics (buffers keep fp32 under FSDP mixed precision), then
+            # cast to the weights' dtype: without autocast an fp32 result would meet bf16 weights
+            pooled = ((pool_text(text.float(), text_mask) - self.text_mean) / self.text_std).to(dtype)
             c = c + self.pooled_proj(pooled)  # (B, D)
 
         c = c[:, None]  # (B, 1, D): one conditioning vector per sample ...

@@ -285,8 +285,8 @@ def load_text_encoder(cfg: Config, device: torch.device):
 
 
 def build_objective(cfg: Config):
-    """Open-Sora 2.0's flow matching (``objective.shift`` 1 = its automatic shift; ``s_min`` 1e-5) and the
-    image-conditioning mix of ``model.config.condition_config``."""
+    """Open-Sora 2.0's flow matching (``objective.shift`` null or auto: its automatic shift, a number: that
+    shift; ``s_min`` 1e-5) and the image-conditioning mix of ``model.config.condition_config``."""
     from frameloom.objectives.flow import OPENSORA_SIGMA_MIN, FlowMatching
 
     from .objective import OpenSoraFlow
@@ -304,7 +304,7 @@ def build_objective(cfg: Config):
             timestep_sampling=o.timestep_sampling or "logit_normal",  # null: the family's own
             logit_mean=o.logit_mean,
             logit_std=o.logit_std,
-            shift="auto" if o.shift in (None, 1.0, "auto") else float(o.shift),  # null / 1: its auto shift
+            shift="auto" if o.shift in (None, "auto") else float(o.shift),  # null: its automatic shift
             s_min=OPENSORA_SIGMA_MIN,
         )
     except ValueError as exc:

@@ -40,7 +40,8 @@ def draw_conditions(n: int, weights: Mapping[str, float], generator: torch.Gener
     """``n`` condition kinds drawn with probabilities proportional to ``weights`` (``random.choices`` in the
     seed), from ``generator``."""
     kinds = list(weights)
-    w = torch.tensor([float(weights[k]) for k in kinds], dtype=torch.float64)
+    # on the generator's device (the trainer's generator is on the training device)
+    w = torch.tensor([float(weights[k]) for k in kinds], dtype=torch.float64, device=generator.device)
     idx = torch.multinomial(w, n, replacement=True, generator=generator)  # (n,)
     return [kinds[i] for i in idx.tolist()]
 

@@ -1,0 +1,52 @@
+"""The training DataLoader and what its worker processes do when they start.
+
+Workers ignore SIGTERM and SIGINT. torchrun stops a job by signalling each rank's whole process group, so the
+loader workers receive the SIGTERM too; if they died of it, the rank would raise "DataLoader worker exited
+unexpectedly" before it could save. Ignoring it leaves preemption to the trainer (flag -> checkpoint -> exit
+0), which shuts its workers down on the way out. Workers still end with their parent: the DataLoader's own
+watchdog stops a worker whose parent has gone.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from frameloom.config.schema import DataConfig
+
+
+def worker_init(worker_id: int) -> None:  # noqa: ARG001  (DataLoader's worker_init_fn signature)
+    """Runs first in every loader worker: stop signals are the main process's business (module docstring)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_sampler: Any,
+    collate_fn: Callable[[list], Any],
+    data: DataConfig,
+    device: torch.device,
+) -> DataLoader:
+    """The loader of a run: `data.num_workers` workers (persistent, `prefetch_factor` batches ahead each),
+    page-locked batches when training on CUDA (so the trainer's host-to-device copies are asynchronous)."""
+    workers = max(0, int(data.num_workers))
+    extra: dict[str, Any] = {}
+    if workers > 0:
+        extra = dict(
+            worker_init_fn=worker_init,
+            persistent_workers=bool(data.persistent_workers),
+            prefetch_factor=max(1, int(data.prefetch_factor)),
+        )
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=collate_fn,
+        num_workers=workers,
+        pin_memory=bool(data.pin_memory) and device.type == "cuda",
+        **extra,
+    )
