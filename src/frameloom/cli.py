@@ -90,6 +90,10 @@ def _cmd_cache(args: argparse.Namespace, overrides: list[str]) -> int:
         destroy_distributed()
     if env.is_main:
         print(report.line())
+        if args.pyramid_jsonl:  # Pyramid Flow's own latent/text_fea files and jsonl, from what was cached
+            from frameloom.models.pyramid_flow.files import write_jsonl
+
+            print(write_jsonl(cfg, args.pyramid_jsonl, progress=True))
     return 0
 
 
@@ -116,10 +120,14 @@ def _cmd_sample(args: argparse.Namespace, overrides: list[str]) -> int:
     from frameloom.parallel.env import destroy_distributed
     from frameloom.sampling.generate import sample_command
 
-    if (args.prompt is None) == (args.class_labels is None):
+    if args.prompt is not None and args.class_labels is not None:
+        raise FrameloomError("give either --prompt TEXT... or --class N..., not both")
+    if args.prompt is None and args.class_labels is None and args.fid_npz is None:
         raise FrameloomError("give either --prompt TEXT... or --class N...")
+    if args.fid_npz is not None and args.fid_npz < 1:
+        raise FrameloomError(f"--fid-npz must be a positive sample count, got {args.fid_npz}")
     # a class index is the "caption" of a class-conditional model (its label encoder reads the number)
-    prompts = args.prompt if args.prompt is not None else [str(c) for c in args.class_labels]
+    prompts = args.prompt if args.prompt is not None else [str(c) for c in args.class_labels or []]
     if args.image is not None:
         if not Path(args.image).is_file():
             raise FrameloomError(f"--image not found: {args.image}")
@@ -135,6 +143,7 @@ def _cmd_sample(args: argparse.Namespace, overrides: list[str]) -> int:
             seeds=args.seed,
             negative_prompt=args.negative_prompt,
             overrides=overrides,
+            fid_npz=args.fid_npz,
         )
     finally:
         destroy_distributed()
@@ -159,6 +168,17 @@ def _cmd_export(args: argparse.Namespace, _: list[str]) -> int:
     for p in paths:
         print(p)
     return 0
+
+
+def _cmd_verify(args: argparse.Namespace, _: list[str]) -> int:
+    from frameloom.checkpoint.integrity import verify_run
+
+    results = verify_run(args.run_dir)
+    for result in results:
+        print(result.line())
+    damaged = sum(not r.ok for r in results)
+    print(f"{len(results)} checkpoint(s): {len(results) - damaged} ok, {damaged} damaged")
+    return 1 if damaged else 0
 
 
 def _cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -216,8 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--format",
         default="auto",
-        choices=["auto", "folder", "opensora", "opensora-plan", "cogvideox", "pyramid"],
-        help="source dialect (default: auto-detect from the layout)",
+        choices=[
+            "auto",
+            "folder",
+            "opensora",
+            "opensora-plan",
+            "cogvideox",
+            "pyramid",
+            "imagenet",
+            "fastdit",
+        ],
+        help="source dialect (default: auto-detect from the layout; imagenet = class folders or a "
+        "path/label table, fastdit = fast-DiT's .npy features + labels: only by name)",
     )
     p.add_argument("--workers", type=int, default=1, help="parallel probe processes (default: 1)")
     p.add_argument(
@@ -275,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--to",
         required=True,
-        choices=["folder", "opensora", "opensora-plan", "cogvideox", "pyramid"],
+        choices=["folder", "opensora", "opensora-plan", "cogvideox", "pyramid", "imagenet"],
         help="target dialect",
     )
     p.add_argument(
@@ -299,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
         "and encodes only new or changed entries (resumable after a kill).",
     )
     p.add_argument("config", help="YAML config")
+    p.add_argument(
+        "--pyramid-jsonl",
+        default=None,
+        metavar="PATH",
+        help="model.family pyramid_flow: also write Pyramid Flow's latent/text_fea files and their jsonl at PATH",
+    )
     p.set_defaults(func=_cmd_cache, takes_overrides=True)
 
     p = sub.add_parser(
@@ -341,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sample",
         help="generate mp4s from a run or config",
-        description="Generates one H.264 mp4 per prompt and seed, from the EMA weights by default.",
+        description="Generates one H.264 mp4 per prompt and seed (a PNG for image models: data.num_frames 1), "
+        "from the EMA weights by default; --fid-npz N writes an FID sample batch instead.",
     )
     p.add_argument("source", help="a run directory or a YAML config")
     p.add_argument("--prompt", nargs="+", default=None, help="one or more prompts")
@@ -361,6 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--checkpoint", default="latest", help="checkpoint folder or 'latest' (default)")
+    p.add_argument(
+        "--fid-npz",
+        type=int,
+        default=None,
+        metavar="N",
+        help="write N samples as OUT/samples_N.npz (arr_0 uint8 NHWC, what FID tools read) instead of files; "
+        "sample i uses class/prompt i mod K (default: every class in turn) and seed sample.seed + i",
+    )
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: config sample.steps)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: sample.guidance)")
     p.add_argument(
@@ -388,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["diffusers", "lora", "safetensors", "native"],
         help="lora (diffusers LoRA file), diffusers (pipeline directory), safetensors (one weights file) or "
         "native (the seed system's released layout: Open-Sora-Plan's model folder, Open-Sora 2.0's "
-        "Open_Sora_v2.safetensors)",
+        "Open_Sora_v2.safetensors, Pyramid Flow's diffusion_transformer folder, dit_class: DiT's .pt)",
     )
     p.add_argument(
         "--comfyui",
@@ -410,6 +455,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "verify",
+        help="check every checkpoint's files against their checksums",
+        description="Recomputes the checksum of every file of every checkpoints/step-* folder of a run and "
+        "compares it with the one recorded in its meta.json; prints one line per checkpoint naming each "
+        "missing, truncated, altered or unlisted file. Exit status 0 when all are intact, 1 when any is "
+        "damaged, 2 when RUN_DIR has no checkpoints.",
+    )
+    p.add_argument("run_dir", help="run directory")
+    p.set_defaults(func=_cmd_verify)
     return parser
 
 

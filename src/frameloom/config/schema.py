@@ -50,6 +50,11 @@ class DataConfig:
     """Page-locked host batches for asynchronous copies to the GPU (CUDA only; ignored on CPU)."""
     prefetch_factor: int = 2
     """With num_workers > 0: batches each worker prepares ahead."""
+    decode_timeout: float = 60.0
+    """Seconds one sample may take to decode when decoding on the fly. Each loader process decodes in a
+    sandbox subprocess (data/sandbox.py): a sample whose decoder crashes or runs longer than this is replaced
+    like any undecodable one and listed in run_dir/quarantine.jsonl. 0 decodes in the loader process itself
+    (no protection)."""
     # -- frame and caption rules of the seeds, path safety (data/video.py, data/captions.py, docs/datasets.md) --
     speed_factor: float = 1.0
     """Open-Sora-Plan speed_factor (>= 1): subsample the strided frames further, by up to this factor."""
@@ -118,6 +123,11 @@ class DataConfig:
     8 for temporal)."""
     latent_multiple: int = 1
     """temporal: latent frame counts are rounded down to a multiple of this (Pyramid Flow video_sync_group)."""
+    resize: str = "cover"
+    """`cover` (antialiased bilinear resize, center crop) or `adm` (DiT's center_crop_arr: BOX halvings +
+    BICUBIC, center crop; square sizes)."""
+    hflip: bool = False
+    """Random horizontal flip, drawn per sample and epoch (DiT); in the cache, once per file (fast-DiT)."""
 
 
 @dataclass
@@ -218,6 +228,9 @@ class ObjectiveConfig:
     extras_dropout: float | None = None
     """Probability of replacing the text encoder's extra tensors (a pooled CLIP vector) by the empty prompt's,
     drawn independently of the tokens (Open-Sora 2.0 drops T5 and CLIP apart); None: with the tokens."""
+    pyramid: dict[str, Any] = field(default_factory=dict)
+    """Pyramid Flow recipe knobs (stage_ratios, stage_range, gamma, shift, frame_per_unit, corrupt_ratio,
+    max_latent_frames): objectives/pyramid.py `PyramidOptions`, docs/pyramid_flow.md."""
 
 
 @dataclass
@@ -317,6 +330,9 @@ class ParallelConfig:
     """torch.compile each transformer block (after checkpointing, before DDP/FSDP)."""
     async_checkpoint: bool = False
     """Sharded checkpoints are written in the background (dcp.async_save); training continues meanwhile."""
+    timeout_s: float = 600.0
+    """Seconds a collective may wait for the other processes (the process group's timeout). A rank whose peer
+    died or hangs gives up after this long instead of forever; keep it above the longest checkpoint write."""
     blocks_to_swap: int = 0
     """Keep the frozen weights of the last N transformer blocks in CPU memory and bring each to the device
     only while it runs (forward and backward), prefetching the next one; LoRA only, needs
@@ -358,6 +374,9 @@ class SampleConfig:
     """opensora2: after 10 steps, guide only every other step (and scale image guidance over time)."""
     image_mode: str = "head"
     """opensora2 with `sample.image`: the image is the first frame (`head`), the last (`tail`) or both (`loop`)."""
+    pyramid: dict[str, Any] = field(default_factory=dict)
+    """Pyramid Flow sampler knobs (mode, first_frame_steps, video_steps, video_guidance, prompt_suffix):
+    sampling/pyramid.py `PyramidSampleOptions`, docs/pyramid_flow.md."""
 
 
 @dataclass
@@ -401,7 +420,7 @@ class Config:
 
 
 # Free-form mappings: any key is allowed below these.
-FREEFORM = {"model.config", "data.bucket_config"}
+FREEFORM = {"model.config", "data.bucket_config", "objective.pyramid", "sample.pyramid"}
 
 # String options one of whose words YAML 1.1 reads as a boolean (`no`, `off`, `yes`, `on`, ...): the boolean
 # is taken back to that word. A boolean given to any other string option is an error that says to quote it.

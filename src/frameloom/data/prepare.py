@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from frameloom.data.dialects import DIALECTS, detect_format, read_dialect
+from frameloom.data.dialects import CLASS_DIALECTS, DIALECTS, detect_format, read_dialect
 from frameloom.data.dialects.base import BAD_ENTRY, MEASURED, PATH_FIELDS, Part
 from frameloom.data.manifest import REQUIRED, SCHEMA_TYPES, ManifestWriter
 from frameloom.data.paths import (
@@ -61,7 +61,7 @@ from frameloom.data.paths import (
 from frameloom.data.probe import IMAGE_SUFFIXES, REASONS, probe_many
 from frameloom.errors import FrameloomError
 
-FORMATS: tuple[str, ...] = ("auto", *DIALECTS)
+FORMATS: tuple[str, ...] = ("auto", *DIALECTS, *CLASS_DIALECTS)
 
 REJECTED_CSV = "rejected.csv"
 
@@ -470,7 +470,8 @@ def prepare(
     rules = PathRules.make(extra, strict_roots)
     listing = read_dialect(fmt, source, allow_pickle=allow_pickle, rules=rules)
     manifest_dir = out.parent.resolve()
-    run = _Run(rules, manifest_dir, trust_metadata, workers, progress)
+    # fast-DiT features are tensor files, not media: their listed sizes are the only ones there are
+    run = _Run(rules, manifest_dir, trust_metadata or fmt == "fastdit", workers, progress)
     writer = ManifestWriter(out)
     rows = tqdm(desc="prepare", unit="row", disable=not progress)
     try:

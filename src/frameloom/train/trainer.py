@@ -38,10 +38,12 @@ from frameloom.checkpoint.distributed import (
     FULL,
     SHARDED,
     PendingSave,
-    load_training_checkpoint,
+    resume_training_checkpoint,
     save_training_checkpoint,
 )
 from frameloom.config import Config, dump_yaml
+from frameloom.data.quarantine import FILE as QUARANTINE_FILE
+from frameloom.data.quarantine import Quarantine
 from frameloom.data.sampler import build_sampler
 from frameloom.errors import FrameloomError
 from frameloom.memory.block_swap import place_on_device
@@ -132,7 +134,9 @@ class Trainer:
         device = pipeline.resolve_device(cfg.train.device)
         # CPU-offloaded FSDP reduces its CPU gradient norms: the group needs a CPU backend beside NCCL
         self.env = dist_env.init_distributed(
-            device, backend=dist_env.default_backend(device.type, cpu_collectives=cfg.parallel.cpu_offload)
+            device,
+            backend=dist_env.default_backend(device.type, cpu_collectives=cfg.parallel.cpu_offload),
+            timeout_s=cfg.parallel.timeout_s,
         )
         self.device = self.env.device
         enable_fast_fp32(self.device)
@@ -159,6 +163,7 @@ class Trainer:
             else dist_env.main_first(lambda: pipeline.load_text_encoder(cfg, self.device))
         )
         self.policy = pipeline.bucket_policy(cfg)  # data.bucket (None: none); the cache and sampler share it
+        self.quarantine = Quarantine(self.run_dir / QUARANTINE_FILE)  # samples that failed to decode
         self.dataset, self.cached = self._build_dataset()
         # What the model needs of the encoders; with a complete cache, training reads latents and embeddings
         # only, so the VAE and text encoder leave memory until validation reloads them (`_encoders`).
@@ -252,6 +257,8 @@ class Trainer:
                 seed=self.cfg.seed,
                 caption_rules=rules,
                 rules=pipeline.path_rules(self.cfg),
+                decode_timeout=d.decode_timeout,  # crashes and hangs cost one sample (data/sandbox.py)
+                quarantine=self.quarantine.path,
             )
             return dataset, False
 
@@ -424,6 +431,7 @@ class Trainer:
             "text": [it["text"] for it in items],
             "index": torch.tensor([it["index"] for it in items]),
             "substituted": sum(it.get("substituted", 0) for it in items),
+            "failures": [f for it in items for f in it.get("failures", ())],
         }
 
     def _loader(self) -> DataLoader:
@@ -580,8 +588,8 @@ class Trainer:
             return None
         path = pending.finish()
         self._pending = None
-        if self.rank == 0:
-            ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
+        if self.rank == 0:  # never deletes `path`, the newest verified checkpoint
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last, verified=path)
         return path
 
     def save(self, async_ok: bool = True) -> Path:
@@ -610,18 +618,17 @@ class Trainer:
         return pending.final
 
     def resume(self) -> Path | None:
-        if self.rank == 0:
-            ckpt.cleanup_partial(self.run_dir)
-        dist_env.barrier()
-        path = ckpt.resolve_checkpoint(self.run_dir, self.cfg.checkpoint.resume)
-        if path is None:
-            return None
-        state = load_training_checkpoint(
-            path,
+        # verified; falls back past damaged checkpoints (checkpoint/distributed.py)
+        found = resume_training_checkpoint(
+            self.run_dir,
+            self.cfg.checkpoint.resume,
             module=self.module,
             optimizer=self.optimizer,
             ema=self.ema.state_dict() if self.ema else None,
         )
+        if found is None:
+            return None
+        path, state = found
         self.scheduler.load_state_dict(state["scheduler"])
         # The saved lr belongs to the old run's schedule; recompute it from this config's schedule, so that a
         # run resumed with a longer train.steps follows its new schedule (identical when nothing changed).
@@ -705,6 +712,7 @@ class Trainer:
         preempted = False
         self._samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * self.data_world
         self._interval_start = time.perf_counter()
+        batches = None
         try:
             with Preemption() as preemption:
                 batches = iter(self._loader())  # workers start here, ignoring SIGTERM (train/loader.py)
@@ -714,6 +722,8 @@ class Trainer:
                         batch = next(batches)
                         self.batches_consumed += 1
                         self.substituted_samples += int(batch.get("substituted", 0))
+                        if batch.get("failures"):  # recorded as consumed: the same list in resumed runs
+                            self.quarantine.record(batch["failures"])
                         micro_losses.append(self._micro_step(batch, m))
                     loss = torch.stack(micro_losses).mean()  # this rank's, on the device
                     grad_norm, skipped = self._optimizer_step()
@@ -755,6 +765,9 @@ class Trainer:
             self._finish_pending()  # the last checkpoint is complete before fit returns
             self._stop_poll.close()  # (not on an error: a rank that died may never join the reduction)
         finally:
+            # Stop the loader workers now, also on an error (e.g. a peer rank died): the traceback keeps this
+            # frame alive until exit, where multiprocessing would SIGTERM them (they ignore it) and wait forever.
+            batches = None  # noqa: F841
             bar.close()
             logger.close()
         return TrainResult(
