@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+import torch
 
 from frameloom.cli import main
 from frameloom.config import load_config
@@ -340,3 +341,32 @@ def test_a_path_with_a_nul_byte_is_a_bad_entry(tmp_path):
         row = {"path": "x.mp4", "text": "", "num_frames": 1, "height": 1, "width": 1}
         manifest = write_manifest(from_rows([row, {**row, "path": "a\0b.mp4"}]), tmp_path / "n.parquet")
         load_manifest(manifest)
+
+
+@pytest.mark.parametrize("decode_timeout", [0.0, 30.0])
+def test_a_file_swapped_for_an_escaping_symlink_is_substituted_at_decode(tmp_path, decode_timeout):
+    """The path rules hold where the file is opened, in the sandbox too (rel16's ``_decode``): a clip that
+    became a symlink out of the manifest's folder after the manifest was checked fails as outside_root and is
+    replaced, like an undecodable one."""
+    from frameloom.pipeline import ClipDataset
+
+    root = tmp_path / "data"
+    root.mkdir()
+    rows = []
+    for name in ("a.mp4", "b.mp4"):
+        write_video(root / name, index_frames(4, 8, 8), fps=8)
+        rows.append({"path": name, "text": name, "num_frames": 4, "height": 8, "width": 8, "fps": 8.0})
+    manifest = write_manifest(from_rows(rows), root / "m.parquet")
+    dataset = ClipDataset(manifest, ClipSpec(num_frames=4), decode_timeout=decode_timeout)
+    write_video(tmp_path / "secret.mp4", index_frames(4, 8, 8), fps=8)
+    (root / "a.mp4").unlink()
+    (root / "a.mp4").symlink_to(tmp_path / "secret.mp4")
+    item = dataset[0]
+    assert item["index"] == 1 and item["substituted"] == 1
+    expected = decode_clip(rows[1], ClipSpec(num_frames=4), root=root, output="float")
+    assert torch.equal(item["video"], expected)
+    [failure] = item["failures"]
+    assert failure["path"] == "a.mp4" and failure["reason"].startswith("outside_root: ")
+    if dataset.sandbox is not None:
+        assert dataset.sandbox.started == 1  # b.mp4 decoded in the sandbox; a.mp4 refused before it
+        dataset.sandbox.close()
