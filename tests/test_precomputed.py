@@ -201,3 +201,107 @@ def test_tensor_files_are_never_unpickled_and_npy_is_read(tmp_path):
     np.save(tmp_path / "o.npy", np.array([object()], dtype=object), allow_pickle=True)
     with pytest.raises(PrecomputedError, match="cannot load"):
         load_tensor_file(tmp_path / "o.npy")
+
+
+# ------------------------------------------------------------------ Pyramid Flow: the jsonl's own files
+
+
+def _pyramid_jsonl(root: Path) -> Path:
+    """A Pyramid Flow jsonl as ``frameloom cache --pyramid-jsonl`` (models/pyramid_flow/files.py) writes it:
+    absolute video paths, ``latents/NNNNNN.pt`` raw (1, 16, T, h, w) bf16 VAE latents and ``text/NNNNNN.pt``
+    dicts (T5 tokens padded to model.text_max_length with their mask, the pooled CLIP vector), beside the
+    jsonl, and ``text/empty.pt`` for "". Sizes of the tiny models: 25 frames of 64 x 64 -> (16, 4, 8, 8);
+    T5 32 dims over 16 tokens; pooled 32."""
+    g = torch.Generator().manual_seed(0)
+    (root / "latents").mkdir(parents=True)
+    (root / "text").mkdir()
+
+    def text_fea(tokens: int) -> dict:
+        emb, mask = torch.zeros(1, 16, 32), torch.zeros(1, 16, dtype=torch.long)
+        emb[0, :tokens], mask[0, :tokens] = torch.randn(tokens, 32, generator=g), 1
+        return {
+            "prompt_embed": emb,
+            "prompt_attention_mask": mask,
+            "pooled_prompt_embed": torch.randn(1, 32, generator=g),
+        }
+
+    lines = []
+    for i in range(4):
+        write_video(root / f"v{i}.mp4", index_frames(25, 64, 64), fps=8)
+        torch.save(
+            torch.randn(1, 16, 4, 8, 8, generator=g).to(torch.bfloat16), root / "latents" / f"{i:06d}.pt"
+        )
+        torch.save(text_fea(2 + i), root / "text" / f"{i:06d}.pt")
+        lines.append({"video": str(root / f"v{i}.mp4"), "text": f"clip {i}", "latent": f"latents/{i:06d}.pt",
+                      "text_fea": f"text/{i:06d}.pt"})  # fmt: skip
+    torch.save(text_fea(1), root / "text" / "empty.pt")
+    (root / "video_text.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return root / "video_text.jsonl"
+
+
+def test_pyramid_flow_trains_from_its_jsonl_files_without_a_video_or_text_encoder(tmp_path, monkeypatch):
+    import av
+
+    from frameloom import pipeline
+    from frameloom.models.pyramid_flow import codec as pyramid_codec
+    from frameloom.models.pyramid_flow import family as pyramid_family
+    from test_pyramid_train import shrunk
+
+    jsonl = _pyramid_jsonl(tmp_path / "data")
+    summary = prepare(jsonl, jsonl.parent / "manifest.parquet", progress=False)  # probes the videos once
+    assert summary.kept == 4
+    manifest = jsonl.parent / "manifest.parquet"
+
+    def no(*args, **kwargs):
+        raise AssertionError("must not be called")
+
+    for module, name in [(video_io, "decode_clip"), (av, "open"), (pipeline, "load_text_encoder"),
+                         (pyramid_family, "load_text_encoder")]:  # fmt: skip
+        monkeypatch.setattr(module, name, no)
+    cfg = shrunk(
+        "pyramid_flow_miniflux_384p.yaml", manifest, tmp_path / "run", "data.empty_text_fea=text/empty.pt"
+    )
+    assert cfg.data.require_cache  # the preset's: pre-extracted latent + text_fea satisfy it
+    trainer = Trainer(cfg)
+    assert trainer.precomputed and trainer.cached and trainer.text_encoder is None and trainer.text_dim == 32
+    # latent_normalization auto: the miniflux normalisation of the raw stored latent (the codec's own formula)
+    raw = torch.load(jsonl.parent / "latents" / "000002.pt", weights_only=True)
+    item = trainer.dataset[2]
+    assert torch.equal(item["latent"], pyramid_codec.normalize_latent(raw.float(), "miniflux")[0])
+    fea = torch.load(jsonl.parent / "text" / "000002.pt", weights_only=True)
+    assert (
+        torch.equal(item["text_emb"], fea["prompt_embed"][0, :4]) and item["text_mask"].tolist() == [True] * 4
+    )
+    assert torch.equal(item["text_extras"]["pooled"], fea["pooled_prompt_embed"][0])
+    empty = torch.load(jsonl.parent / "text" / "empty.pt", weights_only=True)
+    assert torch.equal(
+        trainer.empty_extras["pooled"], empty["pooled_prompt_embed"][0]
+    )  # dropout: "" together
+    result = trainer.fit()
+    assert result.step == 2 and all(np.isfinite(result.losses))
+
+
+def test_pyramid_flow_files_that_do_not_fit_are_one_line(tmp_path):
+    from test_pyramid_train import shrunk
+
+    jsonl = _pyramid_jsonl(tmp_path / "data")
+    manifest = jsonl.parent / "manifest.parquet"
+    prepare(jsonl, manifest, progress=False)
+    cfg = shrunk("pyramid_flow_miniflux_384p.yaml", manifest, tmp_path / "run", "data.empty_text_fea=text/empty.pt",
+                 "data.height=128")  # fmt: skip
+    with pytest.raises(
+        PrecomputedError, match=r"a 8x8 latent grid, but its bucket \(25 frames of 128x64\) gives 16x8"
+    ):
+        Trainer(cfg)
+    # one row without text features: its caption would be encoded every step, which require_cache refuses
+    import pyarrow.parquet as pq
+
+    table = read_manifest(manifest)
+    fea = table.column("text_fea").to_pylist()
+    table = table.set_column(table.column_names.index("text_fea"), "text_fea", [[None, *fea[1:]]])
+    pq.write_table(table, manifest)
+    cfg = shrunk(
+        "pyramid_flow_miniflux_384p.yaml", manifest, tmp_path / "run2", "data.empty_text_fea=text/empty.pt"
+    )
+    with pytest.raises(FrameloomError, match="require_cache=true: 1 of 4 rows .* no text_fea file"):
+        Trainer(cfg)

@@ -211,6 +211,19 @@ def test_cache_writes_files_pyramid_flow_reads(ar_run, dataset, tmp_path):
     # and frameloom's own Pyramid Flow reader takes the jsonl back (latent / text_fea columns)
     listing = read_pyramid(out)
     assert len(listing.entries) == 8 and listing.entries[0].fields["latent"] == records[0]["latent"]
+    # ... and trains from those files (data/precomputed.py): no video decoded, no text encoder loaded; the
+    # empty prompt's features (caption dropout) come from text/empty.pt, written beside them
+    from frameloom.data.prepare import prepare
+
+    prepare(out, out.parent / "manifest.parquet", progress=False)
+    trainer = Trainer(shrunk("pyramid_flow_miniflux_ar.yaml", out.parent / "manifest.parquet", tmp_path / "run",
+                             "data.empty_text_fea=text/empty.pt"))  # fmt: skip
+    assert trainer.precomputed and trainer.cached and trainer.text_encoder is None
+    empty_emb, empty_mask = encoder.encode([""])
+    torch.testing.assert_close(trainer.empty_emb, empty_emb[0, : int(empty_mask[0].sum())].float())
+    torch.testing.assert_close(trainer.empty_extras["pooled"], encoder.encode_extras([""])["pooled"][0])
+    result = trainer.fit()
+    assert result.step == 2 and all(np.isfinite(result.losses))
 
 
 def _overrides(cfg) -> list[str]:

@@ -149,9 +149,9 @@ def precomputed_text_complete(cfg: Config) -> bool:
 
 def precomputed_dataset(cfg: Config, codec: Any):
     """The pre-extracted-tensor dataset of the config: latents cut to the clip's latent length (the codec's
-    temporal compression), ``data.latent_normalization``, ``data.empty_text_fea`` (relative to the
+    temporal compression), ``data.latent_normalization`` (``auto``: the family's), ``data.empty_text_fea`` (relative to the
     manifest's folder), the run's path rules."""
-    from frameloom.data.precomputed import PrecomputedDataset
+    from frameloom.data.precomputed import PrecomputedDataset, resolve_normalization
 
     manifest = manifest_path(cfg)
     empty = cfg.data.empty_text_fea
@@ -163,7 +163,7 @@ def precomputed_dataset(cfg: Config, codec: Any):
         manifest,
         latent_frames=lambda frames: codec.latent_size(frames, cfg.data.height, cfg.data.width)[0],
         spec_frames=cfg.data.num_frames,
-        normalization=cfg.data.latent_normalization,
+        normalization=resolve_normalization(cfg.data.latent_normalization, cfg.model.family, codec),
         rules=path_rules(cfg),
         empty_text_fea=empty,
     )

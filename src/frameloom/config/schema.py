@@ -36,9 +36,11 @@ class DataConfig:
     """Refuse to start (naming how many entries are missing) unless every training sample comes from the
     cache; the presets set it, so an incomplete `frameloom cache` never silently turns into decoding.
     (Pre-extracted tensors are not the cache: a precomputed run needs none.)"""
-    latent_normalization: str = "none"
-    """Pre-extracted latents: `none` (stored as the denoiser takes them, e.g. fast-DiT's x0.18215), or Pyramid
-    Flow's training-time normalisation `pyramid_flux` (miniflux) / `pyramid_mmdit` (SD3)."""
+    latent_normalization: str = "auto"
+    """Pre-extracted latents: `auto` (the family's: Pyramid Flow's own normalisation for model.family
+    pyramid_flow, per its variant; `none` for every other family), `none` (stored as the denoiser takes them,
+    e.g. fast-DiT's x0.18215), or Pyramid Flow's training-time normalisation `pyramid_flux` (miniflux) /
+    `pyramid_mmdit` (SD3)."""
     empty_text_fea: str | None = None
     """Pre-extracted text features of the empty prompt "" (caption dropout when no text encoder is loaded);
     relative to the manifest's folder. Default: a manifest row with empty text and a text_fea file."""

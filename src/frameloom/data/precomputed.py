@@ -16,8 +16,9 @@ dataset reads any of them through the manifest (``latent``, ``text_fea`` and an 
   positions (as the text cache stores them) and the pooled vector becomes ``text_extras["pooled"]`` (P,).
 - ``data.latent_normalization``: Pyramid Flow normalises at training time (``get_vae_latent``): the first
   latent frame ``(z - s1) * k1`` (miniflux ``pyramid_flux``: s1 = -0.04, k1 = 1 / 1.8726; SD3
-  ``pyramid_mmdit``: s1 = 0.1490, k1 = 1 / 1.8415), the others ``(z + 0.2343) / 3.0986``; ``none`` (default)
-  takes the stored values as the denoiser's latents (fast-DiT's are already scaled).
+  ``pyramid_mmdit``: s1 = 0.1490, k1 = 1 / 1.8415), the others ``(z + 0.2343) / 3.0986``; ``none`` takes
+  the stored values as the denoiser's latents (fast-DiT's are already scaled); ``auto`` (default) is the
+  family's (``resolve_normalization``: the pyramid_flow family's variant, else ``none``).
 
 Items have the cached dataset's shape: ``{"latent": (C, t, h, w) float, "text_emb": (L, D), "text_mask":
 (L,) bool, "index": i, "text_extras": {name: tensor}}``; a row without ``text_fea`` gives ``"text"`` (its
@@ -51,6 +52,7 @@ __all__ = [
     "has_latents",
     "load_tensor_file",
     "normalize_latent",
+    "resolve_normalization",
     "text_features",
 ]
 
@@ -62,6 +64,8 @@ LATENT_NORMALIZATIONS: dict[str, tuple[float, float] | None] = {
 """First-frame (shift, scale) of Pyramid Flow's latent normalisation per DiT (``pyramid_dit_for_video_gen_pipeline``)."""
 PYRAMID_VIDEO_SHIFT, PYRAMID_VIDEO_SCALE = -0.2343, 1 / 3.0986
 """Pyramid Flow's normalisation of the latent frames after the first."""
+_PYRAMID_VARIANTS = {"miniflux": "pyramid_flux", "sd3": "pyramid_mmdit"}
+"""Pyramid Flow's DiT variant (its codec's ``variant``) -> the normalisation of its raw stored latents."""
 _TOKEN_KEYS = ("prompt_embed", "text_emb", "emb")
 _MASK_KEYS = ("prompt_attention_mask", "text_mask", "mask")
 _POOLED_KEYS = {"pooled_prompt_embed": "pooled", "pooled": "pooled"}
@@ -128,6 +132,24 @@ def normalize_latent(latent: torch.Tensor, mode: str) -> torch.Tensor:
     out[:, :1] = (out[:, :1] - first[0]) * first[1]
     out[:, 1:] = (out[:, 1:] - PYRAMID_VIDEO_SHIFT) * PYRAMID_VIDEO_SCALE
     return out
+
+
+def resolve_normalization(mode: str, family: str, codec: Any) -> str:
+    """``data.latent_normalization`` with ``auto`` made concrete: Pyramid Flow's files hold raw VAE latents
+    (its tools normalise at training time), so the ``pyramid_flow`` family takes its variant's normalisation
+    (the codec's ``variant``: miniflux -> ``pyramid_flux``, sd3 -> ``pyramid_mmdit``); every other family's
+    files (fast-DiT's) are stored as the denoiser takes them (``none``)."""
+    if mode != "auto":
+        return mode
+    if family == "pyramid_flow":
+        variant = getattr(codec, "variant", None)
+        if variant not in _PYRAMID_VARIANTS:
+            raise PrecomputedError(
+                f"data.latent_normalization=auto: unknown Pyramid Flow variant {variant!r}; set pyramid_flux or "
+                "pyramid_mmdit"
+            )
+        return _PYRAMID_VARIANTS[variant]
+    return "none"
 
 
 def latent_from(content: Any, path: Path) -> torch.Tensor:
@@ -233,7 +255,8 @@ class PrecomputedDataset(Dataset):
     ):
         if normalization not in LATENT_NORMALIZATIONS:
             raise PrecomputedError(
-                f"data.latent_normalization must be one of {', '.join(LATENT_NORMALIZATIONS)}, got {normalization!r}"
+                f"data.latent_normalization must be one of auto, {', '.join(LATENT_NORMALIZATIONS)}, got "
+                f"{normalization!r}"
             )
         self.manifest = Path(manifest)
         self.root = self.manifest.resolve().parent
@@ -353,10 +376,16 @@ class PrecomputedDataset(Dataset):
         picks = valid[np.unique(np.linspace(0, len(valid) - 1, min(len(valid), count)).astype(np.int64))]
         return [self.load_text(col[int(i)].as_py())[:2] for i in picks]
 
-    def check_first(self, channels: int, grid: tuple[int, int, int] | None, text_dim: int | None) -> None:
+    def check_first(
+        self,
+        channels: int,
+        grid: tuple[int, int, int] | None,
+        text_dim: int | None,
+        where: str = "data.height x data.width",
+    ) -> None:
         """Compare the first row's latent (channels, latent height and width, and enough latent frames for
-        ``grid``'s t without buckets) and the first text features (token size) with the model. One
-        ``PrecomputedError`` line."""
+        ``grid``'s t: the latent grid the row trains at, which ``where`` names for the message) and the first
+        text features (token size) with the model. One ``PrecomputedError`` line."""
         row = self.row(0)
         latent = self.load_latent(row)
         shape = tuple(latent.shape)
@@ -365,16 +394,17 @@ class PrecomputedDataset(Dataset):
                 f"precomputed latent {row['latent']} has shape {shape}: {shape[0]} channels, but the model takes "
                 f"{channels} (model.codec / the family's VAE)"
             )
-        if grid is not None and self.policy is None:
+        if grid is not None:
             t, h, w = grid
             if shape[2:] != (h, w):
                 raise PrecomputedError(
                     f"precomputed latent {row['latent']} has shape {shape}: a {shape[2]}x{shape[3]} latent grid, but "
-                    f"data.height x data.width gives {h}x{w}; set them to the extraction's size"
+                    f"{where} gives {h}x{w}; set them to the extraction's size"
                 )
             if shape[1] < t:
+                frames = "data.num_frames" if where.startswith("data.") else where
                 raise PrecomputedError(
-                    f"precomputed latent {row['latent']} has {shape[1]} latent frames, data.num_frames needs {t}"
+                    f"precomputed latent {row['latent']} has {shape[1]} latent frames, {frames} needs {t}"
                 )
         first = self._first_text() if text_dim is not None else None
         if first is not None and first[0].shape[1] != text_dim:

@@ -171,8 +171,8 @@ class Trainer:
         self.latent_channels = self.codec.latent_channels
         self.latent_grid = self.codec.latent_size(cfg.data.num_frames, cfg.data.height, cfg.data.width)
         if self.precomputed:  # stored shapes that do not fit the model: one line now, not a crash mid-run
-            grid = self.latent_grid if self.policy is None else None  # buckets: a size per bucket
-            self.dataset.check_first(self.latent_channels, grid, self.text_dim)
+            grid, where = self._first_row_grid()
+            self.dataset.check_first(self.latent_channels, grid, self.text_dim, where=where)
         self.empty_emb, self.empty_mask, self.empty_extras = self._empty_prompt()
         self.latent_grids = self._latent_grids()  # every (t, h, w) a batch can have: checked before training
 
@@ -247,7 +247,16 @@ class Trainer:
         if d.use_cache not in ("auto", "never", "precomputed"):
             raise FrameloomError(f"data.use_cache must be auto, never or precomputed, not {d.use_cache!r}")
         if self.precomputed:  # batches of stored tensors; "cached" when every row has its text features too
-            return pipeline.precomputed_dataset(self.cfg, self.codec), self.text_encoder is None
+            dataset = pipeline.precomputed_dataset(self.cfg, self.codec)
+            if d.require_cache and self.text_encoder is not None:  # some captions would be encoded every step
+                col = dataset.table.column("text_fea") if "text_fea" in dataset.table.column_names else None
+                missing = len(dataset) if col is None else col.null_count
+                raise FrameloomError(
+                    f"data.require_cache=true: {missing} of {len(dataset)} rows of {manifest} name a latent but no "
+                    "text_fea file, so their captions would be encoded every step; extract their text features "
+                    "or set data.require_cache=false"
+                )
+            return dataset, self.text_encoder is None
         rules = pipeline.caption_rules(self.cfg)
 
         def on_the_fly():
@@ -305,6 +314,20 @@ class Trainer:
                 what,
             )
         return on_the_fly()
+
+    def _first_row_grid(self) -> tuple[tuple[int, int, int] | None, str]:
+        """(the latent grid row 0 trains at, what sets it): its bucket's under a bucket policy (None when no
+        epoch can place it), else the configured clip's."""
+        if self.policy is None:
+            return self.latent_grid, "data.height x data.width"
+        rows, buckets = self.policy.reachable()
+        mine = np.asarray(buckets)[np.asarray(rows) == 0]
+        if not len(mine):
+            return None, ""
+        frames, height, width = self.policy.table.shape(int(mine[0]))
+        return self.codec.latent_size(
+            frames, height, width
+        ), f"its bucket ({frames} frames of {height}x{width})"
 
     def _latent_grids(self) -> list[tuple[int, int, int]]:
         """Every latent (t, h, w) a batch of this run can have: each bucket a policy can assign, else each

@@ -58,10 +58,26 @@ def read_text_fea(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, 
     return emb[:length] * mask[:length, None], mask[:length], {"pooled": pooled}
 
 
+def _text_fea(emb: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor, length: int) -> dict:
+    """One caption's features as upstream's extract_text_features.py saves them: T5 tokens ``(L, D)`` padded
+    to ``length`` with their mask, and the pooled CLIP vector ``(P,)``, each with a batch of one."""
+    padded = torch.zeros(1, length, emb.shape[-1])
+    padded_mask = torch.zeros(1, length, dtype=torch.long)
+    n = min(emb.shape[0], length)
+    padded[0, :n], padded_mask[0, :n] = emb[:n].float(), mask[:n].long()
+    return {
+        "prompt_embed": padded,
+        "prompt_attention_mask": padded_mask,
+        "pooled_prompt_embed": pooled.float()[None],
+    }
+
+
 def write_jsonl(cfg, out: str | os.PathLike, *, progress: bool = True) -> Path:
     """Write every cached row's raw latent and text features as Pyramid Flow's files next to ``out``
     (``latents/NNNNNN.pt``, ``text/NNNNNN.pt``) and the jsonl ``out`` that lists them with ``video`` and
-    ``text``. The run must be cached (``frameloom cache``) for its current spec."""
+    ``text``; and ``text/empty.pt``, the empty prompt's features in the same form (frameloom's
+    ``data.empty_text_fea``: caption dropout when training from these files without a text encoder). The run
+    must be cached (``frameloom cache``) for its current spec."""
     from frameloom import pipeline
     from frameloom.cache.dataset import CachedClipDataset
 
@@ -89,20 +105,23 @@ def write_jsonl(cfg, out: str | os.PathLike, *, progress: bool = True) -> Path:
     for sub in ("latents", "text"):
         (out.parent / sub).mkdir(parents=True, exist_ok=True)
     root = manifest.resolve().parent
+    length = cfg.model.text_max_length or TEXT_MAX_LENGTH  # upstream pads every caption to a fixed length
+    with torch.no_grad():
+        emb, mask = encoder.encode([""])
+        pooled = encoder.encode_extras([""])["pooled"]
+    real = mask[0].bool().cpu()
+    torch.save(
+        _text_fea(emb[0].float().cpu()[real], real[real], pooled[0].cpu(), length),
+        out.parent / "text" / "empty.pt",
+    )
     lines = []
     for i in tqdm(range(len(data)), desc="pyramid files", disable=not progress):
         item, row = data[i], data.row(i)
         raw = denormalize_latent(item["latent"][None].float(), variant).to(torch.bfloat16)  # (1, C, T, h, w)
         latent, text_fea = out.parent / "latents" / f"{i:06d}.pt", out.parent / "text" / f"{i:06d}.pt"
         torch.save(raw.clone(), latent)
-        length = cfg.model.text_max_length or TEXT_MAX_LENGTH  # upstream pads every caption to a fixed length
-        emb = torch.zeros(1, length, item["text_emb"].shape[-1])
-        mask = torch.zeros(1, length, dtype=torch.long)
-        n = min(item["text_emb"].shape[0], length)
-        emb[0, :n], mask[0, :n] = item["text_emb"][:n].float(), item["text_mask"][:n].long()
-        pooled = item["text_extras"]["pooled"].float()[None]
         torch.save(
-            {"prompt_embed": emb, "prompt_attention_mask": mask, "pooled_prompt_embed": pooled}, text_fea
+            _text_fea(item["text_emb"], item["text_mask"], item["text_extras"]["pooled"], length), text_fea
         )
         video = Path(row["path"]) if Path(row["path"]).is_absolute() else root / row["path"]
         lines.append(
