@@ -186,3 +186,59 @@ def test_fuzz_parquet_cells_never_traceback(tmp_path, capsys):
         f"fuzz parquet: {tried} inputs, {tally['manifests']} clean, {tally['errors']} one-line errors, 0 tracebacks"
     )
     assert tally["manifests"] + tally["errors"] == tried
+
+
+def _class_layout(root: Path) -> None:
+    """imagenet: 4 PNGs listed by labels.csv and labels.jsonl; fastdit: 3 feature/label .npy pairs."""
+    import numpy as np
+    from PIL import Image
+
+    lines = []
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / f"i{i}.png")
+        lines.append({"path": f"i{i}.png", "label": i % 2, "class_name": ["cat", "dog"][i % 2]})
+    (root / "labels.csv").write_text(
+        "path,label,class_name\n" + "".join(f"{x['path']},{x['label']},{x['class_name']}\n" for x in lines)
+    )
+    (root / "labels.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    for sub in ("f_features", "f_labels"):
+        (root / "fd" / sub).mkdir(parents=True)
+    for i in range(3):
+        np.save(root / "fd" / "f_features" / f"{i}.npy", np.zeros((1, 4, 2, 2), np.float32))
+        np.save(root / "fd" / "f_labels" / f"{i}.npy", np.array([i]))
+
+
+@pytest.mark.parametrize("fmt", ["imagenet", "fastdit"])
+def test_fuzz_class_dialects_never_traceback(tmp_path, capsys, fmt):
+    # dit15's class dialects on the columnar listing: label tables (CSV and JSON lines) and .npy pairs.
+    rng = random.Random(11 + (fmt == "fastdit"))
+    root = tmp_path / "d"
+    root.mkdir()
+    _class_layout(root)
+    tally = {"errors": 0, "manifests": 0}
+    for run in range(RUNS):
+        if fmt == "imagenet":
+            target = root / ("labels.csv" if run % 2 == 0 else "labels.jsonl")
+            source = target
+            original = target.read_bytes()
+            if run % 4 == 0:
+                data = _mutate_csv(rng, original.decode()).encode()
+            elif run % 4 == 1:
+                lines = [json.loads(x) for x in original.decode().splitlines() if x.strip()]
+                data = "".join(json.dumps(x) + "\n" for x in _mutate_records(rng, lines)).encode()
+            else:
+                data = _mutate_text(rng, original)
+        else:
+            source = root / "fd"
+            target = root / "fd" / rng.choice(["f_features", "f_labels"]) / f"{rng.randrange(3)}.npy"
+            original = target.read_bytes()
+            cut = 0 if run < 2 else rng.randrange(len(original) + 1)  # an empty .npy first (EOFError)
+            data = _mutate_text(rng, original) if run % 2 else original[:cut]
+        target.write_bytes(data)
+        out = tmp_path / f"out{run}" / "m.parquet"
+        _check(["prepare", str(source), "--out", str(out), "--quiet", "--format", fmt], capsys, out, tally)
+        target.write_bytes(original)
+    print(
+        f"fuzz {fmt}: {RUNS} inputs, {tally['manifests']} manifests, {tally['errors']} one-line errors, 0 tracebacks"
+    )
+    assert tally["manifests"] + tally["errors"] == RUNS

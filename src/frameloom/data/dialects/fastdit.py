@@ -74,8 +74,9 @@ def read_fastdit(source: str | os.PathLike) -> Listing:
         try:
             shape = np.load(feature, mmap_mode="r", allow_pickle=False).shape
             label_value = np.load(labels[name], allow_pickle=False).reshape(-1)
-        except (OSError, ValueError) as exc:
-            rejects.append((str(feature), BAD_ENTRY, f"unreadable .npy: {str(exc).splitlines()[0]}"))
+        except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty or cut-short file
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            rejects.append((str(feature), BAD_ENTRY, f"unreadable .npy: {text}"))
             continue
         if len(shape) not in (3, 4) or (len(shape) == 4 and shape[0] != 1) or label_value.size != 1:
             detail = f"feature shape {shape} (expected (1, C, h, w)), {label_value.size} label value(s)"
