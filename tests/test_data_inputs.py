@@ -370,3 +370,36 @@ def test_a_file_swapped_for_an_escaping_symlink_is_substituted_at_decode(tmp_pat
     if dataset.sandbox is not None:
         assert dataset.sandbox.started == 1  # b.mp4 decoded in the sandbox; a.mp4 refused before it
         dataset.sandbox.close()
+
+
+def test_convert_to_imagenet_round_trips_the_labels(tmp_path):
+    """dit15's label table through ``frameloom convert --to imagenet`` (columnar writer, slice by slice): the
+    table reads back to the same files and labels, rows without a label left out and counted."""
+    import numpy as np
+    from PIL import Image
+
+    for label, name in enumerate(["cat", "dog"]):
+        for i in range(2):
+            (tmp_path / "img" / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8, 3), 60 * label + i, np.uint8)).save(
+                tmp_path / "img" / name / f"{i}.png"
+            )
+    (tmp_path / "img" / "cat" / "notes.md").write_text("not an image")
+    manifest = tmp_path / "m" / "m.parquet"
+    summary = prepare(tmp_path / "img", manifest, fmt="imagenet", progress=False)
+    assert summary.kept == 4 and summary.ignored == {"not_image": 1}
+    table = read_manifest(manifest)
+    assert table.column("label").to_pylist() == [0, 0, 1, 1]
+    unlabelled = table.slice(0, 1).set_column(
+        table.column_names.index("label"), "label", pa.nulls(1, pa.int64())
+    )
+    unlabelled = unlabelled.set_column(unlabelled.column_names.index("text"), "text", pa.array(["a cat"]))
+    write_manifest(pa.concat_tables([table, unlabelled]), manifest)
+    assert main(["convert", str(manifest), "--to", "imagenet", "--out", str(tmp_path / "t")]) == 0
+    back = read_dialect("imagenet", tmp_path / "t" / "labels.csv")
+    rows = [
+        (str(Path(e.root, e.path).resolve()), e.fields["label"], e.fields["class_name"]) for e in back.entries
+    ]
+    expected = [(str((tmp_path / "img" / n / f"{i}.png").resolve()), lab, n)
+                for lab, n in enumerate(["cat", "dog"]) for i in range(2)]  # fmt: skip
+    assert rows == expected

@@ -124,8 +124,9 @@ def convert_manifest(
     from frameloom.data.manifest import check_paths, iter_manifest, manifest_rows
 
     manifest = Path(manifest)
-    if to not in DIALECTS:
-        raise FrameloomError(f"unknown format {to!r}; expected one of {', '.join(DIALECTS)}")
+    targets = (*DIALECTS, "imagenet")  # fastdit is read only: its features come from fast-DiT's extraction
+    if to not in targets:
+        raise FrameloomError(f"unknown format {to!r}; expected one of {', '.join(targets)}")
     if memory_efficient and to != "opensora":
         raise FrameloomError("--memory-efficient: only for --to opensora")
 
