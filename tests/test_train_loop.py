@@ -10,6 +10,8 @@ import logging
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -178,6 +180,24 @@ def test_loader_workers_survive_sigterm():
     time.sleep(0.5)
     assert all(w.is_alive() for w in batches._workers)
     assert [b.tolist() for b in batches][-1] == [62, 63]  # the remaining 30 batches arrive
+
+
+def test_interpreter_exits_with_loader_workers_alive(tmp_path):
+    """A loader iterator that outlives its run (pytest keeps a failed test's locals) must not hang the exit:
+    multiprocessing would SIGTERM and join its workers, which ignore SIGTERM."""
+    script = tmp_path / "keep.py"
+    script.write_text(
+        "import torch\n"
+        "from frameloom.config.schema import DataConfig\n"
+        "from frameloom.train.loader import build_loader\n"
+        "loader = build_loader(list(range(8)), [[i] for i in range(8)], torch.tensor, DataConfig(num_workers=2),"
+        " torch.device('cpu'))\n"
+        "KEEP = iter(loader)\n"
+        "print(next(KEEP).tolist(), flush=True)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[0]", done.stderr
 
 
 # ---------------------------------------------------------------------------------------------- data
