@@ -4,6 +4,7 @@ encoder, and shapes that do not fit the model are one line at start."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -210,8 +211,9 @@ def _pyramid_jsonl(root: Path) -> Path:
     """A Pyramid Flow jsonl as ``frameloom cache --pyramid-jsonl`` (models/pyramid_flow/files.py) writes it:
     absolute video paths, ``latents/NNNNNN.pt`` raw (1, 16, T, h, w) bf16 VAE latents and ``text/NNNNNN.pt``
     dicts (T5 tokens padded to model.text_max_length with their mask, the pooled CLIP vector), beside the
-    jsonl, and ``text/empty.pt`` for "". Sizes of the tiny models: 25 frames of 64 x 64 -> (16, 4, 8, 8);
-    T5 32 dims over 16 tokens; pooled 32."""
+    jsonl, and ``text/empty.pt`` for "". The videos themselves are gone (the seed trains from the files
+    alone). Sizes of the tiny models: 25 frames of 64 x 64 -> (16, 4, 8, 8); T5 32 dims over 16 tokens;
+    pooled 32."""
     g = torch.Generator().manual_seed(0)
     (root / "latents").mkdir(parents=True)
     (root / "text").mkdir()
@@ -227,7 +229,6 @@ def _pyramid_jsonl(root: Path) -> Path:
 
     lines = []
     for i in range(4):
-        write_video(root / f"v{i}.mp4", index_frames(25, 64, 64), fps=8)
         torch.save(
             torch.randn(1, 16, 4, 8, 8, generator=g).to(torch.bfloat16), root / "latents" / f"{i:06d}.pt"
         )
@@ -247,17 +248,23 @@ def test_pyramid_flow_trains_from_its_jsonl_files_without_a_video_or_text_encode
     from frameloom.models.pyramid_flow import family as pyramid_family
     from test_pyramid_train import shrunk
 
-    jsonl = _pyramid_jsonl(tmp_path / "data")
-    summary = prepare(jsonl, jsonl.parent / "manifest.parquet", progress=False)  # probes the videos once
-    assert summary.kept == 4
-    manifest = jsonl.parent / "manifest.parquet"
-
     def no(*args, **kwargs):
         raise AssertionError("must not be called")
 
     for module, name in [(video_io, "decode_clip"), (av, "open"), (pipeline, "load_text_encoder"),
                          (pyramid_family, "load_text_encoder")]:  # fmt: skip
         monkeypatch.setattr(module, name, no)
+    jsonl = _pyramid_jsonl(tmp_path / "data")
+    manifest = jsonl.parent / "manifest.parquet"
+    summary = prepare(jsonl, manifest, progress=False)  # no video to probe: sized from the latents
+    assert summary.kept == 4 and summary.from_latents == 4 and summary.rejected == {}
+    assert "4 without their video, sized from their latent file" in summary.line()
+    table = read_manifest(manifest)
+    assert [table.column(c).to_pylist() for c in ("num_frames", "height", "width")] == [
+        [25] * 4,
+        [64] * 4,
+        [64] * 4,
+    ]
     cfg = shrunk(
         "pyramid_flow_miniflux_384p.yaml", manifest, tmp_path / "run", "data.empty_text_fea=text/empty.pt"
     )
@@ -285,6 +292,16 @@ def test_pyramid_flow_files_that_do_not_fit_are_one_line(tmp_path):
     from test_pyramid_train import shrunk
 
     jsonl = _pyramid_jsonl(tmp_path / "data")
+    # without its video, a row stands on its latent: one that cannot be read is rejected with the reason
+    good = (jsonl.parent / "latents" / "000003.pt").read_bytes()
+    (jsonl.parent / "latents" / "000003.pt").write_bytes(b"not a tensor file")
+    summary = prepare(jsonl, tmp_path / "bad" / "m.parquet", progress=False)
+    assert summary.kept == 3 and summary.rejected == {"missing": 1}
+    [(path, reason, detail)] = [
+        tuple(r.values()) for r in csv.DictReader(open(tmp_path / "bad" / "rejected.csv"))
+    ]
+    assert path.endswith("v3.mp4") and "no such file, and its latent is unusable: " in detail
+    (jsonl.parent / "latents" / "000003.pt").write_bytes(good)
     manifest = jsonl.parent / "manifest.parquet"
     prepare(jsonl, manifest, progress=False)
     cfg = shrunk("pyramid_flow_miniflux_384p.yaml", manifest, tmp_path / "run", "data.empty_text_fea=text/empty.pt",

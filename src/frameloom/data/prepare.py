@@ -22,6 +22,10 @@ an entry whose values cannot be right (a frame count or size below 1, an fps tha
 positive) is rejected as ``bad_metadata``. For a data set of millions of already-measured clips, probing is
 the slow part; trusted parts go through as columns (10 million rows in about a minute).
 
+An entry whose media file is gone but that names a pre-extracted ``latent`` file (Pyramid Flow's jsonl: the
+seed trains from the latent alone) is kept when the latent can be read, its frame count and size taken from
+the latent's shape through the format's VAE (``Part.latent_geometry``), and counted in the summary.
+
 Files found by looking at a folder that are not media are not entries: they are counted in the summary as
 ignored, by reason. ``prepare`` that keeps no row at all raises ``NothingKept`` (exit 2) with the reject
 summary and the likely fix, after writing ``rejected.csv``.
@@ -102,6 +106,8 @@ class PrepareSummary:
     corrected: int = 0
     fmt: str = "folder"
     ignored: dict[str, int] = field(default_factory=dict)
+    from_latents: int = 0
+    """Rows whose media file is gone, kept for their pre-extracted latent (sized from it)."""
 
     def line(self) -> str:
         """One line for the terminal, e.g. "kept 12, rejected 3 (empty: 1, not_media: 2) in 1.4 s"."""
@@ -111,6 +117,8 @@ class PrepareSummary:
             notes.append(f"{self.uncaptioned} without caption")
         if self.corrected:
             notes.append(f"{self.corrected} with metadata corrected by probing")
+        if self.from_latents:
+            notes.append(f"{self.from_latents} without their video, sized from their latent file")
         if notes:
             kept += " (" + ", ".join(notes) + ")"
         total = sum(self.rejected.values())
@@ -266,6 +274,7 @@ class _Run:
         self.probed: dict[str, dict[str, Any] | tuple[str, str]] = {}
         self.corrected = 0
         self.uncaptioned = 0
+        self.from_latents = 0  # rows whose media file is gone, sized from their latent file
 
     def reject(self, path: str, reason: str, detail: str) -> None:
         self.rejects.append((path, reason, detail))  # made relative to the manifest's folder at the end
@@ -280,7 +289,11 @@ class _Run:
         # 1. Paths: the entry's file, then the other path columns, against the rules (columnar).
         check = check_batch(part.root, table.column("path"), self.rules, bound=bound, index=self.index)
         file_arr = check.files
-        for i in np.flatnonzero(check.status).tolist():
+        # a missing media file whose pre-extracted latent is named: kept if that latent can be read (step 2)
+        rescue = np.zeros(n, bool)
+        if part.latent_geometry is not None and "latent" in table.column_names:
+            rescue = (check.status == MISSING) & _valid(table, "latent")
+        for i in np.flatnonzero((check.status != 0) & ~rescue).tolist():
             status, path = int(check.status[i]), file_arr[i].as_py() or str(table.column("path")[i])
             if status == OUTSIDE:
                 self.reject(path, OUTSIDE_ROOT, check.details[i])
@@ -290,7 +303,7 @@ class _Run:
                 self.reject(repr(path), BAD_ENTRY, check.details[i])
             else:
                 self.reject(path, "not_media", check.details[i])
-        keep &= check.status == 0
+        keep &= (check.status == 0) | rescue
         other_files: dict[str, pa.Array] = {}
         for name in PATH_FIELDS:
             if name not in table.column_names or table.column(name).null_count == n:
@@ -321,13 +334,20 @@ class _Run:
         # 2. Trusted rows (complete, sane metadata) go through; the others are probed.
         complete = _valid(table, "num_frames") & _valid(table, "height") & _valid(table, "width")
         complete &= _valid(table, "fps") | image
-        trusted = keep & complete & ~candidate if self.trust else np.zeros(n, bool)
+        trusted = keep & complete & ~candidate & ~rescue if self.trust else np.zeros(n, bool)
         if trusted.any():
             bad, details = _bad_metadata(table, image)
             for i in np.flatnonzero(trusted & bad).tolist():
                 self.reject(file_arr[i].as_py(), BAD_METADATA, details[i])
             keep &= ~(trusted & bad)
             trusted &= ~bad
+        rescued = keep & rescue
+        if rescued.any():  # no file to probe: sized from the latent the row trains from
+            table = self._sized_from_latents(
+                table, rescued, other_files["latent"], part.latent_geometry, file_arr
+            )
+            keep &= ~rescue | rescued  # ``rescued`` lost the rows whose latent cannot be read
+            trusted |= rescued
         to_probe = keep & ~trusted
         probe_files = {i: file_arr[i].as_py() for i in np.flatnonzero(to_probe).tolist()}
         self._probe(list(probe_files.values()))
@@ -394,6 +414,38 @@ class _Run:
         out = out.filter(pa.array(keep))
         self.uncaptioned += int(pc.sum(pc.equal(out.column("text"), "")).as_py() or 0)
         return out
+
+    def _sized_from_latents(
+        self,
+        table: pa.Table,
+        rows: np.ndarray,
+        latents: pa.Array,
+        geometry: Any,
+        files: pa.Array,
+    ) -> pa.Table:
+        """``table`` with ``num_frames``/``height``/``width`` of ``rows`` (a boolean mask, updated in place: a
+        latent that cannot be read clears its row, rejected) taken from their latent files' shapes."""
+        from frameloom.data.precomputed import PrecomputedError, latent_from, load_tensor_file
+
+        sizes: dict[int, tuple[int, int, int]] = {}
+        for i in np.flatnonzero(rows).tolist():
+            path = Path(latents[i].as_py())
+            try:
+                sizes[i] = geometry(tuple(latent_from(load_tensor_file(path), path).shape))
+            except PrecomputedError as exc:
+                self.reject(files[i].as_py(), "missing", f"no such file, and its latent is unusable: {exc}")
+                rows[i] = False
+        self.from_latents += len(sizes)
+        for k, name in enumerate(("num_frames", "height", "width")):
+            values = table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+            for i, size in sizes.items():
+                values[i] = size[k]
+            col = pa.array(values, pa.int64())
+            if name in table.column_names:
+                table = table.set_column(table.column_names.index(name), name, col)
+            else:
+                table = table.append_column(name, col)
+        return table
 
     def _probe(self, files: list[str]) -> None:
         todo = list(dict.fromkeys(f for f in files if f not in self.probed))
@@ -499,6 +551,7 @@ def prepare(
         rejected_csv=rejected_csv,
         uncaptioned=run.uncaptioned,
         corrected=run.corrected,
+        from_latents=run.from_latents,
         fmt=fmt,
         ignored=dict(listing.ignored + run.ignored),
     )

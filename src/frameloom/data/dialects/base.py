@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,12 +63,18 @@ class Part:
 
     ``candidate`` marks entries found by looking at a folder whose suffix is not a known media suffix: they
     are probed, and one that is not media is ignored (counted) rather than rejected.
+
+    ``latent_geometry``: for formats whose entries may name a pre-extracted ``latent`` file encoded by a
+    known VAE (Pyramid Flow), ``(C, T, h, w) -> (frames, height, width)`` of the clip it was encoded from;
+    ``prepare`` then keeps an entry whose media file is gone but whose latent file exists (training reads
+    only the latent), with its size taken from the latent.
     """
 
     root: Path
     table: pa.Table
     source: str = ""
     candidate: np.ndarray | None = None
+    latent_geometry: Callable[[tuple[int, ...]], tuple[int, int, int]] | None = None
 
     def entries(self) -> list[Entry]:
         out = []

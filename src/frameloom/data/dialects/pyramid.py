@@ -7,7 +7,9 @@ like every other path (``data/paths.py``). Those tensor files are torch files, i
 ``load_tensor`` opens them with ``torch.load(weights_only=True)`` only, which refuses anything but tensors
 and plain containers, so a crafted file cannot run code.
 
-Read line by line into columns, a part of ``PART_LINES`` lines at a time; a value of the wrong type (a
+A line whose video is gone but whose ``latent`` file exists is kept by ``prepare`` (the seed trains from the
+latent alone), sized from the latent (``latent_geometry``). Read line by line into columns, a part of
+``PART_LINES`` lines at a time; a value of the wrong type (a
 number for ``text``, a list for ``video``) is one error naming the file, the line and the key.
 """
 
@@ -37,6 +39,15 @@ from frameloom.data.dialects.base import (
 from frameloom.errors import FrameloomError
 
 PART_LINES = 200_000
+VAE_TIME, VAE_SPACE = 8, 8
+"""Pyramid Flow's causal video VAE: 1 + 8k frames -> 1 + k latent frames, 8x8 pixels -> 1 latent cell."""
+
+
+def latent_geometry(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(frames, height, width) of the clip a Pyramid Flow latent ``(C, T, h, w)`` was encoded from (its
+    causal VAE: ``VAE_TIME``/``VAE_SPACE``): ``(1 + 8 (T - 1), 8 h, 8 w)``."""
+    _, t, h, w = shape
+    return 1 + VAE_TIME * (t - 1), VAE_SPACE * h, VAE_SPACE * w
 
 
 def _text_value(path: Path, number: int, key: str, value: Any) -> str | None:
@@ -56,7 +67,7 @@ def _parts(source: Path, rejects: list[tuple[str, str, str]]) -> Iterator[Part]:
             raise FrameloomError(str(exc)) from None
         for values in columns.values():
             values.clear()
-        return Part(root, table, str(source))
+        return Part(root, table, str(source), latent_geometry=latent_geometry)
 
     for number, record in read_json_lines(source):
         if not isinstance(record, dict):
@@ -155,4 +166,4 @@ def detect(source: Path) -> bool:
     return False
 
 
-__all__ = ["detect", "load_tensor", "read_pyramid", "write_pyramid"]
+__all__ = ["detect", "latent_geometry", "load_tensor", "read_pyramid", "write_pyramid"]
