@@ -310,6 +310,23 @@ def test_pyramid_flow_files_that_do_not_fit_are_one_line(tmp_path):
         PrecomputedError, match=r"a 8x8 latent grid, but its bucket \(25 frames of 128x64\) gives 16x8"
     ):
         Trainer(cfg)
+    # a pooled vector of another size than the transformer's pooled_projection_dim (32), then none at all
+    fea = torch.load(jsonl.parent / "text" / "000000.pt", weights_only=True)
+    torch.save({**fea, "pooled_prompt_embed": torch.zeros(1, 24)}, jsonl.parent / "text" / "000000.pt")
+    cfg = shrunk(
+        "pyramid_flow_miniflux_384p.yaml", manifest, tmp_path / "run1", "data.empty_text_fea=text/empty.pt"
+    )
+    with pytest.raises(
+        PrecomputedError,
+        match=r"text features text/000000.pt have a 'pooled' vector of 24, but the model takes 32",
+    ):
+        Trainer(cfg)
+    torch.save(
+        {k: v for k, v in fea.items() if k != "pooled_prompt_embed"}, jsonl.parent / "text" / "000000.pt"
+    )
+    with pytest.raises(PrecomputedError, match=r"text/000000.pt have no 'pooled' vector"):
+        Trainer(cfg)
+    torch.save(fea, jsonl.parent / "text" / "000000.pt")
     # one row without text features: its caption would be encoded every step, which require_cache refuses
     import pyarrow.parquet as pq
 

@@ -376,6 +376,30 @@ class PrecomputedDataset(Dataset):
         picks = valid[np.unique(np.linspace(0, len(valid) - 1, min(len(valid), count)).astype(np.int64))]
         return [self.load_text(col[int(i)].as_py())[:2] for i in picks]
 
+    def check_extras(self, sizes: dict[str, int], empty: dict[str, torch.Tensor] | None = None) -> None:
+        """Compare the last dimension of the first row's stored text extras (and of the empty prompt's,
+        ``empty``) with ``sizes`` (name -> what the model takes; the first row must have each). One
+        ``PrecomputedError`` line."""
+        first = self._first_text()
+        found = [("text features " + self._first_text_name(), first[2], True)] if first is not None else []
+        if empty:  # (none when caption dropout is off: never used)
+            found.append(("the empty prompt's text features", empty, False))
+        for where, extras, needed in found:
+            for name, want in sizes.items():
+                if name in extras and extras[name].shape[-1] != want:
+                    raise PrecomputedError(
+                        f"{where} have a {name!r} vector of {extras[name].shape[-1]}, but the model takes {want}"
+                    )
+                if name not in extras and needed:
+                    raise PrecomputedError(
+                        f"{where} have no {name!r} vector (e.g. Pyramid Flow's pooled_prompt_embed), which the "
+                        "model takes"
+                    )
+
+    def _first_text_name(self) -> str:
+        col = self.table.column("text_fea")
+        return str(col[pc.indices_nonzero(pc.is_valid(col)).to_pylist()[0]].as_py())
+
     def check_first(
         self,
         channels: int,

@@ -179,6 +179,10 @@ class Trainer:
         # 2. The denoiser (with its text statistics, while the text encoder is loaded), EMA, optimizer, schedule.
         family = get_family(cfg.model.family)
         self.model = family.build_denoiser(cfg.model, self.latent_channels, self.text_dim)
+        if (
+            self.precomputed and self.text_encoder is None
+        ):  # stored extras the model cannot take: one line now
+            self.dataset.check_extras(_extra_sizes(self.model), self.empty_extras)
         self._fit_text_statistics(self.model)
         if self.cached:
             self._release_encoders()
@@ -842,3 +846,11 @@ class Trainer:
 def train(cfg: Config) -> TrainResult:
     """`frameloom train`: build the run from `cfg` and train it."""
     return Trainer(cfg).fit()
+
+
+def _extra_sizes(model: torch.nn.Module) -> dict[str, int]:
+    """The text extras a denoiser takes, by name, with their size, as its config states them (Pyramid Flow's
+    ``pooled_projection_dim``: the pooled CLIP vector ``pooled``); empty when it states none."""
+    config = getattr(model, "config", None)
+    pooled = config.get("pooled_projection_dim") if isinstance(config, dict) else None
+    return {"pooled": int(pooled)} if pooled else {}
