@@ -138,7 +138,7 @@ def _raw_table(path: Path) -> tuple[pa.Table, list[tuple[str, str, str]]]:
             if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
                 try:
                     col = col.cast(pa.string())
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
                     raise FrameloomError(
                         f"{path}, column {name!r}: {col.type} is not text or a number"
                     ) from None
