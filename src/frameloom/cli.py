@@ -86,6 +86,10 @@ def _cmd_cache(args: argparse.Namespace, overrides: list[str]) -> int:
         destroy_distributed()
     if env.is_main:
         print(report.line())
+        if args.pyramid_jsonl:  # Pyramid Flow's own latent/text_fea files and jsonl, from what was cached
+            from frameloom.models.pyramid_flow.files import write_jsonl
+
+            print(write_jsonl(cfg, args.pyramid_jsonl, progress=True))
     return 0
 
 
@@ -313,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
         "and encodes only new or changed entries (resumable after a kill).",
     )
     p.add_argument("config", help="YAML config")
+    p.add_argument(
+        "--pyramid-jsonl",
+        default=None,
+        metavar="PATH",
+        help="model.family pyramid_flow: also write Pyramid Flow's latent/text_fea files and their jsonl at PATH",
+    )
     p.set_defaults(func=_cmd_cache, takes_overrides=True)
 
     p = sub.add_parser(
@@ -411,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["diffusers", "lora", "safetensors", "native"],
         help="lora (diffusers LoRA file), diffusers (pipeline directory), safetensors (one weights file) or "
         "native (the seed system's released layout: Open-Sora-Plan's model folder, Open-Sora 2.0's "
-        "Open_Sora_v2.safetensors, dit_class: DiT's .pt)",
+        "Open_Sora_v2.safetensors, Pyramid Flow's diffusion_transformer folder, dit_class: DiT's .pt)",
     )
     p.add_argument(
         "--comfyui",

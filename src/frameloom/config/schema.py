@@ -209,6 +209,9 @@ class ObjectiveConfig:
     extras_dropout: float | None = None
     """Probability of replacing the text encoder's extra tensors (a pooled CLIP vector) by the empty prompt's,
     drawn independently of the tokens (Open-Sora 2.0 drops T5 and CLIP apart); None: with the tokens."""
+    pyramid: dict[str, Any] = field(default_factory=dict)
+    """Pyramid Flow recipe knobs (stage_ratios, stage_range, gamma, shift, frame_per_unit, corrupt_ratio,
+    max_latent_frames): objectives/pyramid.py `PyramidOptions`, docs/pyramid_flow.md."""
 
 
 @dataclass
@@ -352,6 +355,9 @@ class SampleConfig:
     """opensora2: after 10 steps, guide only every other step (and scale image guidance over time)."""
     image_mode: str = "head"
     """opensora2 with `sample.image`: the image is the first frame (`head`), the last (`tail`) or both (`loop`)."""
+    pyramid: dict[str, Any] = field(default_factory=dict)
+    """Pyramid Flow sampler knobs (mode, first_frame_steps, video_steps, video_guidance, prompt_suffix):
+    sampling/pyramid.py `PyramidSampleOptions`, docs/pyramid_flow.md."""
 
 
 @dataclass
@@ -395,7 +401,7 @@ class Config:
 
 
 # Free-form mappings: any key is allowed below these.
-FREEFORM = {"model.config", "data.bucket_config"}
+FREEFORM = {"model.config", "data.bucket_config", "objective.pyramid", "sample.pyramid"}
 
 # String options one of whose words YAML 1.1 reads as a boolean (`no`, `off`, `yes`, `on`, ...): the boolean
 # is taken back to that word. A boolean given to any other string option is an error that says to quote it.
