@@ -56,9 +56,8 @@ def build_loader(
     workers = max(0, int(data.num_workers))
     extra: dict[str, Any] = {}
     if workers > 0:
-        atexit.unregister(
-            kill_loader_workers
-        )  # once, and after multiprocessing's (imported above): runs first
+        # once, and after multiprocessing's exit hook (imported above), so that ours runs first
+        atexit.unregister(kill_loader_workers)
         atexit.register(kill_loader_workers)
         extra = dict(
             worker_init_fn=worker_init,
