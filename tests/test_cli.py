@@ -7,7 +7,7 @@ import pytest
 
 from frameloom.cli import main
 
-COMMANDS = ["quickstart", "prepare", "inspect", "convert", "cache", "train", "sample", "export"]
+COMMANDS = ["quickstart", "prepare", "inspect", "convert", "cache", "train", "sample", "export", "verify"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

@@ -112,10 +112,14 @@ def _cmd_sample(args: argparse.Namespace, overrides: list[str]) -> int:
     from frameloom.parallel.env import destroy_distributed
     from frameloom.sampling.generate import sample_command
 
-    if (args.prompt is None) == (args.class_labels is None):
+    if args.prompt is not None and args.class_labels is not None:
+        raise FrameloomError("give either --prompt TEXT... or --class N..., not both")
+    if args.prompt is None and args.class_labels is None and args.fid_npz is None:
         raise FrameloomError("give either --prompt TEXT... or --class N...")
+    if args.fid_npz is not None and args.fid_npz < 1:
+        raise FrameloomError(f"--fid-npz must be a positive sample count, got {args.fid_npz}")
     # a class index is the "caption" of a class-conditional model (its label encoder reads the number)
-    prompts = args.prompt if args.prompt is not None else [str(c) for c in args.class_labels]
+    prompts = args.prompt if args.prompt is not None else [str(c) for c in args.class_labels or []]
     if args.image is not None:
         if not Path(args.image).is_file():
             raise FrameloomError(f"--image not found: {args.image}")
@@ -131,6 +135,7 @@ def _cmd_sample(args: argparse.Namespace, overrides: list[str]) -> int:
             seeds=args.seed,
             negative_prompt=args.negative_prompt,
             overrides=overrides,
+            fid_npz=args.fid_npz,
         )
     finally:
         destroy_distributed()
@@ -155,6 +160,17 @@ def _cmd_export(args: argparse.Namespace, _: list[str]) -> int:
     for p in paths:
         print(p)
     return 0
+
+
+def _cmd_verify(args: argparse.Namespace, _: list[str]) -> int:
+    from frameloom.checkpoint.integrity import verify_run
+
+    results = verify_run(args.run_dir)
+    for result in results:
+        print(result.line())
+    damaged = sum(not r.ok for r in results)
+    print(f"{len(results)} checkpoint(s): {len(results) - damaged} ok, {damaged} damaged")
+    return 1 if damaged else 0
 
 
 def _cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -212,8 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--format",
         default="auto",
-        choices=["auto", "folder", "opensora", "opensora-plan", "cogvideox", "pyramid"],
-        help="source dialect (default: auto-detect from the layout)",
+        choices=[
+            "auto",
+            "folder",
+            "opensora",
+            "opensora-plan",
+            "cogvideox",
+            "pyramid",
+            "imagenet",
+            "fastdit",
+        ],
+        help="source dialect (default: auto-detect from the layout; imagenet = class folders or a "
+        "path/label table, fastdit = fast-DiT's .npy features + labels: only by name)",
     )
     p.add_argument("--workers", type=int, default=1, help="parallel probe processes (default: 1)")
     p.add_argument(
@@ -263,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--to",
         required=True,
-        choices=["folder", "opensora", "opensora-plan", "cogvideox", "pyramid"],
+        choices=["folder", "opensora", "opensora-plan", "cogvideox", "pyramid", "imagenet"],
         help="target dialect",
     )
     p.add_argument(
@@ -329,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sample",
         help="generate mp4s from a run or config",
-        description="Generates one H.264 mp4 per prompt and seed, from the EMA weights by default.",
+        description="Generates one H.264 mp4 per prompt and seed (a PNG for image models: data.num_frames 1), "
+        "from the EMA weights by default; --fid-npz N writes an FID sample batch instead.",
     )
     p.add_argument("source", help="a run directory or a YAML config")
     p.add_argument("--prompt", nargs="+", default=None, help="one or more prompts")
@@ -349,6 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--checkpoint", default="latest", help="checkpoint folder or 'latest' (default)")
+    p.add_argument(
+        "--fid-npz",
+        type=int,
+        default=None,
+        metavar="N",
+        help="write N samples as OUT/samples_N.npz (arr_0 uint8 NHWC, what FID tools read) instead of files; "
+        "sample i uses class/prompt i mod K (default: every class in turn) and seed sample.seed + i",
+    )
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: config sample.steps)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: sample.guidance)")
     p.add_argument(
@@ -376,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["diffusers", "lora", "safetensors", "native"],
         help="lora (diffusers LoRA file), diffusers (pipeline directory), safetensors (one weights file) or "
         "native (the seed system's released layout: Open-Sora-Plan's model folder, Open-Sora 2.0's "
-        "Open_Sora_v2.safetensors)",
+        "Open_Sora_v2.safetensors, dit_class: DiT's .pt)",
     )
     p.add_argument(
         "--comfyui",
@@ -398,6 +433,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "verify",
+        help="check every checkpoint's files against their checksums",
+        description="Recomputes the checksum of every file of every checkpoints/step-* folder of a run and "
+        "compares it with the one recorded in its meta.json; prints one line per checkpoint naming each "
+        "missing, truncated, altered or unlisted file. Exit status 0 when all are intact, 1 when any is "
+        "damaged, 2 when RUN_DIR has no checkpoints.",
+    )
+    p.add_argument("run_dir", help="run directory")
+    p.set_defaults(func=_cmd_verify)
     return parser
 
 

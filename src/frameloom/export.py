@@ -17,7 +17,9 @@ Formats (``--format``):
 - ``safetensors``: one consolidated ``model.safetensors``: the denoiser's state dict (for a diffusers family
   the transformer's, in diffusers names, a LoRA merged in). Verified by reading it back tensor by tensor.
 - ``native``: the seed system's own released layout, written by the family's ``export_released(cfg, weights,
-  out)`` (Open-Sora-Plan: an ``OpenSoraT2V_v1_3`` folder its ``from_pretrained`` loads). Verified by the family.
+  out)`` (Open-Sora-Plan: an ``OpenSoraT2V_v1_3`` folder its ``from_pretrained`` loads; dit_class: DiT's
+  ``.pt``). Verified by the family. A seed family with a diffusers form of its own defines
+  ``export_diffusers(cfg, weights, out)`` for ``--format diffusers`` (dit_class: ``DiTTransformer2DModel``).
 
 Memory: export holds one copy of the base plus the adapter. The denoiser is built once from
 ``model.pretrained``; the checkpoint's tensors are read one at a time into it (a LoRA run's checkpoint holds
@@ -297,6 +299,22 @@ def _export_native(cfg: Config, out: Path, checkpoint: str) -> list[Path]:
     return export(cfg, weights, out)
 
 
+def _export_own_diffusers(cfg: Config, out: Path, checkpoint: str) -> list[Path] | None:
+    """A seed family's diffusers form (its ``export_diffusers(cfg, weights, out)``, e.g. dit_class's
+    ``DiTTransformer2DModel``), or None when the family has none."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"frameloom.models.{cfg.model.family}.family")
+    except ModuleNotFoundError:
+        return None
+    export = getattr(module, "export_diffusers", None)
+    if export is None:
+        return None
+    weights = _checkpoint_weights(cfg, _resolve(cfg, checkpoint))
+    return export(cfg, weights, out)
+
+
 def export_run(
     run_dir: str | os.PathLike,
     *,
@@ -322,6 +340,10 @@ def export_run(
         return _export_safetensors(_run_config(Path(run_dir)), out, checkpoint)
     if fmt == "native":
         return _export_native(_run_config(Path(run_dir)), out, checkpoint)
+    if fmt == "diffusers":  # a seed family with its own diffusers form (not a diffusers-pipeline family)
+        own = _export_own_diffusers(_run_config(Path(run_dir)), out, checkpoint)
+        if own is not None:
+            return own
     cfg, model, _ = load_run_denoiser(run_dir, checkpoint)
     if fmt == "lora":
         return _export_lora(cfg, model, out, comfyui, kohya, DTYPES[dtype])

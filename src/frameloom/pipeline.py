@@ -73,7 +73,15 @@ def clip_spec(cfg: Config) -> ClipSpec:
         temporal_crop=d.temporal_crop,
         frame_policy=d.frame_policy,
         sp_size=cfg.parallel.sp_size if d.frame_policy == "opensora_plan" else 1,
+        resize=_checked_resize(d.resize),
+        hflip=bool(d.hflip),
     )
+
+
+def _checked_resize(name: str) -> str:
+    if name not in ("cover", "adm"):
+        raise FrameloomError(f"data.resize must be cover or adm, not {name!r}")
+    return name
 
 
 def caption_rules(cfg: Config) -> CaptionRules:
@@ -150,8 +158,17 @@ def text_encoder_dir(cfg: Config) -> Path:
         from frameloom.models.text import build_tiny_t5
 
         path = Path(cfg.run_dir).resolve().parent / ".frameloom_models" / TINY_BYT5
-        if not (path / "config.json").exists():
-            build_tiny_t5(path, seed=0)
+        if not path.is_dir():  # built aside and renamed in: a kill mid-build leaves no half encoder here
+            import os
+            import shutil
+
+            tmp = path.parent / f".tmp-{TINY_BYT5}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            build_tiny_t5(tmp, seed=0)
+            try:
+                os.rename(tmp, path)
+            except OSError:  # another process built it meanwhile (the same, deterministic encoder)
+                shutil.rmtree(tmp, ignore_errors=True)
         return path
     path = Path(name)
     if not path.is_dir():
@@ -214,8 +231,13 @@ class ClipDataset(Dataset):
     An item is a row index, or a ``SampleRef`` (row, bucket, epoch) from a bucketed sampler: the clip is then
     decoded at the bucket's shape (``use_buckets``), with the epoch's temporal crop. A row that fails to
     decode is replaced by ``substitute_index``'s pick from its bucket (a pure function of seed, epoch, row
-    and attempt), logged with its path; the item says ``substituted: 1`` so the trainer can count it.
+    and attempt), logged with its path; the item says ``substituted: 1`` so the trainer can count it, and
+    lists each failure (``failures``: path, row, kind, reason) for the run's quarantine.jsonl.
     Rows are read one at a time from the columnar manifest (no list of row dicts).
+
+    ``decode_timeout`` > 0 decodes in a sandbox subprocess (``data/sandbox.py``): a crash or a hang longer
+    than that many seconds fails only its sample. ``quarantine`` (``data/quarantine.py``) names the run's
+    quarantine file: a sample recorded there as crashed or hung is not decoded again.
 
     The item's draw ``(seed, row, epoch)`` decides the ``random`` temporal window (a new one each epoch, the
     same one in a resumed run) and the ``random`` aesthetic phrase; the caption is ``keys.caption``'s text
@@ -231,7 +253,12 @@ class ClipDataset(Dataset):
         *,
         seed: int = 0,
         caption_rules: CaptionRules | None = None,
+        decode_timeout: float = 0.0,
+        quarantine: str | Path | None = None,
     ):
+        from frameloom.data.quarantine import Quarantine
+        from frameloom.data.sandbox import DecodeSandbox
+
         self.manifest = Path(manifest)
         self.table = read_manifest(self.manifest)  # decode_clip reads cut/crop/rotation too
         self.spec = spec
@@ -239,6 +266,8 @@ class ClipDataset(Dataset):
         self.seed = seed
         self.caption_rules = caption_rules
         self.planner = None  # sampler.EpochPlanner when a bucket policy is active
+        self.sandbox = DecodeSandbox(decode_timeout) if decode_timeout > 0 else None
+        self.quarantine = Quarantine(quarantine) if quarantine is not None else None
 
     def use_buckets(self, planner, *, seed: int) -> None:
         """Decode at the shapes of ``planner``'s policy (None: every clip at ``spec``); ``seed`` drives the
@@ -264,6 +293,17 @@ class ClipDataset(Dataset):
             return np.arange(len(self))
         return self.planner.members(epoch, bucket)
 
+    def _decode(self, row: dict, spec: ClipSpec, draw: tuple[int, int, int]) -> torch.Tensor:
+        """One clip: refused at once if quarantined as crashing/hanging, else decoded (in the sandbox)."""
+        from frameloom.data.sandbox import DecodeCrash
+
+        known = self.quarantine.known(str(row["path"])) if self.quarantine is not None else None
+        if known is not None:
+            raise DecodeCrash(str(row["path"]), known["reason"], known["kind"])
+        if self.sandbox is not None:
+            return self.sandbox.decode(row, spec, root=self.root, output="float", draw=draw)
+        return decode_clip(row, spec, root=self.root, output="float", draw=draw)
+
     def __getitem__(self, item) -> dict:
         import logging
 
@@ -272,13 +312,18 @@ class ClipDataset(Dataset):
 
         index, bucket, epoch = tuple(item) if isinstance(item, tuple) else (int(item), -1, 0)
         current = index
+        failures = []
         for attempt in range(self.MAX_SUBSTITUTES + 1):
             row = self.row(current)
             spec = self._spec(row, bucket)
             draw = (self.seed, current, epoch)
             try:
-                video = decode_clip(row, spec, root=self.root, output="float", draw=draw)
+                video = self._decode(row, spec, draw)
             except DecodeError as exc:
+                kind = getattr(exc, "kind", "error")
+                failures.append(
+                    {"path": str(row["path"]), "row": current, "kind": kind, "reason": exc.reason}
+                )
                 replacement = substitute_index(self.seed, epoch, index, attempt, self._members(epoch, bucket))
                 logging.getLogger("frameloom.data").warning(
                     "sample %d (%s) failed to decode (%s); substituting sample %s",
@@ -292,5 +337,11 @@ class ClipDataset(Dataset):
                 current = replacement
                 continue
             text = row_caption(row, self.caption_rules, spec, draw)
-            return {"video": video, "text": text, "index": current, "substituted": int(current != index)}
+            return {
+                "video": video,
+                "text": text,
+                "index": current,
+                "substituted": int(current != index),
+                "failures": failures,
+            }
         raise DecodeError(str(self.row(index)["path"]), f"it and {self.MAX_SUBSTITUTES} substitutes failed")

@@ -11,8 +11,11 @@ Two layouts of `checkpoints/step-NNNNNNNN/` (meta.json `format`):
   With `async_save` the tensors are staged to CPU memory and written by a background thread while training
   goes on; the checkpoint is completed (meta.json, rename) once the write has finished.
 
-Both keep the atomic rule of io.py: everything goes into a `.tmp-*` folder, `meta.json` is written last, and
-the folder is renamed to `step-*` (by rank 0, after every rank's data is on disk). Loading goes through
+Both keep the atomic rule of io.py: everything goes into a `.tmp-*` folder, `meta.json` (with a checksum of
+every file, each process hashing a share of them) is written last, and the folder is renamed to `step-*` by
+rank 0 after every rank's data is on disk (`io.publish`). `resume_training_checkpoint` verifies those checksums
+(rank 0) before anything is read and falls back to the previous valid checkpoint, on every rank alike, when a
+file is damaged or cannot be loaded; nothing it reads can run code (safe.py). Loading goes through
 `torch.distributed.checkpoint.state_dict` (`get_/set_*_state_dict`), which names optimizer state by
 parameter name and converts between full and sharded tensors, so a checkpoint from N processes, DDP or FSDP,
 resumes under M processes, DDP or FSDP.
@@ -21,9 +24,6 @@ resumes under M processes, DDP or FSDP.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import shutil
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -43,14 +44,20 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from frameloom.checkpoint.integrity import checkpoint_files, file_checksums, verify_checkpoint
 from frameloom.checkpoint.io import (
     CheckpointError,
-    _fsync_dir,
     capture_rng,
     checkpoint_dir,
+    cleanup_partial,
+    first_valid,
+    load_state,
+    new_tmp,
+    publish,
     read_meta,
     step_name,
 )
+from frameloom.checkpoint.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
 from frameloom.checkpoint.trainable import check_loaded, trainable_only
 from frameloom.parallel.env import all_gather_objects, barrier, broadcast_object, is_distributed
 
@@ -68,10 +75,21 @@ def _full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _fsync_files(folder: Path, names: list[str]) -> None:
-    for name in names:
-        with open(folder / name, "rb") as fh:
-            os.fsync(fh.fileno())
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _world() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def _shared_checksums(folder: Path) -> dict[str, Any]:
+    """Checksums of every file under `folder` (collective): each process hashes every world-th file of one
+    listing (rank 0's), so a sharded checkpoint is hashed in parallel."""
+    names = broadcast_object(checkpoint_files(folder) if _rank() == 0 else None)
+    parts = all_gather_objects(file_checksums(folder, names[_rank() :: _world()]))
+    return {name: value for part in parts for name, value in part.items()}
 
 
 @contextlib.contextmanager
@@ -94,26 +112,17 @@ class PendingSave:
         """True once this rank's part is written (rank 0's part includes the global metadata)."""
         return self.future is None or self.future.done()
 
-    def finish(self) -> Path:
-        """Wait for the write, then (rank 0) write meta.json and rename the folder into place. Idempotent."""
+    def finish(self, checksums: dict[str, Any] | None = None) -> Path:
+        """Wait for the write, then (rank 0) write meta.json and rename the folder into place (`io.publish`;
+        `checksums` None: rank 0 hashes the files itself). Idempotent."""
         if self.done:
             return self.final
         if self.future is not None:
             self.future.result()
         if _rank() == 0:
-            _complete(self.tmp, self.final, self.meta)
+            publish(self.tmp, self.final, self.meta, checksums)
         self.done = True
         return self.final
-
-
-def _complete(tmp: Path, final: Path, meta: dict[str, Any]) -> None:
-    """meta.json last, fsync, atomic rename (a folder named step-* is always complete)."""
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    _fsync_files(tmp, ["meta.json", *[f for f in meta["files"] if (tmp / f).is_file()]])
-    if final.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(final.parent)
 
 
 def save_training_checkpoint(
@@ -134,12 +143,7 @@ def save_training_checkpoint(
     (a separate gloo group, so they never interleave with training's)."""
     root = checkpoint_dir(run_dir)
     final = root / step_name(step)
-    tmp = root / broadcast_object(f".tmp-{step_name(step)}-{os.getpid()}")  # one name, chosen by rank 0
-    if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+    tmp = Path(broadcast_object(str(new_tmp(root, step)) if _rank() == 0 else None))  # made by rank 0
     barrier()
     rngs = all_gather_objects(capture_rng())  # one per rank, restored by rank on a same-size resume
     state = dict(state, rng=rngs, world_size=len(rngs))
@@ -180,7 +184,7 @@ def save_training_checkpoint(
     pending = PendingSave(future, tmp, final, meta)
     if future is None:
         barrier()  # every rank's files are written
-        pending.finish()
+        pending.finish(_shared_checksums(tmp))
         barrier()  # the folder is in place before anyone looks for it
     return pending
 
@@ -208,10 +212,7 @@ def load_training_checkpoint(
     place; returns the non-tensor state (scheduler, sampler, counters, `rng`: this rank's RNG state or None)."""
     path = Path(path)
     meta = read_meta(path)
-    try:
-        state = torch.load(path / "state.pt", weights_only=False)
-    except (OSError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot read {path / 'state.pt'}: {exc}") from None
+    state = load_state(path)  # plain data only
     only = bool(meta.get("trainable_only", False))  # the frozen base is not in it: rebuilt from pretrained
     if meta.get("format", FULL) == SHARDED:
         model_sd = get_model_state_dict(module, options=StateDictOptions(ignore_frozen_params=only))
@@ -220,7 +221,12 @@ def load_training_checkpoint(
         if ema is not None and meta.get("ema"):
             tensors["ema"] = ema  # loaded in place (local shards for DTensors)
         with _single_process_quiet():
-            dcp.load(tensors, checkpoint_id=path / DCP_DIR, no_dist=not is_distributed())
+            dcp.load(
+                tensors,
+                storage_reader=SafeFileSystemReader(str(path / DCP_DIR)),
+                planner=SafeLoadPlanner(),
+                no_dist=not is_distributed(),
+            )
         loaded = set_model_state_dict(module, model_sd, options=StateDictOptions(strict=not only))
         check_loaded(module, loaded.missing_keys, loaded.unexpected_keys, str(path))
         set_optimizer_state_dict(module, optimizer, optim_sd)
@@ -242,3 +248,41 @@ def load_training_checkpoint(
     if isinstance(rngs, list):  # one per rank of the saving run; a rank beyond them has none to restore
         state["rng"] = rngs[_rank()] if _rank() < len(rngs) else None
     return state
+
+
+def resume_training_checkpoint(
+    run_dir: str | Path,
+    which: str | None,
+    *,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: dict[str, torch.Tensor] | None,
+) -> tuple[Path, dict[str, Any]] | None:
+    """`checkpoint.resume` (None, `latest` or a folder) loaded into module, optimizer and EMA (collective).
+
+    Rank 0 first removes what killed saves left (`io.cleanup_partial`). Then, newest first (`io.first_valid`),
+    rank 0 verifies a candidate's checksums and every rank loads it; a damaged or unloadable one is skipped on
+    every rank with a warning naming the file, and the previous one is tried (for `latest`; a named folder
+    must be valid). Returns (folder, non-tensor state) or None when there is nothing to resume; raises
+    `CheckpointError` when checkpoints exist but none is valid."""
+    loaded: dict[str, Any] = {}
+
+    def check(path: Path) -> list[str]:
+        """Rank 0 verifies the checksums; if they hold, every rank loads; the problems of all ranks."""
+        problems = broadcast_object(verify_checkpoint(path).problems if _rank() == 0 else None)
+        if problems:
+            return problems
+        error = None
+        try:
+            loaded["state"] = load_training_checkpoint(path, module=module, optimizer=optimizer, ema=ema)
+        except (Exception, CheckpointException) as exc:  # any failure to load: try the previous one
+            error = f"cannot load: {_first_line(exc)}"
+        return sorted({e for e in all_gather_objects(error) if e})
+
+    if _rank() == 0:
+        cleanup_partial(run_dir)
+    barrier()
+    # Every rank walks the same candidates (one shared folder listing) and `check` returns the same problems
+    # on every rank, so all of them skip, load or fail together.
+    found = first_valid(run_dir, which, check, warn=_rank() == 0)
+    return (found, loaded["state"]) if found is not None else None

@@ -42,6 +42,11 @@ class DataConfig:
     """Page-locked host batches for asynchronous copies to the GPU (CUDA only; ignored on CPU)."""
     prefetch_factor: int = 2
     """With num_workers > 0: batches each worker prepares ahead."""
+    decode_timeout: float = 60.0
+    """Seconds one sample may take to decode when decoding on the fly. Each loader process decodes in a
+    sandbox subprocess (data/sandbox.py): a sample whose decoder crashes or runs longer than this is replaced
+    like any undecodable one and listed in run_dir/quarantine.jsonl. 0 decodes in the loader process itself
+    (no protection)."""
     # -- frame and caption rules of the seeds, path safety (data/video.py, data/captions.py, docs/datasets.md) --
     speed_factor: float = 1.0
     """Open-Sora-Plan speed_factor (>= 1): subsample the strided frames further, by up to this factor."""
@@ -99,6 +104,11 @@ class DataConfig:
     8 for temporal)."""
     latent_multiple: int = 1
     """temporal: latent frame counts are rounded down to a multiple of this (Pyramid Flow video_sync_group)."""
+    resize: str = "cover"
+    """`cover` (antialiased bilinear resize, center crop) or `adm` (DiT's center_crop_arr: BOX halvings +
+    BICUBIC, center crop; square sizes)."""
+    hflip: bool = False
+    """Random horizontal flip, drawn per sample and epoch (DiT); in the cache, once per file (fast-DiT)."""
 
 
 @dataclass
@@ -298,6 +308,9 @@ class ParallelConfig:
     """torch.compile each transformer block (after checkpointing, before DDP/FSDP)."""
     async_checkpoint: bool = False
     """Sharded checkpoints are written in the background (dcp.async_save); training continues meanwhile."""
+    timeout_s: float = 600.0
+    """Seconds a collective may wait for the other processes (the process group's timeout). A rank whose peer
+    died or hangs gives up after this long instead of forever; keep it above the longest checkpoint write."""
     blocks_to_swap: int = 0
     """Keep the frozen weights of the last N transformer blocks in CPU memory and bring each to the device
     only while it runs (forward and backward), prefetching the next one; LoRA only, needs

@@ -29,14 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from frameloom.data.dialects import DIALECTS, detect_format, read_dialect
+from frameloom.data.dialects import CLASS_DIALECTS, DIALECTS, detect_format, read_dialect
 from frameloom.data.dialects.base import MEASURED, PATH_FIELDS, Entry, absolute, relative_or_absolute
 from frameloom.data.manifest import derived_columns, from_rows, write_manifest
 from frameloom.data.paths import OUTSIDE_ROOT, OutsideRoot, resolve_entry
 from frameloom.data.probe import IMAGE_SUFFIXES, REASONS, probe_many
 from frameloom.errors import FrameloomError
 
-FORMATS: tuple[str, ...] = ("auto", *DIALECTS)
+FORMATS: tuple[str, ...] = ("auto", *DIALECTS, *CLASS_DIALECTS)
 
 REJECTED_CSV = "rejected.csv"
 
@@ -208,7 +208,8 @@ def prepare(
         if file is None:
             rejects.append(result)
             continue
-        trusted = trust_metadata and _given_is_complete(file, result)
+        # fast-DiT features are tensor files, not media: their listed sizes are the only ones there are
+        trusted = (trust_metadata or fmt == "fastdit") and _given_is_complete(file, result)
         if trusted and not file.is_file():
             rejects.append((str(file), "missing", "listed in the source, no such file"))
             continue

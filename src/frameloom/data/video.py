@@ -77,6 +77,12 @@ class ClipSpec:
     temporal_crop: str = "start"
     frame_policy: str | None = None
     sp_size: int = 1
+    resize: str = "cover"
+    """``cover`` (antialiased bilinear resize to cover, then center crop) or ``adm`` (DiT/ADM's
+    ``center_crop_arr``: BOX halvings, BICUBIC to the short side, center crop; square sizes; data/image_ops.py)."""
+    hflip: bool = False
+    """Mirror the clip left-right with probability 1/2, drawn per (seed, sample, epoch) (DiT's
+    RandomHorizontalFlip; the cache, which has no epoch, draws once per file: fast-DiT's extraction)."""
 
     def key(self) -> str:
         """A stable text form, used in cache keys. Fields at their defaults add nothing, so the keys of
@@ -93,6 +99,10 @@ class ClipSpec:
             text += f"-tc{self.temporal_crop}"
         if self.frame_policy is not None:
             text += f"-p{self.frame_policy}-sp{self.sp_size}"
+        if self.resize != "cover":
+            text += f"-rs{self.resize}"
+        if self.hflip:
+            text += "-hflip"
         return text
 
 
@@ -626,7 +636,14 @@ def decode_clip(
     if crop is not None:
         video = _crop(video, crop, path)
     height, width = _target_size(video.shape[2], video.shape[3], spec.height, spec.width)
-    video = resize_cover(video, height, width)
+    if spec.resize == "adm":  # DiT's center_crop_arr (data/image_ops.py)
+        from frameloom.data.image_ops import adm_center_crop
+
+        video = adm_center_crop(video, height, width)
+    else:
+        video = resize_cover(video, height, width)
+    if spec.hflip and draw_int(0, 1, *(draw or fixed_draw(row)), salt="hflip"):
+        video = video.flip(-1)
     if repeat > 1:
         video = video.expand(-1, repeat, -1, -1)
     video = video.contiguous()

@@ -102,6 +102,7 @@ def _native_family(name: str) -> Family:
         sample=getattr(m, "sample_videos", None),
         validate=getattr(m, "validate", None),
         comfyui_module=getattr(m, "comfyui_module", None),
+        describe_sampler=getattr(m, "describe_sampler", None),
     )
 
 

@@ -1,16 +1,27 @@
-"""Process setup from torchrun's environment, and the few collectives the rest of frameloom needs.
+"""Process setup from torchrun's environment, process hygiene, and the few collectives the rest of frameloom
+needs.
 
 torchrun (single node, or many nodes through its c10d rendezvous) sets RANK, WORLD_SIZE, LOCAL_RANK,
 LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT in each process. `init_distributed` reads them and joins the
 default process group: NCCL for CUDA, gloo for CPU. A plain `python -m frameloom ...` (WORLD_SIZE unset or 1)
 stays a single process and never touches torch.distributed, so nothing here costs anything there.
+
+Process hygiene: no frameloom process outlives the one that started it. A rank asks the kernel for SIGKILL
+when its launcher dies (`die_with_parent`, Linux prctl PR_SET_PDEATHSIG), and so do its loader workers and
+their decode sandboxes (data/sandbox.py), so killing torchrun leaves no orphan that could still write a
+checkpoint. A rank that dies makes the others' next collective fail: at once under gloo (the connection
+closes), after `parallel.timeout_s` under NCCL (the process group's timeout); torchrun then stops the rest.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -49,6 +60,26 @@ def _env_int(name: str, default: int) -> int:
         raise FrameloomError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int | None = None, sig: int = signal.SIGKILL) -> bool:
+    """Have the kernel send `sig` to this process when its parent exits (Linux; elsewhere a no-op returning
+    False). `parent_pid`: the parent this process started under; if it is already gone (it died before the
+    request was made), the signal is raised now. Inherited by neither fork nor exec: each process asks."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os.kill(os.getpid(), sig)
+    return True
+
+
 def default_backend(device_type: str, *, cpu_collectives: bool = False) -> str:
     """The process group's backend: gloo on CPU; NCCL on CUDA, with gloo beside it for CPU tensors
     (`cuda:nccl,cpu:gloo`) when `cpu_collectives` (FSDP CPU offload: gradient norms of CPU shards)."""
@@ -57,13 +88,17 @@ def default_backend(device_type: str, *, cpu_collectives: bool = False) -> str:
     return "cuda:nccl,cpu:gloo" if cpu_collectives else "nccl"
 
 
-def init_distributed(device: torch.device | str = "cpu", *, backend: str | None = None) -> DistEnv:
+def init_distributed(
+    device: torch.device | str = "cpu", *, backend: str | None = None, timeout_s: float | None = None
+) -> DistEnv:
     """Join the default process group when WORLD_SIZE > 1 (or one is already initialised).
 
     `device` is the configured device type (`cpu` or `cuda`); on CUDA each process takes GPU LOCAL_RANK.
     `backend` overrides the choice (`default_backend`: NCCL on CUDA, gloo on CPU), e.g. gloo for CPU-only
     collectives, `cuda:nccl,cpu:gloo` for both.
-    Idempotent: a second call returns the same environment.
+    `timeout_s` bounds every collective (`parallel.timeout_s`; None: PyTorch's default), so a rank whose
+    peer died or hangs gives up instead of waiting forever. A process started by a launcher (WORLD_SIZE > 1)
+    dies with it (`die_with_parent`). Idempotent: a second call returns the same environment.
     """
     device = torch.device(device)
     if dist.is_available() and dist.is_initialized():
@@ -87,8 +122,11 @@ def init_distributed(device: torch.device | str = "cpu", *, backend: str | None 
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
+        die_with_parent()  # the launcher (torchrun) is our parent: never outlive it
         chosen = backend or default_backend(device.type)
         kwargs: dict[str, Any] = {"backend": chosen, "rank": rank, "world_size": world}
+        if timeout_s:
+            kwargs["timeout"] = timedelta(seconds=timeout_s)
         if "nccl" in chosen:
             kwargs["device_id"] = device  # binds the communicator to this GPU up front
         dist.init_process_group(**kwargs)

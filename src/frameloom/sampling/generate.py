@@ -13,6 +13,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from frameloom import pipeline
@@ -21,6 +22,7 @@ from frameloom.checkpoint.trainable import load_weights
 from frameloom.config import Config, apply_overrides, load_config
 from frameloom.errors import FrameloomError
 from frameloom.sampling.flow_euler import euler_sample
+from frameloom.sampling.image_io import fid_uint8, write_npz, write_png
 from frameloom.sampling.video_io import write_mp4
 
 
@@ -136,22 +138,83 @@ def generate_to_files(
     seeds = list(seeds) if seeds else [cfg.sample.seed]
     every = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
     out_dir = Path(out_dir)
-    names = [out_dir / f"{i:03d}-{slug(prompt)}-seed{seed}.mp4" for i, prompt, seed in every]
+    suffix = ".png" if cfg.data.num_frames == 1 else ".mp4"  # image models write PNGs
+    names = [out_dir / f"{i:03d}-{slug(prompt)}-seed{seed}{suffix}" for i, prompt, seed in every]
     rank, world = shard
     pairs = every[rank::world]
     if not pairs:
         return names
+    videos = generate_batch(
+        model, text_encoder, codec, cfg, [p for _, p, _ in pairs], [s for _, _, s in pairs]
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from frameloom.models.registry import get_family
+
+    solver = sampler_description(get_family(cfg.model.family), model, cfg)
+    for path, video in zip(names[rank::world], videos):
+        if suffix == ".png":
+            write_png(video, path)
+        else:
+            write_mp4(video, path, fps=cfg.sample.fps, metadata={"comment": f"frameloom sampler: {solver}"})
+    return names
+
+
+def generate_batch(model, text_encoder, codec, cfg: Config, prompts: Sequence[str], seeds: Sequence[int]):
+    """Videos (N, 3, T, H, W) in [-1, 1], one per (prompt, seed): the family's own sampler when it has one
+    (e.g. CogVideoX's v-prediction DDIM, dit_class's learned-variance DDPM), else the flow Euler sampler."""
     from frameloom.models.registry import get_family
 
     solver = sampler_description(get_family(cfg.model.family), model, cfg)
     logging.getLogger("frameloom.sample").info("sampling with %s", solver)
-    videos = sample_videos(
-        model, text_encoder, codec, cfg, [p for _, p, _ in pairs], [s for _, _, s in pairs]
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for path, video in zip(names[rank::world], videos):
-        write_mp4(video, path, fps=cfg.sample.fps, metadata={"comment": f"frameloom sampler: {solver}"})
-    return names
+    return sample_videos(model, text_encoder, codec, cfg, prompts, seeds)
+
+
+def generate_fid_npz(
+    model,
+    text_encoder,
+    codec,
+    cfg: Config,
+    prompts: Sequence[str],
+    count: int,
+    *,
+    out_dir: str | Path,
+    shard: tuple[int, int] = (0, 1),
+    chunk: int = 256,
+) -> Path:
+    """``count`` samples (sample i: prompt ``prompts[i % len]``, seed ``sample.seed + i``) as the FID batch
+    ``out_dir/samples_{count}.npz`` (``arr_0`` uint8 (N, H, W, 3); sampling/image_io.py). Under torchrun each
+    process makes samples ``rank::world`` into a part file; rank 0 joins them in sample order."""
+    from tqdm.auto import tqdm
+
+    from frameloom.parallel.env import barrier
+
+    if count < 1 or not prompts:
+        raise FrameloomError("--fid-npz needs a positive count and at least one class or prompt")
+    rank, world = shard
+    out_dir = Path(out_dir)
+    mine = list(range(rank, count, world))
+    parts = []
+    for start in tqdm(range(0, len(mine), chunk), desc="fid samples", disable=rank != 0, unit="chunk"):
+        idx = mine[start : start + chunk]
+        videos = generate_batch(
+            model, text_encoder, codec, cfg, [prompts[i % len(prompts)] for i in idx],
+            [cfg.sample.seed + i for i in idx],
+        )  # fmt: skip
+        parts.append(fid_uint8(videos))
+    part = out_dir / f".fid_part_{rank}.npz"
+    write_npz(np.concatenate(parts) if parts else np.zeros((0, 1, 1, 3), np.uint8), part)
+    barrier()
+    final = out_dir / f"samples_{count}.npz"
+    if rank == 0:
+        shares = [np.load(out_dir / f".fid_part_{r}.npz")["arr_0"] for r in range(world)]
+        joined = np.empty((count, *shares[0].shape[1:]), np.uint8)
+        for r, share in enumerate(shares):
+            joined[r::world] = share
+        write_npz(joined, final)
+        for r in range(world):
+            (out_dir / f".fid_part_{r}.npz").unlink(missing_ok=True)
+    barrier()
+    return final
 
 
 def sampler_description(family, model: torch.nn.Module, cfg: Config) -> str:
@@ -202,6 +265,7 @@ def sample_command(
     seeds: Sequence[int] | None = None,
     negative_prompt: str | None = None,
     overrides: Sequence[str] = (),
+    fid_npz: int | None = None,
 ) -> list[Path]:
     """`frameloom sample RUN_DIR_OR_CONFIG --prompt ...`: write mp4s into `out`.
 
@@ -231,6 +295,14 @@ def sample_command(
     codec = pipeline.load_codec(cfg, device)
     text_encoder = main_first(lambda: pipeline.load_text_encoder(cfg, device))  # tiny-byt5 built once
     model = load_for_sampling(cfg, checkpoint, device, codec=codec, text_encoder=text_encoder)
+    if fid_npz is not None:  # the FID sample batch; without prompts, classes 0..K-1 in turn (balanced)
+        if not prompts:
+            classes = getattr(text_encoder, "num_classes", None)
+            if classes is None:
+                raise FrameloomError("--fid-npz without --class or --prompt needs a class-conditional model")
+            prompts = [str(c) for c in range(classes)]
+        shard = (env.rank, env.world_size)
+        return [generate_fid_npz(model, text_encoder, codec, cfg, prompts, fid_npz, out_dir=out, shard=shard)]
     paths = generate_to_files(
         model, text_encoder, codec, cfg, prompts, out_dir=out, seeds=seeds, shard=(env.rank, env.world_size)
     )

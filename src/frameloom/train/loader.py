@@ -3,8 +3,9 @@
 Workers ignore SIGTERM and SIGINT. torchrun stops a job by signalling each rank's whole process group, so the
 loader workers receive the SIGTERM too; if they died of it, the rank would raise "DataLoader worker exited
 unexpectedly" before it could save. Ignoring it leaves preemption to the trainer (flag -> checkpoint -> exit
-0), which shuts its workers down on the way out. Workers still end with their parent: the DataLoader's own
-watchdog stops a worker whose parent has gone.
+0), which shuts its workers down on the way out. Workers still end with their parent: the kernel kills a
+worker whose rank died (`die_with_parent`; the DataLoader's own watchdog would take up to 5 s), and with it
+the worker's decode sandbox (data/sandbox.py).
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from frameloom.config.schema import DataConfig
+from frameloom.parallel.env import die_with_parent
 
 
 def worker_init(worker_id: int) -> None:  # noqa: ARG001  (DataLoader's worker_init_fn signature)
     """Runs first in every loader worker: stop signals are the main process's business (module docstring)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
 
 
 def build_loader(

@@ -38,10 +38,12 @@ from frameloom.checkpoint.distributed import (
     FULL,
     SHARDED,
     PendingSave,
-    load_training_checkpoint,
+    resume_training_checkpoint,
     save_training_checkpoint,
 )
 from frameloom.config import Config, dump_yaml
+from frameloom.data.quarantine import FILE as QUARANTINE_FILE
+from frameloom.data.quarantine import Quarantine
 from frameloom.data.sampler import build_sampler
 from frameloom.errors import FrameloomError
 from frameloom.memory.block_swap import place_on_device
@@ -132,7 +134,9 @@ class Trainer:
         device = pipeline.resolve_device(cfg.train.device)
         # CPU-offloaded FSDP reduces its CPU gradient norms: the group needs a CPU backend beside NCCL
         self.env = dist_env.init_distributed(
-            device, backend=dist_env.default_backend(device.type, cpu_collectives=cfg.parallel.cpu_offload)
+            device,
+            backend=dist_env.default_backend(device.type, cpu_collectives=cfg.parallel.cpu_offload),
+            timeout_s=cfg.parallel.timeout_s,
         )
         self.device = self.env.device
         enable_fast_fp32(self.device)
@@ -151,6 +155,7 @@ class Trainer:
         # rank 0 first: a tiny-byt5 encoder is built on first use, and must not be built by every rank at once
         self.text_encoder = dist_env.main_first(lambda: pipeline.load_text_encoder(cfg, self.device))
         self.policy = pipeline.bucket_policy(cfg)  # data.bucket (None: none); the cache and sampler share it
+        self.quarantine = Quarantine(self.run_dir / QUARANTINE_FILE)  # samples that failed to decode
         self.dataset, self.cached = self._build_dataset()
         self.empty_emb, self.empty_mask, self.empty_extras = self._empty_prompt()
         # What the model needs of the encoders; with a complete cache, training reads latents and embeddings
@@ -232,7 +237,15 @@ class Trainer:
         rules = pipeline.caption_rules(self.cfg)
 
         def on_the_fly():
-            return pipeline.ClipDataset(manifest, self.spec, seed=self.cfg.seed, caption_rules=rules), False
+            dataset = pipeline.ClipDataset(
+                manifest,
+                self.spec,
+                seed=self.cfg.seed,
+                caption_rules=rules,
+                decode_timeout=d.decode_timeout,  # crashes and hangs cost one sample (data/sandbox.py)
+                quarantine=self.quarantine.path,
+            )
+            return dataset, False
 
         if d.use_cache == "never":
             if d.require_cache:
@@ -378,6 +391,7 @@ class Trainer:
             "text": [it["text"] for it in items],
             "index": torch.tensor([it["index"] for it in items]),
             "substituted": sum(it.get("substituted", 0) for it in items),
+            "failures": [f for it in items for f in it.get("failures", ())],
         }
 
     def _loader(self) -> DataLoader:
@@ -534,8 +548,8 @@ class Trainer:
             return None
         path = pending.finish()
         self._pending = None
-        if self.rank == 0:
-            ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
+        if self.rank == 0:  # never deletes `path`, the newest verified checkpoint
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last, verified=path)
         return path
 
     def save(self, async_ok: bool = True) -> Path:
@@ -564,18 +578,17 @@ class Trainer:
         return pending.final
 
     def resume(self) -> Path | None:
-        if self.rank == 0:
-            ckpt.cleanup_partial(self.run_dir)
-        dist_env.barrier()
-        path = ckpt.resolve_checkpoint(self.run_dir, self.cfg.checkpoint.resume)
-        if path is None:
-            return None
-        state = load_training_checkpoint(
-            path,
+        # verified; falls back past damaged checkpoints (checkpoint/distributed.py)
+        found = resume_training_checkpoint(
+            self.run_dir,
+            self.cfg.checkpoint.resume,
             module=self.module,
             optimizer=self.optimizer,
             ema=self.ema.state_dict() if self.ema else None,
         )
+        if found is None:
+            return None
+        path, state = found
         self.scheduler.load_state_dict(state["scheduler"])
         # The saved lr belongs to the old run's schedule; recompute it from this config's schedule, so that a
         # run resumed with a longer train.steps follows its new schedule (identical when nothing changed).
@@ -659,6 +672,7 @@ class Trainer:
         preempted = False
         self._samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * self.data_world
         self._interval_start = time.perf_counter()
+        batches = None
         try:
             with Preemption() as preemption:
                 batches = iter(self._loader())  # workers start here, ignoring SIGTERM (train/loader.py)
@@ -668,6 +682,8 @@ class Trainer:
                         batch = next(batches)
                         self.batches_consumed += 1
                         self.substituted_samples += int(batch.get("substituted", 0))
+                        if batch.get("failures"):  # recorded as consumed: the same list in resumed runs
+                            self.quarantine.record(batch["failures"])
                         micro_losses.append(self._micro_step(batch, m))
                     loss = torch.stack(micro_losses).mean()  # this rank's, on the device
                     grad_norm, skipped = self._optimizer_step()
@@ -709,6 +725,9 @@ class Trainer:
             self._finish_pending()  # the last checkpoint is complete before fit returns
             self._stop_poll.close()  # (not on an error: a rank that died may never join the reduction)
         finally:
+            # Stop the loader workers now, also on an error (e.g. a peer rank died): the traceback keeps this
+            # frame alive until exit, where multiprocessing would SIGTERM them (they ignore it) and wait forever.
+            batches = None  # noqa: F841
             bar.close()
             logger.close()
         return TrainResult(

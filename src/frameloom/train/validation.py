@@ -90,7 +90,10 @@ def validate_shared(
     picks = share(len(prompts), dp_rank, dp_size)
     if not picks:
         return names
-    run = [i if i is not None else picks[0] for i in picks]  # padding repeats this rank's first prompt
+    # Padding repeats this rank's first prompt (prompt 0 on a rank with none of its own): every rank runs the
+    # same number of sampler steps, which FSDP's collectives need.
+    first = next((i for i in picks if i is not None), 0)
+    run = [first if i is None else i for i in picks]
     out_dir.mkdir(parents=True, exist_ok=True)
     with gathered_root(model):
         if family.validate is not None:  # the family's diffusers pipeline around the in-training weights

@@ -2,7 +2,8 @@
 
 ``read_dialect(fmt, source)`` lists a source's entries (``base.Listing``), ``write_dialect(fmt, table, out,
 base=...)`` writes a manifest table in a format, and ``detect_format(source)`` names the format of a source
-for ``--format auto``. Formats: ``folder``, ``opensora``, ``opensora-plan``, ``cogvideox``, ``pyramid``.
+for ``--format auto``. Formats: ``folder``, ``opensora``, ``opensora-plan``, ``cogvideox``, ``pyramid``,
+``imagenet`` (class folders or a label table) and ``fastdit`` (pre-extracted features), only by name.
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ from typing import Any
 
 import pyarrow as pa
 
-from frameloom.data.dialects import cogvideox, folder, opensora, opensora_plan, pyramid
+from frameloom.data.dialects import cogvideox, fastdit, folder, imagenet, opensora, opensora_plan, pyramid
 from frameloom.data.dialects.base import Entry, Listing, WriteResult
 from frameloom.errors import FrameloomError
 
 DIALECTS: tuple[str, ...] = ("folder", "opensora", "opensora-plan", "cogvideox", "pyramid")
+"""The seed systems' video dataset formats (auto-detected, convertible into each other)."""
+CLASS_DIALECTS: tuple[str, ...] = ("imagenet", "fastdit")
+"""Class-labelled image formats (MiniSora / fast-DiT), read only when named: ImageNet class folders or a
+path/label table, and fast-DiT's pre-extracted features."""
 
 
 def detect_format(source: str | os.PathLike) -> str:
@@ -68,7 +73,11 @@ def read_dialect(fmt: str, source: str | os.PathLike, *, allow_pickle: bool = Fa
         return cogvideox.read_cogvideox(source)
     if fmt == "pyramid":
         return pyramid.read_pyramid(source)
-    raise FrameloomError(f"unknown format {fmt!r}; expected one of {', '.join(DIALECTS)}")
+    if fmt == "imagenet":  # class folders or a path/label table (never auto-detected)
+        return imagenet.read_imagenet(source)
+    if fmt == "fastdit":  # fast-DiT's pre-extracted .npy features and labels (never auto-detected)
+        return fastdit.read_fastdit(source)
+    raise FrameloomError(f"unknown format {fmt!r}; expected one of {', '.join(DIALECTS + CLASS_DIALECTS)}")
 
 
 def write_dialect(
@@ -86,9 +95,10 @@ def write_dialect(
         "opensora-plan": opensora_plan.write_opensora_plan,
         "cogvideox": cogvideox.write_cogvideox,
         "pyramid": pyramid.write_pyramid,
+        "imagenet": imagenet.write_imagenet,
     }
     if fmt not in writers:
-        raise FrameloomError(f"unknown format {fmt!r}; expected one of {', '.join(DIALECTS)}")
+        raise FrameloomError(f"unknown format {fmt!r}; expected one of {', '.join(writers)}")
     return writers[fmt](table, out, base=base, **options)
 
 
@@ -105,6 +115,7 @@ def convert_manifest(
 
 
 __all__ = [
+    "CLASS_DIALECTS",
     "DIALECTS",
     "convert_manifest",
     "Entry",
