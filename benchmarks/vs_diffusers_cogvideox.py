@@ -1,7 +1,7 @@
 """frameloom against diffusers' CogVideoX LoRA example on the same tiny pipeline and clips: prints JSON.
 
     python benchmarks/vs_diffusers_cogvideox.py PATH/TO/examples/cogvideo/train_cogvideox_lora.py \
-        [--batch 1 4] [--short 3] [--long 13] [--repeats 3] [--threads 2]
+        [--batch 1 4] [--short 10] [--long 210] [--repeats 3] [--threads 2] [--frameloom-set KEY=VALUE ...]
 
 The example script is the user's unmodified copy (diffusers' repository, ``examples/cogvideo``). Run this
 benchmark with a Python that has what the example imports (torchvision, decord, accelerate, peft, ...) and
@@ -17,13 +17,18 @@ its clips at start-up and its prompts with T5 at every step, as it always does.
 
 Per-step time comes from the difference between a short and a long run of each side (start-up, model
 loading and the example's up-front video encoding cancel): ``(t_long - t_short) / (long - short)``;
-start-up is ``t_short - short * step``; peak RSS is each child's own ``ru_maxrss`` (``os.wait4``), the
+start-up is ``t_short - short * step``. A step of this tiny model takes tens of milliseconds while start-up
+(imports, loading, the example's video encoding) takes 10-30 s and varies by a second or more between runs,
+so the two runs must differ by a few hundred steps (default 10 and 210) for the difference to resolve a
+step. Peak RSS is each child's own ``ru_maxrss`` (``os.wait4``), the
 largest over its runs. Beside the wall-clock figures, the same differences of the children's CPU time
 (user + system; ``cpu_step_s``, ``ratio_cpu``) are less disturbed by other processes on a shared machine
 (with ``--threads 1`` they are the work itself; with more threads they include OpenMP's spin-waiting). Runs are interleaved (repeat r runs every side and batch once, the side order
 alternating) and each figure is the median over ``--repeats``. ``ratio`` is the example's per-step time
-over frameloom's (> 1: frameloom is faster). The load average before and after is printed beside them:
-the machine may be shared.
+over frameloom's (> 1: frameloom is faster). The load average is recorded before, after and at the end
+of every child run (``loadavg_runs``: min / median / max of the 1-minute figure): the machine may be
+shared. ``--frameloom-set`` adds config overrides to the frameloom side only (e.g. ``parallel.compile=true``,
+an opt-in that changes the numerics slightly); they are printed in the JSON.
 """
 
 from __future__ import annotations
@@ -179,17 +184,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("script", help="path to diffusers' examples/cogvideo/train_cogvideox_lora.py")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="batch sizes (default: 1 4)")
-    parser.add_argument("--short", type=int, default=3, help="optimizer steps of the short run (default 3)")
-    parser.add_argument("--long", type=int, default=13, help="optimizer steps of the long run (default 13)")
+    parser.add_argument("--short", type=int, default=10, help="optimizer steps of the short run (default 10)")
+    parser.add_argument("--long", type=int, default=210, help="optimizer steps of the long run (default 210)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians (default 3)")
     parser.add_argument("--threads", type=int, default=2, help="OMP/MKL threads of each child (default 2)")
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES), help="which side(s) to run")
     parser.add_argument(
         "--workdir", help="keep the pipeline, clips, runs and logs here (default: a temp dir)"
     )
+    parser.add_argument(
+        "--frameloom-set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config overrides of the frameloom side only (e.g. parallel.compile=true)",
+    )
     args = parser.parse_args()
     if not 0 < args.short < args.long:
         raise BenchError("need 0 < --short < --long")
+    if bad := [kv for kv in args.frameloom_set if "=" not in kv]:
+        raise BenchError(f"--frameloom-set takes KEY=VALUE, got {' '.join(bad)}")
     if "diffusers" in args.sides:
         check_environment(args.script)
 
@@ -205,6 +219,7 @@ def main() -> None:
         "short": args.short,
         "long": args.long,
         "repeats": args.repeats,
+        "frameloom_set": args.frameloom_set,
         "loadavg_before": os.getloadavg(),
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -218,6 +233,7 @@ def main() -> None:
         # raw[batch, side][kind] = [(short, long) per repeat], kind "wall" or "cpu"
         raw = {(b, s): {"wall": [], "cpu": []} for b in args.batch for s in args.sides}
         peaks = {(b, s): 0.0 for b in args.batch for s in args.sides}
+        loads: list[float] = []  # 1-minute load average at the end of each child run
         for r in range(args.repeats):
             order = args.sides if r % 2 == 0 else args.sides[::-1]
             for batch in args.batch:
@@ -228,13 +244,14 @@ def main() -> None:
                         cmd = (
                             diffusers_cmd(args.script, pre, data, out, steps, batch)
                             if side == "diffusers"
-                            else frameloom_cmd(pre, data, out, steps, batch)
+                            else frameloom_cmd(pre, data, out, steps, batch) + args.frameloom_set
                         )
                         seconds, cpu_s, peak = run_child(cmd, args.threads, root / f"{out.name}.log")
                         check_ran(side, out, steps)
                         wall.append(seconds)
                         cpu.append(cpu_s)
                         peaks[batch, side] = max(peaks[batch, side], peak)
+                        loads.append(os.getloadavg()[0])
                     raw[batch, side]["wall"].append(tuple(wall))
                     raw[batch, side]["cpu"].append(tuple(cpu))
                     print(
@@ -263,6 +280,11 @@ def main() -> None:
                 row["ratio"] = round(row["diffusers"]["step_s"] / row["frameloom"]["step_s"], 3)
                 row["ratio_cpu"] = round(row["diffusers"]["cpu_step_s"] / row["frameloom"]["cpu_step_s"], 3)
             results[f"batch_{batch}"] = row
+        results["loadavg_runs"] = {
+            "min": round(min(loads), 2),
+            "median": round(statistics.median(loads), 2),
+            "max": round(max(loads), 2),
+        }
     results["loadavg_after"] = os.getloadavg()
     print(json.dumps(results, indent=1))
 
