@@ -278,6 +278,44 @@ def test_opensora_matches_a_row_by_row_reference():
         assert got == [reference_bucket(policy, i, epoch) for i in range(n)]
 
 
+def test_opensora_buckets_of_a_dozen_rows_by_hand():
+    # Expected values worked out by hand from Open-Sora 2.0's rules (not from frameloom's tables): p = 1
+    # everywhere (no draws); resolutions largest first, skipped while h * w < 0.8 P (512px: 209715.2, 256px:
+    # 52428.8); T = frames // ceil(fps / 24) (unknown fps: stride 1); a video takes the largest count <= T
+    # (not 1), an image count 1; the ratio bucket is the nearest h / w.
+    cfg = config(
+        "data.bucket=opensora",
+        "data.fps_max=24",
+        "data.bucket_config={256px: {1: [1.0, 4], 33: [1.0, 2], 65: [1.0, 1]}, 512px: {33: [1.0, 1]}}",
+    )
+    rows = [  # (h, w, frames, fps, image) -> bucket
+        ((720, 1280, 100, 24.0, False), "512px/33/16:9"),
+        ((720, 1280, 20, 24.0, False), None),  # 20 < 33 at 512px; 256px has no video count <= 20
+        ((720, 1280, 40, 24.0, False), "512px/33/16:9"),
+        ((256, 256, 70, 24.0, False), "256px/65/1:1"),  # 65536 < 209715: 256px; 65 <= 70
+        ((256, 256, 50, 24.0, False), "256px/33/1:1"),
+        ((256, 256, 70, 60.0, False), None),  # stride ceil(60 / 24) = 3: T = 23
+        ((256, 256, 140, 60.0, False), "256px/33/1:1"),  # T = 46
+        ((180, 320, 70, 24.0, False), "256px/65/16:9"),  # h / w = 0.5625 = 9 / 16
+        ((300, 300, 1, 0.0, True), "256px/1/1:1"),  # an image: count 1
+        ((1000, 1000, 1, 0.0, True), "256px/1/1:1"),  # 512px has no count 1: on to 256px
+        ((100, 100, 70, 24.0, False), None),  # 10000 < 52428.8: too small for any resolution
+        ((320, 180, 70, 24.0, False), "256px/65/9:16"),  # h / w = 1.78
+        ((256, 256, 70, float("nan"), False), "256px/65/1:1"),  # unknown fps: every frame
+        ((480, 640, 100, 24.0, False), "512px/33/4:3"),  # h / w = 0.75
+    ]
+    data = cols([r[:4] for r, _ in rows], [r[4] for r, _ in rows])
+    policy = build_policy(cfg, data)
+    assert names(policy, policy.assign(0)) == [want for _, want in rows]
+    # Sizes by hand: w = int(sqrt(P r) // 16) * 16, h = int((P / w) // 16) * 16, then +-16 steps toward P.
+    # 512px 16:9: w = 672, h = 384 (258048, 4096 short); (384, 688) = 264192 is 2048 off: taken.
+    # 512px 4:3: (448, 576) is 4096 short; (448, 592) = 265216 is 3072 off: taken. 256px 16:9: (192, 336).
+    shape = {policy.table.names[k]: policy.table.shape(k) for k in range(len(policy.table))}
+    assert shape["512px/33/16:9"] == (33, 384, 688)
+    assert shape["512px/33/4:3"] == (33, 448, 592)
+    assert shape["256px/65/16:9"] == (65, 192, 336) and shape["256px/65/1:1"] == (65, 256, 256)
+
+
 def test_closest_ratio_matches_min_over_keys():
     _, sizes = resolution_sizes("768px")
     ratios = [ratio_of(k) for k in sizes]

@@ -365,3 +365,49 @@ def test_dataset_items_missing_and_collate(data, text_encoder):
     # A lost text entry shows up as missing for every row with that caption.
     store.path("text", ds.text_keys[0]).unlink()
     assert ds.missing() == [0, 2]
+
+
+# ---------------------------------------------------------------------------------------------- key index
+
+
+def test_start_up_reads_the_key_index_and_no_video(data, text_encoder, monkeypatch):
+    from frameloom.cache import dataset as cached_dataset
+    from frameloom.cache import keys as cache_keys
+
+    store = CacheStore(data / "cache")
+    manifest = data / "good.parquet"
+    codec = PixelCodec()
+    # Two processes build half each; the index is only whole when both parts are written. (The manifest's own
+    # identity is read for the index's name: it is not a video.)
+    _build(manifest, store, text_encoder, shard=(0, 2))
+    half = CachedClipDataset(manifest, SPEC, codec.identity, text_encoder.identity, store)
+    assert half.index is None  # one part of two: not an index yet (keys computed the old way)
+    _build(manifest, store, text_encoder, shard=(1, 2))
+
+    def no_video(*args, **kwargs):
+        raise AssertionError("a video was read at start-up")
+
+    monkeypatch.setattr(cache_keys, "file_identity", no_video)
+    monkeypatch.setattr(cached_dataset, "row_video_key", no_video)
+    for i in range(4):  # the videos are gone: only the manifest, the index and the store are read
+        (data / f"clip{i}.mp4").rename(data / f"clip{i}.gone")
+    ds = CachedClipDataset(manifest, SPEC, codec.identity, text_encoder.identity, store)
+    assert ds.index is not None and len(ds.index) == 4 and ds.missing() == []
+    item = ds[2]  # encoded from the real file before it moved
+    assert item["latent"].shape == (3, 4, 16, 16) and item["text_mask"].sum() == len(CAPTIONS[2]) + 1
+    # An entry lost after the build: the spot check finds it, and then every entry is checked.
+    latent_key = ds.index.video_key(1, -1)
+    store.path("video", latent_key).unlink()
+    assert ds.missing() == [1]
+
+
+def test_another_run_has_no_index_and_a_failed_row_is_incomplete(data, text_encoder):
+    store = CacheStore(data / "cache")
+    codec = PixelCodec()
+    report = _build(data / "with_bad.parquet", store, text_encoder)
+    assert len(report.failed) == 1
+    ds = CachedClipDataset(data / "with_bad.parquet", SPEC, codec.identity, text_encoder.identity, store)
+    assert ds.index is not None and ds.missing() == [4]  # bad.mp4: no key, incomplete
+    other = CachedClipDataset(data / "with_bad.parquet", ClipSpec(num_frames=2), codec.identity,
+                              text_encoder.identity, store)  # fmt: skip
+    assert other.index is None and other.missing() == [0, 1, 2, 3, 4]  # another spec: nothing cached

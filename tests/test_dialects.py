@@ -10,6 +10,8 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -18,13 +20,14 @@ from frameloom.data.dialects import (
     DIALECTS,
     convert_manifest,
     detect_format,
+    opensora,
     read_dialect,
     write_dialect,
 )
-from frameloom.data.dialects.opensora import read_opensora, shard_files
+from frameloom.data.dialects.opensora import read_opensora
 from frameloom.data.dialects.pyramid import load_tensor
 from frameloom.data.manifest import read_manifest
-from frameloom.data.prepare import prepare
+from frameloom.data.prepare import NothingKept, prepare
 from frameloom.errors import FrameloomError
 from media import index_frames, write_image, write_video
 
@@ -115,7 +118,7 @@ def make_layout(fmt: str, root: Path) -> Path:
                 "path": "clips/a.mp4",
                 "cap": ["a red square", "a square, red"],
                 "resolution": {"height": 16, "width": 16},
-                "num_frames": 30,
+                "num_frames": 18,  # the seed reads frames [cut[0], cut[0] + num_frames) = [2, 20)
                 "fps": 24,
                 "aesthetic": 6.1,
                 "cut": [2, 20],
@@ -287,20 +290,54 @@ def test_convert_writes_the_layout_back(tmp_path, fmt):
         assert records[0]["resolution"] == {"height": 16, "width": 16} and records[0]["cut"] == [2, 20]
 
 
-def test_opensora_shards_written_and_read_one_by_one(tmp_path):
+@pytest.mark.parametrize("k", [10_000, 2])
+def test_opensora_memory_efficient_layout_written_and_read_as_the_seed(tmp_path, monkeypatch, k):
+    # Open-Sora 2.0 scripts/cnv/shard.py: X.parquet plus X/00001.parquet... with ceil(N / K) rows per shard
+    # (K = 10000) and without the measured columns; the seed reads path + the six measured columns from
+    # X.parquet and the rest of row i from shard i // ceil(N / K). K = 2 gives shards of 2 rows and 1 row.
+    monkeypatch.setattr(opensora, "EFFICIENT_SHARDS", k)
     source = make_layout("opensora", tmp_path / "d")
     prepare(source, tmp_path / "d" / "m.parquet", progress=False)
-    shards = tmp_path / "d" / "shards"
-    (shards).mkdir()
-    (shards / "part-00009.parquet").write_bytes(b"stale")  # a leftover of a larger earlier write
-    result = convert_manifest(tmp_path / "d" / "m.parquet", "opensora", shards, rows_per_shard=2)
-    assert [p.name for p in shard_files(shards)] == ["part-00000.parquet", "part-00001.parquet"]
-    assert result.rows == 3 and detect_format(shards) == "opensora"
-    listing = read_opensora(shards)
-    assert [e.path for e in listing.entries] == [str((tmp_path / "d" / p).resolve()) for p in MEDIA]
-    # The media lie outside the shard folder: absolute paths, which the folder's root must allow.
-    summary = prepare(shards, tmp_path / "m2.parquet", progress=False, extra_roots=[tmp_path / "d"])
+    main_file = tmp_path / "out" / "meta.parquet"
+    (tmp_path / "out" / "meta").mkdir(parents=True)
+    (tmp_path / "out" / "meta" / "00009.parquet").write_bytes(b"stale")  # a leftover of a larger write
+    result = convert_manifest(tmp_path / "d" / "m.parquet", "opensora", main_file, memory_efficient=True)
+    expected = (
+        ["00001.parquet", "00002.parquet", "00003.parquet"] if k > 3 else ["00001.parquet", "00002.parquet"]
+    )
+    assert [p.name for p in sorted((tmp_path / "out" / "meta").iterdir())] == expected
+    assert result.rows == 3 and [f.name for f in result.files] == ["meta.parquet", *expected]
+    first = pq.read_table(tmp_path / "out" / "meta" / "00001.parquet")
+    assert first.num_rows == (1 if k > 3 else 2)
+    assert "num_frames" not in first.column_names and "fps" not in first.column_names
+    assert first.column("text").to_pylist()[0] == "a red square"
+    # The seed reads only the measured columns from X.parquet: keep only those, the texts come from shards.
+    slim = pq.read_table(main_file, columns=list(opensora.EFFICIENT_MAIN))
+    pq.write_table(slim, main_file)
+    listing = read_dialect("auto", main_file)
+    entries = listing.entries
+    assert [e.fields["text"] for e in entries] == ["a red square", "b blue", "c still"]
+    assert [e.fields["num_frames"] for e in entries] == [30, 20, 1]
+    summary = prepare(main_file, tmp_path / "m2.parquet", progress=False, trust_metadata=True)
     assert summary.kept == 3
+    # A shard whose paths differ from X.parquet's rows is an error naming the shard.
+    shard = tmp_path / "out" / "meta" / "00001.parquet"
+    pq.write_table(first.set_column(0, "path", pa.array(["x.mp4"] * first.num_rows)), shard)
+    with pytest.raises(FrameloomError, match="00001.parquet: its paths differ"):
+        _ = read_dialect("opensora", main_file).entries
+
+
+def test_opensora_folder_of_parquet_files_is_read_in_name_order(tmp_path):
+    source = make_layout("opensora", tmp_path / "d")
+    prepare(source, tmp_path / "d" / "m.parquet", progress=False)
+    table = read_manifest(tmp_path / "d" / "m.parquet")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    pq.write_table(table.slice(2), shards / "b.parquet")
+    pq.write_table(table.slice(0, 2), shards / "a.parquet")
+    assert detect_format(shards) == "opensora"
+    listing = read_opensora(shards)
+    assert [Path(e.path).name for e in listing.entries] == ["a.mp4", "b.mp4", "c.jpg"]
 
 
 # ----------------------------------------------------------------------------------------- round trips
@@ -365,7 +402,14 @@ def test_bad_cut_and_crop_are_rejected(tmp_path):
     root = tmp_path / "d"
     _media(root)
     records = [
-        {"path": "clips/a.mp4", "cap": ["x"], "resolution": {"height": 16, "width": 16}, "cut": [5, 500]},
+        # the seed reads frames [cut[0], cut[0] + num_frames) = [5, 105) of a 30-frame file (cut[1] is unread)
+        {
+            "path": "clips/a.mp4",
+            "cap": ["x"],
+            "resolution": {"height": 16, "width": 16},
+            "cut": [5, 6],
+            "num_frames": 100,
+        },
         {
             "path": "clips/b.mp4",
             "cap": ["y"],
@@ -375,11 +419,16 @@ def test_bad_cut_and_crop_are_rejected(tmp_path):
         {"cap": ["no path"]},
     ]
     (root / "anno.json").write_text(json.dumps(records))
-    summary = prepare(root / "anno.json", root / "m.parquet", fmt="opensora-plan", progress=False)
-    assert summary.kept == 0 and summary.rejected == {"bad_cut": 1, "bad_crop": 1, "bad_entry": 1}
+    with pytest.raises(NothingKept) as info:
+        prepare(root / "anno.json", root / "m.parquet", fmt="opensora-plan", progress=False)
+    assert info.value.summary.rejected == {"bad_cut": 1, "bad_crop": 1, "bad_entry": 1}
     with open(root / "rejected.csv", newline="") as fh:
         details = {r["reason"]: r["detail"] for r in csv.DictReader(fh)}
-    assert "30 frames" in details["bad_cut"] and "32x16" in details["bad_crop"]
+    assert (
+        "[5, 105)" in details["bad_cut"]
+        and "30 frames" in details["bad_cut"]
+        and "32x16" in details["bad_crop"]
+    )
 
 
 # ------------------------------------------------------------------------------------------------ pickle
@@ -446,14 +495,22 @@ def test_paths_escaping_the_root_are_rejected(tmp_path):
             ["sub/../in.mp4", "dot-dot that stays inside"],
         ],
     )
+    # Open-Sora's tools write absolute paths: accepted as written. A relative path may not lead out, by '..'
+    # or through a symlink.
     summary = prepare(root / "meta.csv", root / "m.parquet", progress=False)
-    assert summary.kept == 3 and summary.rejected == {"outside_root": 3}
+    assert summary.kept == 4 and summary.rejected == {"outside_root": 2}
     kept = read_manifest(root / "m.parquet").column("path").to_pylist()
-    assert kept == ["in.mp4", "link_in.mp4", "in.mp4"]
+    assert kept == ["in.mp4", "link_in.mp4", str(outside / "secret.mp4"), "in.mp4"]
     with open(root / "rejected.csv", newline="") as fh:
-        rejected = list(csv.DictReader(fh))
-    assert {r["reason"] for r in rejected} == {"outside_root"}
-    assert any("symlink" in r["detail"] for r in rejected if r["path"] == "link_out.mp4")
+        rejected = {r["path"]: r for r in csv.DictReader(fh)}
+    assert {r["reason"] for r in rejected.values()} == {"outside_root"}
+    assert (
+        "symlink" in rejected["link_out.mp4"]["detail"]
+        and "'..'" in rejected["../outside/secret.mp4"]["detail"]
+    )
+    # --strict-roots: absolute paths must lie under the root too.
+    strict = prepare(root / "meta.csv", root / "s.parquet", progress=False, strict_roots=True)
+    assert strict.kept == 3 and strict.rejected == {"outside_root": 3}
 
     # An allowed extra root lets them in (the flag and the config key).
     assert prepare(root / "meta.csv", root / "m.parquet", progress=False, extra_roots=[outside]).kept == 6

@@ -14,10 +14,12 @@ from frameloom.data.captions import (
     HIGH_VIDEO,
     LOW_VIDEO,
     CaptionError,
+    CaptionRules,
     add_aesthetic,
     apply_caption_rules,
     fps_suffix,
     opensora_clip_fps,
+    row_caption,
 )
 from frameloom.data.probe import probe_file
 from frameloom.data.video import (
@@ -178,24 +180,27 @@ def test_speed_factor_then_policy():
 
 
 def test_temporal_crop_is_a_pure_function_of_seed_sample_epoch():
-    # 90 frames at stride 2.5 (30 -> 12 fps): ceil((90 - 1e-6) / 2.5) = 36 positions; a window of 29 can
-    # start at positions 0..7.
+    # 90 frames at stride 2.5 (30 -> 12 fps): ceil((90 - 1e-6) / 2.5) = 36 positions; a window of 29 starts
+    # at positions 0..6: the seeds' TemporalRandomCrop draws randint(0, max(0, 36 - 29 - 1)).
     spec = ClipSpec(29, target_fps=12, temporal_crop="random", frame_policy="opensora_plan")
     first = frame_indices(90, 30.0, spec, draw=(7, 3, 0))
     assert frame_indices(90, 30.0, spec, draw=(7, 3, 0)) == first  # same draw, same clip
     offset = temporal_crop_offset(36, 29, (7, 3, 0))
-    assert 0 <= offset <= 7
+    assert 0 <= offset <= 6
     assert first == [int(offset * 2.5 + i * 2.5 + 1e-6) for i in range(29)]
-    # Across epochs (and samples) the window moves; every start 0..7 occurs, none beyond.
+    # Across epochs (and samples) the window moves; every start 0..6 occurs, none beyond (7 would be the
+    # last possible window, which the seeds never draw).
     offsets = Counter(temporal_crop_offset(36, 29, (7, 3, epoch)) for epoch in range(400))
-    assert sorted(offsets) == list(range(8))
-    assert min(offsets.values()) > 20  # 50 expected each; a stuck or biased draw fails
+    assert sorted(offsets) == list(range(7))
+    assert min(offsets.values()) > 25  # 57 expected each; a stuck or biased draw fails
     # Another seed gives another sequence.
     assert [temporal_crop_offset(36, 29, (8, 3, e)) for e in range(20)] != [
         temporal_crop_offset(36, 29, (7, 3, e)) for e in range(20)
     ]
-    # A window that fits has nothing to draw.
+    # A window that fits, or one position shorter than the video, has nothing to draw (randint(0, 0)).
     assert temporal_crop_offset(29, 29, (7, 3, 0)) == 0
+    assert {temporal_crop_offset(30, 29, (7, 3, e)) for e in range(50)} == {0}
+    assert {temporal_crop_offset(31, 29, (7, 3, e)) for e in range(50)} == {0, 1}
     with pytest.raises(ClipError, match="needs draw"):
         frame_indices(90, 30.0, spec)
 
@@ -264,10 +269,22 @@ def test_clip_spec_from_config():
 
 
 def test_fps_suffix():
-    # Open-Sora reports video_fps // frame_interval.
+    # Open-Sora 2.0 map_target_fps: below fps_max (stride 1) the raw rate, else floor(fps / stride).
     assert opensora_clip_fps(30.0, 2) == 15
-    assert opensora_clip_fps(29.97, 1) == 29
+    assert opensora_clip_fps(29.97, 1) == 29.97
+    assert opensora_clip_fps(23.976023976, 1) == 23.976
     assert opensora_clip_fps(60.0, 3) == 20
+    assert fps_suffix("a cat", opensora_clip_fps(23.976023976, 1)) == "a cat 23.976 FPS."
+    assert fps_suffix("a cat", opensora_clip_fps(24.0, 1)) == "a cat 24 FPS."
+    # The whole rule at fps_max 24 (the stride from ClipSpec): 23.976 -> raw, 29.97 -> stride 2 -> 14.
+    for fps, text in [
+        (23.976, "x 23.976 FPS."),
+        (29.97, "x 14 FPS."),
+        (60.0, "x 20 FPS."),
+        (24.0, "x 24 FPS."),
+    ]:
+        row = {"fps": fps, "text": "x"}
+        assert row_caption(row, CaptionRules(fps_suffix=True), ClipSpec(4, fps_max=24)) == text
     # A float stride fps / target_fps reports the target: 25 / (25 / 24) = 24 (Python's 25 // (25 / 24) is
     # 23.0, a float-error artefact); 29.97 to 12 fps: 12; 30 to 12: stride 2.5, 30 / 2.5 = 12.
     assert opensora_clip_fps(25.0, 25 / 24) == 24

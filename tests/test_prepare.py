@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from frameloom.cli import main
 from frameloom.data.dialects.folder import read_folder
 from frameloom.data.manifest import read_manifest, resolve_path
-from frameloom.data.prepare import PrepareSummary, prepare
+from frameloom.data.prepare import NothingKept, PrepareSummary, prepare
 from frameloom.errors import FrameloomError
 from media import index_frames, write_audio, write_image, write_video
 
@@ -149,12 +150,24 @@ def test_prepare_manifest_elsewhere_uses_absolute_paths(folder, tmp_path):
     assert (out.parent / "rejected.csv").exists()
 
 
-def test_prepare_empty_folder(tmp_path):
+def test_prepare_that_keeps_nothing_is_an_error(tmp_path, capsys):
+    # An empty folder, and a source whose every entry is rejected: exit 2 with the summary and the fix, no
+    # manifest (an empty one would only fail later), rejected.csv written.
     (tmp_path / "src").mkdir()
-    summary = prepare(tmp_path / "src", tmp_path / "m.parquet", progress=False)
-    assert summary.kept == 0 and summary.rejected == {}
-    assert read_manifest(tmp_path / "m.parquet").num_rows == 0
-    assert summary.line().startswith("kept 0, rejected 0 in ")
+    with pytest.raises(NothingKept, match="kept 0, rejected 0 in .*the source lists no entries") as info:
+        prepare(tmp_path / "src", tmp_path / "m.parquet", progress=False)
+    assert info.value.summary.kept == 0 and not (tmp_path / "m.parquet").exists()
+    _csv(
+        tmp_path / "meta.csv",
+        ["path", "text"],
+        [["../elsewhere/a.mp4", "x"], ["gone.mp4", "y"], ["../b.mp4", "z"]],
+    )
+    argv = ["prepare", str(tmp_path / "meta.csv"), "--out", str(tmp_path / "m.parquet"), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "rejected 3 (missing: 1, outside_root: 2)" in err
+    assert "--allow-root" in err and not (tmp_path / "m.parquet").exists()
+    assert (tmp_path / "rejected.csv").read_text().count("\n") == 4
 
 
 def test_prepare_format_errors(tmp_path, folder):
@@ -162,7 +175,8 @@ def test_prepare_format_errors(tmp_path, folder):
         prepare(tmp_path / "nope", tmp_path / "m.parquet")
     file = tmp_path / "meta.csv"
     file.write_text("path,text\n")
-    assert prepare(file, tmp_path / "m.parquet", fmt="auto", progress=False).fmt == "opensora"  # empty table
+    with pytest.raises(NothingKept, match="lists no entries"):  # an Open-Sora table with no rows
+        prepare(file, tmp_path / "m.parquet", fmt="auto", progress=False)
     with pytest.raises(FrameloomError, match="no .parquet shards"):
         prepare(folder, tmp_path / "m.parquet", fmt="opensora")
     (tmp_path / "notes.md").write_text("hello")

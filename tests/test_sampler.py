@@ -109,10 +109,34 @@ def test_batches_have_one_shape_and_ranks_are_disjoint(manifest):
     kept = np.flatnonzero(plan.assignment >= 0)
     remainder = len(kept) - int(plan.offsets[-1])
     assert 0 <= remainder < int(table.batch_size.max()) * len(table)
-    # Megabatches: the order shuffles runs of `megabatch` (2) consecutive batches of one bucket.
-    runs = np.flatnonzero(np.diff(plan.bucket) != 0) + 1
-    assert (np.diff(np.concatenate([[0], runs, [plan.num_batches]])) >= 1).all()
-    assert plan.num_batches > len(runs) + 1  # at least some runs are longer than one batch
+
+
+@pytest.mark.parametrize("megabatch", [1, 2, 3])
+def test_megabatch_composition(manifest, megabatch):
+    # The epoch's micro-batch sequence is the bucket's batches cut into megabatches of `megabatch`
+    # consecutive batches (the last of a bucket may be shorter), each megabatch contiguous and in order,
+    # every megabatch exactly once, in a shuffled order.
+    planner = planner_for(manifest, f"data.megabatch={megabatch}")
+    plan = planner.plan(0)
+    batch = planner.policy.table.batch_size
+    first_row = {int(b): int(plan.start[plan.bucket == b].min()) for b in np.unique(plan.bucket)}
+    local = [(int(plan.start[t]) - first_row[int(plan.bucket[t])]) // int(batch[plan.bucket[t]])
+             for t in range(plan.num_batches)]  # fmt: skip
+    ids = [(int(plan.bucket[t]), local[t] // megabatch) for t in range(plan.num_batches)]
+    groups: list[list[int]] = []  # runs of micro-batches of one megabatch id, in epoch order
+    for t, mid in enumerate(ids):
+        if groups and ids[groups[-1][0]] == mid and local[groups[-1][-1]] + 1 == local[t]:
+            groups[-1].append(t)
+        else:
+            groups.append([t])
+    seen = [ids[g[0]] for g in groups]
+    assert len(seen) == len(set(seen))  # each megabatch is one contiguous run
+    counts = {int(b): int((plan.bucket == b).sum()) for b in np.unique(plan.bucket)}
+    for g in groups:
+        b, k = ids[g[0]]
+        assert [local[t] for t in g] == list(range(k * megabatch, min((k + 1) * megabatch, counts[b])))
+    assert sorted(seen) == sorted({(b, j // megabatch) for b, n in counts.items() for j in range(n)})
+    assert seen != sorted(seen, key=lambda x: (x[0], x[1]))  # shuffled, not bucket by bucket
 
 
 def test_order_is_a_pure_function_of_seed_and_epoch(manifest):

@@ -10,6 +10,8 @@ import logging
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -180,6 +182,24 @@ def test_loader_workers_survive_sigterm():
     assert [b.tolist() for b in batches][-1] == [62, 63]  # the remaining 30 batches arrive
 
 
+def test_interpreter_exits_with_loader_workers_alive(tmp_path):
+    """A loader iterator that outlives its run (pytest keeps a failed test's locals) must not hang the exit:
+    multiprocessing would SIGTERM and join its workers, which ignore SIGTERM."""
+    script = tmp_path / "keep.py"
+    script.write_text(
+        "import torch\n"
+        "from frameloom.config.schema import DataConfig\n"
+        "from frameloom.train.loader import build_loader\n"
+        "loader = build_loader(list(range(8)), [[i] for i in range(8)], torch.tensor, DataConfig(num_workers=2),"
+        " torch.device('cpu'))\n"
+        "KEEP = iter(loader)\n"
+        "print(next(KEEP).tolist(), flush=True)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[0]", done.stderr
+
+
 # ---------------------------------------------------------------------------------------------- data
 
 
@@ -248,9 +268,10 @@ def test_objective_shift_auto():
 
 
 def test_sequence_split_is_checked_for_every_latent_shape(dataset, tmp_path):
-    # a frame policy makes num_frames a maximum: shorter clips give the other valid lengths (4k+1 <= 5)
+    # a frame policy makes num_frames a maximum: shorter clips give the other valid lengths (4k+1 <= 5);
+    # without buckets such clips cannot be stacked, so batches of one (issue 10: refused otherwise)
     trainer = Trainer(config(dataset, tmp_path / "r", "data.frame_policy=4k+1", "data.num_frames=5",
-                             "data.use_cache=never"))  # fmt: skip
+                             "data.use_cache=never", "train.batch_size=1"))  # fmt: skip
     assert trainer.latent_grids == [(1, 8, 8), (5, 8, 8)]  # the pixel codec keeps the clip's size
     fake = SimpleNamespace(plan=SimpleNamespace(sp=2), latent_grids=[(4, 8, 8), (3, 4, 4)])
     model = SimpleNamespace(patch=(1, 4, 4), num_heads=2)  # 16 tokens, then 3 tokens

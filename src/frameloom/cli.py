@@ -30,11 +30,14 @@ def _cmd_prepare(args: argparse.Namespace, _: list[str]) -> int:
     from frameloom.data.prepare import prepare
 
     roots = list(args.allow_root or [])
+    strict = bool(args.strict_roots)
     if args.config:
         from frameloom.config import load_config
 
         # data.extra_roots given relative in a config file are taken from the file's folder.
-        roots += [str(Path(args.config).parent / r) for r in load_config(args.config).data.extra_roots]
+        data = load_config(args.config).data
+        roots += [str(Path(args.config).parent / r) for r in data.extra_roots]
+        strict = strict or bool(data.strict_roots)
     summary = prepare(
         args.source,
         args.out,
@@ -44,6 +47,7 @@ def _cmd_prepare(args: argparse.Namespace, _: list[str]) -> int:
         allow_pickle=args.allow_pickle,
         extra_roots=roots,
         trust_metadata=args.trust_metadata,
+        strict_roots=strict,
     )
     print(f"{summary.fmt}: {summary.line()}")
     return 0
@@ -65,7 +69,7 @@ def _cmd_inspect(args: argparse.Namespace, extra: list[str]) -> int:
 def _cmd_convert(args: argparse.Namespace, _: list[str]) -> int:
     from frameloom.data.dialects import convert_manifest
 
-    result = convert_manifest(args.manifest, args.to, args.out, rows_per_shard=args.rows_per_shard)
+    result = convert_manifest(args.manifest, args.to, args.out, memory_efficient=args.memory_efficient)
     print(result.line())
     return 0
 
@@ -86,6 +90,10 @@ def _cmd_cache(args: argparse.Namespace, overrides: list[str]) -> int:
         destroy_distributed()
     if env.is_main:
         print(report.line())
+        if args.pyramid_jsonl:  # Pyramid Flow's own latent/text_fea files and jsonl, from what was cached
+            from frameloom.models.pyramid_flow.files import write_jsonl
+
+            print(write_jsonl(cfg, args.pyramid_jsonl, progress=True))
     return 0
 
 
@@ -246,10 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-root",
         action="append",
         metavar="DIR",
-        help="a folder outside the source's root that entries may point into (repeatable); other paths "
-        "outside the root are rejected as outside_root",
+        help="a folder outside the source's root that entries may point into (repeatable); relative paths "
+        "leading out of their root, and absolute paths outside the root of a format that defines one "
+        "(folder, Open-Sora-Plan DATA_ROOT, CogVideoX root), are rejected as outside_root",
     )
-    p.add_argument("--config", help="config whose data.extra_roots are allowed as well")
+    p.add_argument(
+        "--strict-roots",
+        action="store_true",
+        help="absolute paths must lie under the source's root (or an --allow-root) in every format, also "
+        "in Open-Sora tables and Pyramid Flow jsonl, whose absolute paths are accepted by default",
+    )
+    p.add_argument("--config", help="config whose data.extra_roots (and data.strict_roots) apply as well")
     p.add_argument(
         "--allow-pickle",
         action="store_true",
@@ -260,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--trust-metadata",
         action="store_true",
         help="do not probe entries whose dataset file gives num_frames, height, width and fps (as the seeds "
-        "do; fast for large, already-measured sets); default: probe every file, the file is the truth",
+        "do; fast for large, already-measured sets; values that cannot be right are rejected as "
+        "bad_metadata); default: probe every file, the file is the truth",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_prepare)
@@ -295,14 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         required=True,
-        help="output: opensora a .csv/.parquet file or a folder of shards; opensora-plan a data.txt (its "
-        "annotation .json goes beside it); cogvideox and folder a folder; pyramid a .jsonl",
+        help="output: opensora a .csv/.parquet file; opensora-plan a data.txt (its annotation .json goes "
+        "beside it); cogvideox and folder a folder; pyramid a .jsonl",
     )
     p.add_argument(
-        "--rows-per-shard",
-        type=int,
-        metavar="N",
-        help="opensora: write a folder of Parquet shards of N rows each (default for a folder: 100000)",
+        "--memory-efficient",
+        action="store_true",
+        help="opensora: also write Open-Sora's memory-efficient shard folder X/ beside X.parquet "
+        "(read by Open-Sora with --dataset.memory_efficient True)",
     )
     p.set_defaults(func=_cmd_convert)
 
@@ -313,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
         "and encodes only new or changed entries (resumable after a kill).",
     )
     p.add_argument("config", help="YAML config")
+    p.add_argument(
+        "--pyramid-jsonl",
+        default=None,
+        metavar="PATH",
+        help="model.family pyramid_flow: also write Pyramid Flow's latent/text_fea files and their jsonl at PATH",
+    )
     p.set_defaults(func=_cmd_cache, takes_overrides=True)
 
     p = sub.add_parser(
@@ -411,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["diffusers", "lora", "safetensors", "native"],
         help="lora (diffusers LoRA file), diffusers (pipeline directory), safetensors (one weights file) or "
         "native (the seed system's released layout: Open-Sora-Plan's model folder, Open-Sora 2.0's "
-        "Open_Sora_v2.safetensors, dit_class: DiT's .pt)",
+        "Open_Sora_v2.safetensors, Pyramid Flow's diffusion_transformer folder, dit_class: DiT's .pt)",
     )
     p.add_argument(
         "--comfyui",

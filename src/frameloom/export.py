@@ -17,9 +17,10 @@ Formats (``--format``):
 - ``safetensors``: one consolidated ``model.safetensors``: the denoiser's state dict (for a diffusers family
   the transformer's, in diffusers names, a LoRA merged in). Verified by reading it back tensor by tensor.
 - ``native``: the seed system's own released layout, written by the family's ``export_released(cfg, weights,
-  out)`` (Open-Sora-Plan: an ``OpenSoraT2V_v1_3`` folder its ``from_pretrained`` loads; dit_class: DiT's
-  ``.pt``). Verified by the family. A seed family with a diffusers form of its own defines
-  ``export_diffusers(cfg, weights, out)`` for ``--format diffusers`` (dit_class: ``DiTTransformer2DModel``).
+  out)`` (Open-Sora-Plan: an ``OpenSoraT2V_v1_3`` folder its ``from_pretrained`` loads; Pyramid Flow: a
+  ``diffusion_transformer_*`` folder; dit_class: DiT's ``.pt``). Verified by the family. A seed family with a
+  diffusers form of its own defines ``export_diffusers(cfg, weights, out)`` for ``--format diffusers``
+  (dit_class: ``DiTTransformer2DModel``).
 
 Memory: export holds one copy of the base plus the adapter. The denoiser is built once from
 ``model.pretrained``; the checkpoint's tensors are read one at a time into it (a LoRA run's checkpoint holds

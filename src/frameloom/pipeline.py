@@ -7,14 +7,16 @@ in exactly one way.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
 from frameloom.config.schema import Config
 from frameloom.data.captions import CaptionRules, row_caption
-from frameloom.data.manifest import read_manifest
-from frameloom.data.video import ClipSpec, decode_clip
+from frameloom.data.manifest import load_manifest
+from frameloom.data.paths import OUTSIDE_ROOT, OutsideRoot, PathRules, resolve_entry
+from frameloom.data.video import ClipSpec, DecodeError, decode_clip
 from frameloom.errors import FrameloomError
 
 TINY_BYT5 = "tiny-byt5"
@@ -86,11 +88,14 @@ def _checked_resize(name: str) -> str:
 
 def caption_rules(cfg: Config) -> CaptionRules:
     """The config's caption rules (``data.caption_aesthetic``, ``data.caption_fps_suffix``,
-    ``data.caption_motion_score``), checked."""
+    ``data.caption_motion_score``, ``data.caption_choice``, ``data.caption_clean``), checked."""
+    d = cfg.data
     return CaptionRules(
-        aesthetic=cfg.data.caption_aesthetic,
-        fps_suffix=bool(cfg.data.caption_fps_suffix),
-        motion_score=bool(cfg.data.caption_motion_score),
+        aesthetic=d.caption_aesthetic,
+        fps_suffix=bool(d.caption_fps_suffix),
+        motion_score=bool(d.caption_motion_score),
+        choice=d.caption_choice,
+        clean=d.caption_clean,
     )
 
 
@@ -117,6 +122,88 @@ def uncacheable(cfg: Config) -> list[str]:
     if cfg.data.caption_aesthetic == "random":
         reasons.append("data.caption_aesthetic=random draws a new phrase every epoch")
     return reasons
+
+
+def path_rules(cfg: Config) -> PathRules:
+    """The run's path rules (``data/paths.py``): ``data.extra_roots`` and ``data.strict_roots``."""
+    return PathRules.make(cfg.data.extra_roots, cfg.data.strict_roots)
+
+
+def use_precomputed(cfg: Config) -> bool:
+    """Whether training reads pre-extracted tensors (``data/precomputed.py``): ``data.use_cache:
+    precomputed``, or ``auto`` with a ``latent`` file named on every manifest row."""
+    from frameloom.data.precomputed import has_latents
+
+    if cfg.data.use_cache == "precomputed":
+        return True
+    return cfg.data.use_cache == "auto" and has_latents(manifest_path(cfg))
+
+
+def precomputed_text_complete(cfg: Config) -> bool:
+    """Whether every manifest row names a ``text_fea`` file (then no text encoder is loaded for training)."""
+    from frameloom.data.manifest import read_manifest
+
+    table = read_manifest(manifest_path(cfg), columns=["text_fea"])
+    return "text_fea" in table.column_names and table.column("text_fea").null_count == 0
+
+
+def precomputed_dataset(cfg: Config, codec: Any):
+    """The pre-extracted-tensor dataset of the config: latents cut to the clip's latent length (the codec's
+    temporal compression), ``data.latent_normalization`` (``auto``: the family's), ``data.empty_text_fea`` (relative to the
+    manifest's folder), the run's path rules."""
+    from frameloom.data.precomputed import PrecomputedDataset, resolve_normalization
+
+    manifest = manifest_path(cfg)
+    empty = cfg.data.empty_text_fea
+    if empty is not None and not Path(empty).is_absolute():
+        empty = str(manifest.resolve().parent / empty)
+    if empty is not None and not Path(empty).is_file():
+        raise FrameloomError(f"data.empty_text_fea not found: {empty}")
+    return PrecomputedDataset(
+        manifest,
+        latent_frames=lambda frames: codec.latent_size(frames, cfg.data.height, cfg.data.width)[0],
+        spec_frames=cfg.data.num_frames,
+        normalization=resolve_normalization(cfg.data.latent_normalization, cfg.model.family, codec),
+        rules=path_rules(cfg),
+        empty_text_fea=empty,
+    )
+
+
+def batch_text(batch: dict, text_encoder: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Text conditioning of an on-the-fly batch: ``(emb (B, L, D), mask (B, L), extras {name: (B, ...)})``.
+
+    Captions are encoded by ``text_encoder``; rows of a precomputed batch that carry stored features
+    (``batch["text_features"]``) keep those instead (padded together with the encoded ones)."""
+    if "text_emb" in batch:  # every row of this batch had its features
+        return batch["text_emb"].float(), batch["text_mask"].bool(), dict(batch.get("text_extras", {}))
+    stored = batch.get("text_features")
+    if not stored or all(f is None for f in stored):
+        emb, mask = text_encoder.encode(batch["text"])
+        return emb, mask, dict(text_encoder.encode_extras(batch["text"]))
+    todo = [i for i, f in enumerate(stored) if f is None]
+    rows: list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = [None] * len(stored)  # type: ignore[list-item]
+    for i, f in enumerate(stored):
+        if f is not None:
+            rows[i] = (f[0].float(), f[1].bool(), {k: v.float() for k, v in f[2].items()})
+    if todo:
+        texts = [batch["text"][i] for i in todo]
+        emb, mask = text_encoder.encode(texts)
+        extras = text_encoder.encode_extras(texts)
+        for j, i in enumerate(todo):
+            real = mask[j].bool().cpu()
+            rows[i] = (
+                emb[j].float().cpu()[real],
+                real[real],
+                {k: v[j].float().cpu() for k, v in extras.items()},
+            )
+    longest = max(r[0].shape[0] for r in rows)
+    dim = rows[0][0].shape[1]
+    emb = torch.zeros(len(rows), longest, dim)  # (B, L, D)
+    mask = torch.zeros(len(rows), longest, dtype=torch.bool)  # (B, L)
+    for i, (e, m, _) in enumerate(rows):
+        emb[i, : e.shape[0]], mask[i, : e.shape[0]] = e, m
+    names = rows[0][2].keys()
+    return emb, mask, {k: torch.stack([r[2][k] for r in rows]) for k in names}
 
 
 def manifest_path(cfg: Config) -> Path:
@@ -222,6 +309,7 @@ def run_cache(cfg: Config, *, progress: bool = True, shard: tuple[int, int] = (0
         shard=shard,
         buckets=policy,
         caption_rules=rules,
+        rules=path_rules(cfg),
     )
 
 
@@ -253,6 +341,7 @@ class ClipDataset(Dataset):
         *,
         seed: int = 0,
         caption_rules: CaptionRules | None = None,
+        rules: PathRules | None = None,
         decode_timeout: float = 0.0,
         quarantine: str | Path | None = None,
     ):
@@ -260,7 +349,8 @@ class ClipDataset(Dataset):
         from frameloom.data.sandbox import DecodeSandbox
 
         self.manifest = Path(manifest)
-        self.table = read_manifest(self.manifest)  # decode_clip reads cut/crop/rotation too
+        self.rules = rules or PathRules()
+        self.table = load_manifest(self.manifest, self.rules)  # decode_clip reads cut/crop/rotation too
         self.spec = spec
         self.root = self.manifest.resolve().parent
         self.seed = seed
@@ -281,6 +371,15 @@ class ClipDataset(Dataset):
     def row(self, i: int) -> dict:
         return self.table.slice(i, 1).to_pylist()[0]
 
+    def _checked(self, row: dict) -> dict:
+        """The row, its file checked against the path rules where it is opened (symlinks followed): a file
+        that leads out of its root fails like an undecodable one (``outside_root``) and is substituted."""
+        try:
+            resolve_entry(self.root, str(row["path"]), self.rules.extra_roots, bound=self.rules.strict)
+        except OutsideRoot as exc:
+            raise DecodeError(str(row["path"]), f"{OUTSIDE_ROOT}: {exc.detail}") from None
+        return row
+
     def _spec(self, row: dict, bucket: int) -> ClipSpec:
         if self.planner is None or bucket < 0:
             return self.spec
@@ -294,9 +393,11 @@ class ClipDataset(Dataset):
         return self.planner.members(epoch, bucket)
 
     def _decode(self, row: dict, spec: ClipSpec, draw: tuple[int, int, int]) -> torch.Tensor:
-        """One clip: refused at once if quarantined as crashing/hanging, else decoded (in the sandbox)."""
+        """One clip: refused if its file leads out of its root (``_checked``) or it is quarantined as
+        crashing/hanging, else decoded (in the sandbox when ``decode_timeout`` > 0)."""
         from frameloom.data.sandbox import DecodeCrash
 
+        row = self._checked(row)
         known = self.quarantine.known(str(row["path"])) if self.quarantine is not None else None
         if known is not None:
             raise DecodeCrash(str(row["path"]), known["reason"], known["kind"])
@@ -308,7 +409,6 @@ class ClipDataset(Dataset):
         import logging
 
         from frameloom.data.sampler import substitute_index
-        from frameloom.data.video import DecodeError
 
         index, bucket, epoch = tuple(item) if isinstance(item, tuple) else (int(item), -1, 0)
         current = index

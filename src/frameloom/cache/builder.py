@@ -27,12 +27,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from frameloom.cache.keys import EXTRA_PREFIX, KEY_VERSION, caption, row_video_key, text_key
+from frameloom.cache.index import run_key, write_index
+from frameloom.cache.keys import EXTRA_PREFIX, KEY_VERSION, row_video_key, text_key
 from frameloom.cache.store import CacheStore
 from frameloom.data import video as video_io  # looked up at call time: decode_clip may be patched in tests
 from frameloom.data.buckets import BucketPolicy
-from frameloom.data.captions import CaptionRules
-from frameloom.data.manifest import iter_rows, read_manifest, resolve_path
+from frameloom.data.captions import CaptionRules, caption_variants
+from frameloom.data.manifest import iter_rows, load_manifest, resolve_path
+from frameloom.data.paths import OUTSIDE_ROOT, OutsideRoot, PathRules, resolve_entry
 from frameloom.data.video import ClipSpec, DecodeError
 from frameloom.errors import FrameloomError
 from frameloom.models.codecs import LatentCodec
@@ -138,6 +140,16 @@ def _cache_texts(
     bar.close()
 
 
+@dataclass
+class _Work:
+    """What this shard encodes: row indices, their buckets (-1: none), rows and clip specs, in work order."""
+
+    index: list[int]
+    bucket: list[int]
+    rows: list[dict[str, Any]]
+    specs: list[ClipSpec]
+
+
 def _work_items(
     rows: list[dict[str, Any]],
     rank: int,
@@ -145,14 +157,16 @@ def _work_items(
     spec: ClipSpec,
     spec_for_row: Callable[[dict[str, Any]], ClipSpec] | None,
     buckets: BucketPolicy | None,
-) -> list[tuple[dict[str, Any], ClipSpec]]:
-    """(row, clip spec) pairs this shard (rows ``rank::world``) encodes.
+) -> _Work:
+    """The (row, clip spec) pairs this shard (rows ``rank::world``) encodes.
 
     With a bucket policy: one pair per reachable (row, bucket), ordered by the bucket's shape (stable, so
     manifest order within a shape): consecutive clips then share a shape and fill whole codec batches.
     """
     if buckets is None:
-        return [(row, spec_for_row(row) if spec_for_row is not None else spec) for row in rows[rank::world]]
+        idx = list(range(rank, len(rows), world))
+        specs = [spec_for_row(rows[i]) if spec_for_row is not None else spec for i in idx]
+        return _Work(idx, [-1] * len(idx), [rows[i] for i in idx], specs)
     if len(buckets.cols) != len(rows):
         raise ValueError(f"the bucket policy covers {len(buckets.cols)} rows, the manifest has {len(rows)}")
     pair_rows, pair_buckets = buckets.reachable()  # (P,), (P,)
@@ -162,10 +176,9 @@ def _work_items(
     # lexsort: the last key is the primary one; stable, so rows stay in manifest order within a shape
     order = np.lexsort((pair_rows, table.width[pair_buckets], table.height[pair_buckets],
                         table.num_frames[pair_buckets]))  # fmt: skip
-    return [
-        (rows[i], buckets.clip_spec(spec, rows[i].get("fps"), b))
-        for i, b in zip(pair_rows[order].tolist(), pair_buckets[order].tolist())
-    ]
+    idx, bks = pair_rows[order].tolist(), pair_buckets[order].tolist()
+    specs = [buckets.clip_spec(spec, rows[i].get("fps"), b) for i, b in zip(idx, bks)]
+    return _Work(idx, bks, [rows[i] for i in idx], specs)
 
 
 def build_cache(
@@ -182,6 +195,8 @@ def build_cache(
     spec_for_row: Callable[[dict[str, Any]], ClipSpec] | None = None,
     buckets: BucketPolicy | None = None,
     caption_rules: CaptionRules | None = None,
+    rules: PathRules | None = None,
+    write_key_index: bool = True,
 ) -> CacheReport:
     """Encode the latents and caption embeddings of a manifest's rows that are not cached yet.
 
@@ -214,26 +229,36 @@ def build_cache(
     report = CacheReport()
     manifest_path = Path(manifest_path)
     root = manifest_path.resolve().parent
-    all_rows = list(iter_rows(read_manifest(manifest_path)))
+    rules = rules or PathRules()
+    all_rows = list(iter_rows(load_manifest(manifest_path, rules)))
     work = _work_items(all_rows, rank, world, spec, spec_for_row, buckets)
     store.cleanup_temp()  # temp files of killed runs on this host (or old ones) are never read; drop them
 
     # 1. Video latents, in manifest order (by bucket shape first, with buckets), batched by shape.
     file_ids: dict[str, str] = {}
     seen: set[str] = set()  # keys written (or queued) by this run: duplicates count as reused
+    keys: list[str | None] = [None] * len(work.rows)
+    ok = np.zeros(len(work.rows), bool)
     pending = _Pending()
     pending_shape: tuple[int, ...] | None = None
-    bar = tqdm(total=len(work), desc="cache clips", unit="clip", disable=not progress)
-    for row, row_spec in work:
+    bar = tqdm(total=len(work.rows), desc="cache clips", unit="clip", disable=not progress)
+    for w, (row, row_spec) in enumerate(zip(work.rows, work.specs)):
         bar.update(1)
         path = str(resolve_path(manifest_path, row["path"]))
+        try:  # the file that would be opened, symlinks followed, must stay inside its root (data/paths.py)
+            resolve_entry(root, str(row["path"]), rules.extra_roots, bound=rules.strict)
+        except OutsideRoot as exc:
+            report.failed.append((path, f"{OUTSIDE_ROOT}: {exc.detail}"))
+            continue
         try:
             key = row_video_key(row, manifest_path, row_spec, codec.identity, file_ids)
         except OSError as exc:
             report.failed.append((path, f"cannot read file: {exc.strerror or exc}"))
             continue
+        keys[w] = key
         if key in seen or store.has("video", key):
             report.reused += 1
+            ok[w] = True
             continue
         try:
             clip = video_io.decode_clip(row, row_spec, root=root, output="float")  # (3, T, H, W) in [-1, 1]
@@ -241,6 +266,7 @@ def build_cache(
             report.failed.append((path, exc.reason))
             continue
         seen.add(key)
+        ok[w] = True
         shape = tuple(clip.shape)
         if pending_shape is not None and shape != pending_shape:
             report.encoded += _flush(pending, codec, store)
@@ -258,11 +284,21 @@ def build_cache(
 
     # 2. Caption embeddings (plus "" once, on rank 0). The empty prompt is encoded in a batch of its own, as the
     # trainer and sampler encode it: its embedding then does not depend on which captions shared its batch
-    # (ulp-level differences otherwise), so the cache is the same for any number of processes.
-    texts = [caption(row, caption_rules, row_spec) for row, row_spec in work]
+    # (ulp-level differences otherwise), so the cache is the same for any number of processes. Every caption
+    # a row can be trained with is cached (all of them under caption_choice: random).
+    texts = [
+        t
+        for row, row_spec in zip(work.rows, work.specs)
+        for t in caption_variants(row, caption_rules, row_spec)
+    ]
     if (empty_prompt and rank == 0) or "" in texts:
         _cache_texts([""], text_encoder, store, batch_size, report, progress)
     _cache_texts([t for t in texts if t != ""], text_encoder, store, batch_size, report, progress)
+
+    # 3. The key index of this shard, so that training finds its entries without reading a video.
+    if write_key_index and spec_for_row is None:
+        run = run_key(manifest_path, spec, codec.identity, text_encoder.identity, caption_rules, buckets)
+        write_index(store.root, run, shard, np.array(work.index), np.array(work.bucket), keys, ok)
 
     report.seconds = time.perf_counter() - started
     return report

@@ -1,12 +1,16 @@
 """Read training samples from the cache: a manifest's rows as (latent, caption embedding) pairs.
 
-All keys are computed once, at construction (one ``file_identity`` per distinct file), so ``__getitem__`` is
-two file reads. ``missing()`` tells the trainer whether the cache covers the whole manifest; it uses the cache
-only when nothing is missing and encodes on the fly otherwise.
+Video keys come from the key index ``frameloom cache`` writes (``cache/index.py``): start-up reads the
+manifest and the index, never a video, and ``__getitem__`` is two file reads (a caption's key is a hash of its
+text, computed when the item is read). Without an index for this run (a cache built before indexes existed,
+or with ``spec_for_row``), every key is computed at construction as before (one ``file_identity`` per
+distinct file, which reads 2 MiB of each video), with a warning. ``missing()`` tells the trainer whether the
+cache covers the whole manifest; it uses the cache only when nothing is missing.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,11 +20,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from frameloom.cache.index import CacheIndex, run_key
 from frameloom.cache.keys import EXTRA_PREFIX, caption, row_video_key, text_key
 from frameloom.cache.store import CacheStore
 from frameloom.data.buckets import BucketPolicy
-from frameloom.data.captions import CaptionRules
-from frameloom.data.manifest import iter_rows, read_manifest
+from frameloom.data.captions import CaptionRules, caption_variants, row_caption
+from frameloom.data.manifest import load_manifest
+from frameloom.data.paths import PathRules
 from frameloom.data.video import ClipSpec
 from frameloom.errors import FrameloomError
 
@@ -65,7 +71,7 @@ def collate_text(batch: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 
 class CachedClipDataset(Dataset):
-    """Item ``i``: ``dict(latent (C, t, h, w), text_emb (L, D), text_mask (L,) bool, index i)``.
+    """Item ``i``: ``dict(latent (C, t, h, w), text_emb (L, D), text_mask (L,) bool, index i, text_extras)``.
 
     ``codec_identity``/``text_identity`` must be the identities of the codec and text encoder the cache was
     built with (they are part of the keys); ``spec``/``spec_for_row``/``buckets``/``caption_rules`` must
@@ -74,7 +80,11 @@ class CachedClipDataset(Dataset):
     With ``buckets`` (a bucket policy bound to this manifest) an item is a ``SampleRef(row, bucket, epoch)``
     from the bucketed sampler and reads the entry of the row at that bucket's spec; a plain row index (or a
     ref with bucket -1) reads the row's epoch-0 bucket. ``missing()`` then checks every (row, bucket) pair
-    some epoch can assign (``BucketPolicy.reachable``), so a complete cache serves every epoch.
+    some epoch can assign (``BucketPolicy.reachable``), so a complete cache serves every epoch. Under
+    ``caption_choice: random`` the caption is drawn per (seed, row, epoch), as on the fly.
+
+    ``rules``: the manifest's paths are checked on load (``manifest.check_paths``). ``use_index=False``
+    computes every key at construction instead of reading the key index.
     """
 
     def __init__(
@@ -88,6 +98,8 @@ class CachedClipDataset(Dataset):
         spec_for_row: Callable[[dict[str, Any]], ClipSpec] | None = None,
         buckets: BucketPolicy | None = None,
         caption_rules: CaptionRules | None = None,
+        rules: PathRules | None = None,
+        use_index: bool = True,
     ):
         if buckets is not None and spec_for_row is not None:
             raise ValueError("give spec_for_row or buckets, not both")
@@ -98,61 +110,95 @@ class CachedClipDataset(Dataset):
         self.manifest_path = Path(manifest_path)
         self.store = store
         self.spec = spec
+        self.spec_for_row = spec_for_row
         self.codec_identity = codec_identity
         self.text_identity = text_identity
         self.caption_rules = caption_rules
         self.policy = buckets
+        self.seed = 0
         self._assigned: tuple[int, Any] | None = None  # (epoch, bucket per row) for plain-index lookups
-        self._table = read_manifest(self.manifest_path)
+        self._table = load_manifest(self.manifest_path, rules)
+        self._paths = self._table.column("path")
         self._file_ids: dict[str, str] = {}
-        self.video_keys: list[str | None] = []
-        self.text_keys: list[str] = []
-        self.paths: list[str] = []
-        # (row, bucket) -> (video key or None, text key), for every pair a bucket policy can assign
-        self.bucket_keys: dict[tuple[int, int], tuple[str | None, str]] = {}
-        rows = iter_rows(self._table)
-        if buckets is None:
-            for row in rows:
-                row_spec = spec_for_row(row) if spec_for_row is not None else spec
-                vkey, tkey = self._keys(row, row_spec)
-                self.video_keys.append(vkey)
-                self.text_keys.append(tkey)
-                self.paths.append(str(row["path"]))
-        else:
-            if len(buckets.cols) != self._table.num_rows:
-                raise ValueError(
-                    f"the bucket policy covers {len(buckets.cols)} rows, the manifest has {self._table.num_rows}"
-                )
-            pair_rows, pair_buckets = buckets.reachable()  # (P,), (P,) sorted by row
-            bounds = np.searchsorted(pair_rows, np.arange(self._table.num_rows + 1))
-            for i, row in enumerate(rows):
-                self.paths.append(str(row["path"]))
-                for b in pair_buckets[bounds[i] : bounds[i + 1]].tolist():
-                    self.bucket_keys[(i, b)] = self._keys(row, self._bucket_spec(row, b))
         self.empty_text_key = text_key("", text_identity)
+        if buckets is not None and len(buckets.cols) != self._table.num_rows:
+            raise ValueError(
+                f"the bucket policy covers {len(buckets.cols)} rows, the manifest has {self._table.num_rows}"
+            )
+        self.index: CacheIndex | None = None
+        if use_index and spec_for_row is None:
+            run = run_key(self.manifest_path, spec, codec_identity, text_identity, caption_rules, buckets)
+            self.index = CacheIndex.load(store.root, run)
+        # Without an index: (row, bucket) -> video key (None: unreadable file), computed now (reads every video).
+        self._keys: dict[tuple[int, int], str | None] | None = None
+        if self.index is None:
+            if self._table.num_rows:
+                logging.getLogger("frameloom.cache").warning(
+                    "no key index for this cache and run: computing the keys of %d rows (reads 2 MiB of every "
+                    "video); `frameloom cache` writes the index",
+                    self._table.num_rows,
+                )
+            self._keys = {}
+            rows_, buckets_ = self._pairs()
+            for i, b in zip(rows_.tolist(), buckets_.tolist()):
+                row = self.row(i)
+                self._keys[(i, b)] = self._video_key_of(row, self._spec_of(row, b))
 
     collate = staticmethod(collate_text)  # for DataLoader(collate_fn=dataset.collate)
-    draws_per_epoch = False  # the same entries every epoch: without buckets, the sampler yields row indices
 
-    def _keys(self, row: dict[str, Any], row_spec: ClipSpec) -> tuple[str | None, str]:
-        """(video key, or None when the file cannot be read; text key) of a row decoded at ``row_spec``."""
+    @property
+    def draws_per_epoch(self) -> bool:
+        """Whether items depend on the epoch (a caption drawn per epoch); without buckets the sampler then
+        hands out refs with the epoch instead of plain row indices."""
+        return (
+            self.caption_rules is not None
+            and self.caption_rules.choice == "random"
+            and "captions" in self._table.column_names
+            and self._table.column("captions").null_count < self._table.num_rows
+        )
+
+    def _pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every (row, bucket) pair training can ask for: the policy's reachable pairs, or (row, -1)."""
+        if self.policy is None:
+            n = self._table.num_rows
+            return np.arange(n, dtype=np.int64), np.full(n, -1, np.int64)
+        return self.policy.reachable()
+
+    def _spec_of(self, row: dict[str, Any], bucket: int) -> ClipSpec:
+        if self.policy is not None and bucket >= 0:
+            return self.policy.clip_spec(self.spec, row.get("fps"), bucket)
+        return self.spec_for_row(row) if self.spec_for_row is not None else self.spec
+
+    def _text_keys_of(self, row: dict[str, Any], spec: ClipSpec) -> list[str]:
+        return [text_key(t, self.text_identity) for t in caption_variants(row, self.caption_rules, spec)]
+
+    def _video_key_of(self, row: dict[str, Any], row_spec: ClipSpec) -> str | None:
+        """The video key of a row decoded at ``row_spec`` (reads the file's identity); None if unreadable."""
         try:
-            vkey: str | None = row_video_key(
-                row, self.manifest_path, row_spec, self.codec_identity, self._file_ids
-            )
+            return row_video_key(row, self.manifest_path, row_spec, self.codec_identity, self._file_ids)
         except OSError:
-            vkey = None
-        return vkey, text_key(caption(row, self.caption_rules, row_spec), self.text_identity)
+            return None
 
-    def _bucket_spec(self, row: dict[str, Any], bucket: int) -> ClipSpec:
-        return self.policy.clip_spec(self.spec, row.get("fps"), bucket)
+    # Kept for tools and tests: the keys of every row without a bucket policy (computed on demand).
+    @property
+    def video_keys(self) -> list[str | None]:
+        return [self._video_key(i, -1) for i in range(len(self))]
+
+    @property
+    def text_keys(self) -> list[str]:
+        return [
+            text_key(caption(self.row(i), self.caption_rules, self.spec), self.text_identity)
+            for i in range(len(self))
+        ]
 
     def row(self, i: int) -> dict[str, Any]:
         return self._table.slice(i, 1).to_pylist()[0]
 
-    def use_buckets(self, planner: Any, *, seed: int) -> None:  # noqa: ARG002 (the cache has no random draws)
+    def use_buckets(self, planner: Any, *, seed: int) -> None:
         """Called by ``sampler.build_sampler``: items become ``SampleRef``s; the planner's policy must be the
-        one the keys were computed with (a dataset built without one adopts it, and reads on demand)."""
+        one the keys were computed with (a dataset built without one adopts it, and reads on demand). ``seed``
+        drives the per-epoch caption choice."""
+        self.seed = int(seed)
         policy = None if planner is None else planner.policy
         if policy is None:
             if self.policy is not None:
@@ -162,6 +208,8 @@ class CachedClipDataset(Dataset):
             return
         if self.policy is None:
             self.policy, self._assigned = policy, None
+            self.index = None  # the index was read for no policy; keys are now computed per item
+            self._keys = {}
             return
         mine, theirs = self.policy.table, policy.table
         same = mine.names == theirs.names and all(
@@ -171,19 +219,50 @@ class CachedClipDataset(Dataset):
             raise FrameloomError("the sampler's bucket table differs from the one the cached dataset keys on")
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return self._table.num_rows
+
+    def _video_key(self, index: int, bucket: int) -> str | None:
+        if self.index is not None:
+            return self.index.video_key(index, bucket)
+        assert self._keys is not None
+        if (
+            index,
+            bucket,
+        ) not in self._keys:  # not a pair computed at start (a policy adopted by use_buckets)
+            row = self.row(index)
+            self._keys[(index, bucket)] = self._video_key_of(row, self._spec_of(row, bucket))
+        return self._keys[(index, bucket)]
 
     def missing(self) -> list[int]:
         """Row indices whose video or text entry is absent (or unreadable); with a bucket policy, rows with
-        any reachable (row, bucket) entry absent."""
+        any reachable (row, bucket) entry absent.
+
+        With the key index: the pairs the index marks incomplete or lacks, plus a spot check that the store
+        still holds the entries of a few dozen rows (a store cleared or damaged after the build): if one is
+        gone, every entry is checked. Without an index: every entry is checked."""
+        rows, buckets = self._pairs()
+        if self.index is not None:
+            ready = self.index.ready(rows, buckets)
+            absent = set(rows[~ready].tolist())
+            good = np.flatnonzero(ready)
+            probe = (
+                good[np.linspace(0, len(good) - 1, min(len(good), 32)).astype(np.int64)]
+                if len(good)
+                else good
+            )
+            if all(self._present(int(rows[k]), int(buckets[k])) for k in probe.tolist()):
+                return sorted(absent)
+            good_pairs = [(int(rows[k]), int(buckets[k])) for k in good.tolist()]
+            return sorted(absent | {i for i, b in good_pairs if not self._present(i, b)})
+        return sorted({i for i, b in zip(rows.tolist(), buckets.tolist()) if not self._present(i, b)})
+
+    def _present(self, index: int, bucket: int) -> bool:
         has = self.store.has
-
-        def absent(vkey: str | None, tkey: str) -> bool:
-            return vkey is None or not has("video", vkey) or not has("text", tkey)
-
-        if self.bucket_keys:
-            return sorted({i for (i, _b), keys in self.bucket_keys.items() if absent(*keys)})
-        return [i for i, keys in enumerate(zip(self.video_keys, self.text_keys)) if absent(*keys)]
+        vkey = self._video_key(index, bucket)
+        if vkey is None or not has("video", vkey):
+            return False
+        row = self.row(index)
+        return all(has("text", k) for k in self._text_keys_of(row, self._spec_of(row, bucket)))
 
     def _text(self, key: str, what: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         entry = self.store.get("text", key)
@@ -192,32 +271,31 @@ class CachedClipDataset(Dataset):
         extras = {k[len(EXTRA_PREFIX) :]: v for k, v in entry.items() if k.startswith(EXTRA_PREFIX)}
         return entry["emb"], entry["mask"].bool(), extras
 
-    def _item_keys(self, index: int, bucket: int, epoch: int) -> tuple[str | None, str]:
-        if self.policy is None:
-            return self.video_keys[index], self.text_keys[index]
-        if bucket < 0:  # a plain index: the row's bucket in `epoch` (assigned once per epoch, not per item)
-            if self._assigned is None or self._assigned[0] != epoch:
-                self._assigned = (epoch, self.policy.assign(epoch).bucket)
-            bucket = int(self._assigned[1][index])
-            if bucket < 0:
-                raise CacheMissError(f"row {index} ({self.paths[index]}) is in no bucket in epoch {epoch}")
-        keys = self.bucket_keys.get((index, bucket))
-        if keys is None:  # not a pair the policy's keys were computed for (a policy adopted by use_buckets)
-            row = self.row(index)
-            keys = self._keys(row, self._bucket_spec(row, bucket))
-        return keys
+    def _bucket_of(self, index: int, bucket: int, epoch: int) -> int:
+        if self.policy is None or bucket >= 0:
+            return bucket if self.policy is not None else -1
+        # a plain index: the row's bucket in `epoch` (assigned once per epoch, not per item)
+        if self._assigned is None or self._assigned[0] != epoch:
+            self._assigned = (epoch, self.policy.assign(epoch).bucket)
+        found = int(self._assigned[1][index])
+        if found < 0:
+            raise CacheMissError(f"row {index} ({self._paths[index]}) is in no bucket in epoch {epoch}")
+        return found
 
     def __getitem__(self, item: Any) -> dict[str, Any]:
         index, bucket, epoch = tuple(item) if isinstance(item, tuple) else (int(item), -1, 0)
         if not -len(self) <= index < len(self):
             raise IndexError(index)
         index = index % len(self)
-        path = self.paths[index]
-        vkey, tkey = self._item_keys(index, bucket, epoch)
+        path = self._paths[index].as_py()
+        bucket = self._bucket_of(index, bucket, epoch)
+        row = self.row(index)
+        vkey = self._video_key(index, bucket)
         entry = self.store.get("video", vkey) if vkey is not None else None
         if entry is None:
             raise CacheMissError(f"row {index} ({path}): latent not cached (run `frameloom cache` first)")
-        emb, mask, extras = self._text(tkey, f"row {index} ({path})")
+        text = row_caption(row, self.caption_rules, self._spec_of(row, bucket), (self.seed, index, epoch))
+        emb, mask, extras = self._text(text_key(text, self.text_identity), f"row {index} ({path})")
         return {
             "latent": entry["latent"],
             "text_emb": emb,

@@ -237,8 +237,9 @@ def dump_yaml(cfg: Config, path: str | Path | None = None) -> str:
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Load a YAML config (with `_base_`), apply overrides, and return the validated `Config`.
 
-    `data.manifest` given relative in a file is taken relative to that file's folder, so configs can sit
-    beside their data; relative paths given in overrides stay relative to the working directory.
+    `data.manifest` and `data.extra_roots` given relative in a file are taken relative to that file's folder,
+    so configs can sit beside their data; relative paths given in overrides stay relative to the working
+    directory.
     """
     data: dict[str, Any] = {}
     if path is not None:
@@ -248,6 +249,14 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             candidate = Path(path).parent / manifest
             if candidate.exists() or not Path(manifest).exists():
                 data["data"]["manifest"] = str(candidate)
+        roots = (data.get("data") or {}).get("extra_roots")
+        if isinstance(roots, list):  # data.extra_roots given relative in a file: from the file's folder
+            data["data"]["extra_roots"] = [
+                str(Path(path).parent / r)
+                if isinstance(r, str) and not Path(r).expanduser().is_absolute()
+                else r
+                for r in roots
+            ]
     data = deep_merge(data, parse_overrides(overrides))
     return build(Config, data)
 

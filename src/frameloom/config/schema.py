@@ -29,11 +29,21 @@ class DataConfig:
     cache_dir: str | None = None
     """Latent/text-embedding store; default: `.frameloom_cache` beside the manifest."""
     use_cache: str = "auto"
-    """auto: read the cache when it is complete for this run's spec, else encode on the fly (with a warning
-    that counts the missing entries); never: always on the fly."""
+    """auto: pre-extracted tensors when every manifest row names a `latent` file, else the cache when it is
+    complete for this run's spec, else encode on the fly (with a warning that counts the missing entries);
+    precomputed: the manifest's `latent`/`text_fea` files (data/precomputed.py); never: always on the fly."""
     require_cache: bool = False
     """Refuse to start (naming how many entries are missing) unless every training sample comes from the
-    cache; the presets set it, so an incomplete `frameloom cache` never silently turns into decoding."""
+    cache; the presets set it, so an incomplete `frameloom cache` never silently turns into decoding.
+    (Pre-extracted tensors are not the cache: a precomputed run needs none.)"""
+    latent_normalization: str = "auto"
+    """Pre-extracted latents: `auto` (the family's: Pyramid Flow's own normalisation for model.family
+    pyramid_flow, per its variant; `none` for every other family), `none` (stored as the denoiser takes them,
+    e.g. fast-DiT's x0.18215), or Pyramid Flow's training-time normalisation `pyramid_flux` (miniflux) /
+    `pyramid_mmdit` (SD3)."""
+    empty_text_fea: str | None = None
+    """Pre-extracted text features of the empty prompt "" (caption dropout when no text encoder is loaded);
+    relative to the manifest's folder. Default: a manifest row with empty text and a text_fea file."""
     num_workers: int = 0
     """DataLoader worker processes (they ignore SIGTERM/SIGINT: the trainer handles preemption)."""
     persistent_workers: bool = True
@@ -64,9 +74,20 @@ class DataConfig:
     caption_aesthetic: str = "off"
     """Open-Sora-Plan aesthetic phrases for scores <= 4.25 / >= 5.75: `off`, `fixed` (first phrase, after the
     caption; one text per sample, cache-friendly) or `random` (phrase and side drawn per seed, sample, epoch)."""
+    caption_choice: str = "random"
+    """Rows with several captions (`captions`, from Open-Sora-Plan's `cap` list): `random` (one drawn per seed,
+    sample and epoch, as the seed picks one per load; the cache holds them all) or `first`."""
+    caption_clean: str = "off"
+    """`opensora_plan`: clean captions as Open-Sora-Plan does (`text_preprocessing`: lower-case, drop URLs,
+    HTML, handles, codes, odd punctuation; docs/datasets.md), or `off`."""
     extra_roots: list[str] = field(default_factory=list)
-    """Folders besides a dataset file's own root that its entries may point into (`prepare --config`); any
-    other path outside the root is rejected as outside_root."""
+    """Folders besides a dataset file's own root (or the manifest's folder) that its entries may point into
+    (`prepare --config`, and every command that loads the manifest); relative entries are taken from the
+    config file's folder. Other paths leading out of their root are rejected as outside_root."""
+    strict_roots: bool = False
+    """Absolute paths must lie under the root too (the manifest's folder, a dataset file's folder, or an extra
+    root), in every format; by default absolute paths are accepted where the seeds' tools write them (Open-Sora
+    tables, Pyramid Flow jsonl, the manifest)."""
     # -- bucket policies (data/buckets.py; docs/datasets.md, "Buckets") --
     bucket: str = "none"
     """Bucket policy: `none` (every clip at height x width x num_frames), `opensora` (bucket_config),
@@ -209,6 +230,9 @@ class ObjectiveConfig:
     extras_dropout: float | None = None
     """Probability of replacing the text encoder's extra tensors (a pooled CLIP vector) by the empty prompt's,
     drawn independently of the tokens (Open-Sora 2.0 drops T5 and CLIP apart); None: with the tokens."""
+    pyramid: dict[str, Any] = field(default_factory=dict)
+    """Pyramid Flow recipe knobs (stage_ratios, stage_range, gamma, shift, frame_per_unit, corrupt_ratio,
+    max_latent_frames): objectives/pyramid.py `PyramidOptions`, docs/pyramid_flow.md."""
 
 
 @dataclass
@@ -352,6 +376,9 @@ class SampleConfig:
     """opensora2: after 10 steps, guide only every other step (and scale image guidance over time)."""
     image_mode: str = "head"
     """opensora2 with `sample.image`: the image is the first frame (`head`), the last (`tail`) or both (`loop`)."""
+    pyramid: dict[str, Any] = field(default_factory=dict)
+    """Pyramid Flow sampler knobs (mode, first_frame_steps, video_steps, video_guidance, prompt_suffix):
+    sampling/pyramid.py `PyramidSampleOptions`, docs/pyramid_flow.md."""
 
 
 @dataclass
@@ -395,7 +422,7 @@ class Config:
 
 
 # Free-form mappings: any key is allowed below these.
-FREEFORM = {"model.config", "data.bucket_config"}
+FREEFORM = {"model.config", "data.bucket_config", "objective.pyramid", "sample.pyramid"}
 
 # String options one of whose words YAML 1.1 reads as a boolean (`no`, `off`, `yes`, `on`, ...): the boolean
 # is taken back to that word. A boolean given to any other string option is an error that says to quote it.

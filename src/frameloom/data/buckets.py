@@ -27,7 +27,6 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,6 +60,7 @@ PLAN_MIN_FRAMES = 29  # Open-Sora-Plan find_closest_y: fewer frames are never a 
 PLAN_TOO_LONG = 5.0  # Open-Sora-Plan too_long_factor
 PLAN_HW_RATIO = 2.0  # Open-Sora-Plan hw_aspect_thr: h / w in [1/2, 2]
 PLAN_MINORITY = 4  # Open-Sora-Plan filter_major_num = 4 * total_batch_size
+PLAN_DEFAULT_FPS = 24.0  # Open-Sora-Plan: a record without fps counts as 24 fps
 
 
 class BucketError(FrameloomError):
@@ -178,35 +178,11 @@ def columns_from_table(table: pa.Table) -> Columns:
 
 
 def read_columns(path: str | os.PathLike) -> Columns:
-    """Read only the columns bucketing needs from a Parquet (or CSV) manifest: fast at 10 million rows."""
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
+    """Read only the columns bucketing needs from a Parquet (or CSV) manifest, validated
+    (``manifest.read_manifest``): fast at 10 million rows; a bad cell is one ``ManifestError`` line."""
+    from frameloom.data.manifest import read_manifest
 
-    path = Path(path)
-    if not path.exists():
-        raise FrameloomError(f"manifest not found: {path}")
-    try:
-        if path.suffix.lower() == ".csv":
-            with pacsv.open_csv(path) as reader:
-                header = reader.schema.names
-            want = [c for c in COLUMNS_READ if c in header]
-            if "is_image" not in want:
-                want.append("path")
-            table = pacsv.read_csv(
-                path, convert_options=pacsv.ConvertOptions(include_columns=want, strings_can_be_null=True)
-            )
-        else:
-            schema = pq.read_schema(path)
-            want = [c for c in COLUMNS_READ if c in schema.names]
-            if "is_image" not in want:
-                want.append("path")
-            table = pq.read_table(path, columns=want)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise FrameloomError(f"cannot read manifest {path}: {exc}") from None
-    missing = [c for c in ("num_frames", "height", "width") if c not in table.column_names]
-    if missing:
-        raise FrameloomError(f"{path}: missing required column(s) {', '.join(missing)}")
-    return columns_from_table(table)
+    return columns_from_table(read_manifest(path, columns=COLUMNS_READ))
 
 
 # ------------------------------------------------------------------------------------ tables
@@ -433,13 +409,16 @@ class BucketPolicy:
     def clip_spec(self, base: ClipSpec, fps: float | None, bucket: int) -> ClipSpec:
         """The ClipSpec that decodes a row of frame rate ``fps`` at bucket ``bucket``'s shape."""
         frames, height, width = self.table.shape(bucket)
-        # The bucket fixes the length: no frame policy may shorten it (it would break the batch's shape).
+        # The bucket fixes the length: no frame policy may shorten it (it would break the batch's shape). The
+        # speed factor keeps dividing by the run's num_frames (Open-Sora-Plan's args.num_frames).
         changes: dict[str, Any] = {
             "num_frames": frames,
             "height": height,
             "width": width,
             "frame_policy": None,
         }
+        if getattr(base, "speed_factor", 1.0) != 1.0:
+            changes["speed_frames"] = base.speed_frames or base.num_frames
         stride = self.stride_of(float("nan") if fps is None else float(fps))
         if stride is not None:
             changes.update(frame_stride=stride, target_fps=None, fps_max=None)
@@ -758,8 +737,14 @@ class OpenSoraPlanPolicy(BucketPolicy):
         return sh, sw, reason
 
     def stride_of(self, fps: float) -> float:
-        """``fps / train_fps``, 1 within 0.1 fps of it or without a training fps."""
-        if self.train_fps is None or not math.isfinite(fps) or fps <= 0 or abs(fps - self.train_fps) < 0.1:
+        """``fps / train_fps``, 1 within 0.1 fps of it or without a training fps; an unknown rate counts as
+        24 fps, as in ``frame_counts`` (Open-Sora-Plan's ``i.get('fps', 24)``), so the decoder takes the frames
+        the policy counted."""
+        if self.train_fps is None:
+            return 1.0
+        if not math.isfinite(fps) or fps <= 0:
+            fps = PLAN_DEFAULT_FPS
+        if abs(fps - self.train_fps) < 0.1:
             return 1.0
         return fps / self.train_fps
 
@@ -767,7 +752,7 @@ class OpenSoraPlanPolicy(BucketPolicy):
         """(clip frames, reason) per row from the frame rules (images: 1)."""
         c = self.cols
         n_rows = len(c)
-        fps = np.where(np.isfinite(c.fps) & (c.fps > 0), c.fps, 24.0)  # Open-Sora-Plan: i.get('fps', 24)
+        fps = np.where(np.isfinite(c.fps) & (c.fps > 0), c.fps, PLAN_DEFAULT_FPS)  # i.get('fps', 24)
         reason = np.zeros(n_rows, np.int8)
         # 1. Too long: more than 5x the source span the clip needs.
         train_fps = self.train_fps if self.train_fps is not None else fps
@@ -825,9 +810,19 @@ class OpenSoraPlanPolicy(BucketPolicy):
 
 class FixedPolicy(BucketPolicy):
     """CogVideoX: every clip at num_frames x height x width (crop-and-resize keeping the aspect ratio, unlike
-    the seed's plain resize); videos with fewer usable frames (at the ClipSpec stride) are left out."""
+    the seed's plain resize); videos with fewer usable frames (at the ClipSpec stride) are left out. Without
+    a stride rule (``frame_stride``/``target_fps``/``fps_max``) the clip is spread over the whole video as the
+    seed does it, ``range(0, N, N // F)[:F]`` (``ClipSpec.frame_spread``)."""
 
     name = "fixed"
+    spread = True
+
+    def clip_spec(self, base: ClipSpec, fps: float | None, bucket: int) -> ClipSpec:
+        spec = super().clip_spec(base, fps, bucket)
+        no_rule = spec.frame_stride is None and spec.target_fps is None and spec.fps_max is None
+        if self.spread and no_rule and spec.temporal_crop == "start":
+            spec = replace(spec, frame_spread=True)
+        return spec
 
     def __init__(self, cols: Columns, seed: int, cfg: Any):
         super().__init__(cols, seed)
@@ -874,6 +869,7 @@ class TemporalPolicy(FixedPolicy):
     """
 
     name = "temporal"
+    spread = False  # Pyramid Flow takes the first frames: [0, num_frames)
 
     def __init__(self, cols: Columns, seed: int, cfg: Any):
         d = cfg.data

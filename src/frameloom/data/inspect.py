@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from frameloom.data.buckets import REASONS, Columns, build_policy, read_columns
+from frameloom.data.buckets import REASONS, Columns, build_policy, columns_from_table
+from frameloom.data.manifest import read_manifest
 
 # Histogram bin edges (left-closed) and their labels.
 DURATION_EDGES = [0, 1, 2, 4, 8, 16, 32, 64, 128, np.inf]
@@ -197,6 +198,16 @@ def default_png(manifest: str | os.PathLike) -> Path:
     return manifest.with_name(manifest.stem + ".inspect.png")
 
 
+def _check_paths(table: Any, manifest: Path, cfg: Any | None) -> None:
+    """Refuse a manifest whose paths leave its folder, as ``train`` and ``cache`` do (``manifest.check_paths``;
+    the rules of ``cfg``'s ``data.extra_roots``/``data.strict_roots`` when given)."""
+    from frameloom.data.manifest import check_paths
+    from frameloom.data.paths import PathRules
+
+    rules = PathRules.make(cfg.data.extra_roots, cfg.data.strict_roots) if cfg is not None else PathRules()
+    check_paths(table, manifest, rules)
+
+
 def inspect_manifest(
     manifest: str | os.PathLike,
     cfg: Any | None = None,
@@ -206,7 +217,9 @@ def inspect_manifest(
 ) -> InspectReport:
     """Build the report (and write its PNG to ``out``, default ``default_png(manifest)``)."""
     manifest = Path(manifest)
-    cols = read_columns(manifest)
+    table = read_manifest(manifest)  # every column validated: a bad cell is one line, as train would say
+    _check_paths(table, manifest, cfg)
+    cols = columns_from_table(table)
     video = ~cols.is_image
     fps = np.where(np.isfinite(cols.fps) & (cols.fps > 0), cols.fps, np.nan)
     seconds = np.nansum((cols.frames / fps)[video]) if video.any() else 0.0

@@ -45,7 +45,16 @@ REASONS: tuple[str, ...] = ("missing", "empty", "not_media", "no_video_stream", 
 """The fixed set of reject reasons (short codes; reports count rows by them)."""
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
-VIDEO_SUFFIXES: frozenset[str] = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v"})
+VIDEO_SUFFIXES: frozenset[str] = frozenset(
+    {
+        ".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".ogv", ".mpg", ".mpeg", ".m2v", ".ts", ".m2ts",
+        ".mts", ".flv", ".f4v", ".wmv", ".asf", ".3gp", ".3g2", ".mxf", ".y4m", ".vob", ".dv",
+    }
+)  # fmt: skip
+"""Suffixes of the containers FFmpeg reads that commonly hold video; other files are probed to find out."""
+
+# Demuxers that read any text as "video" (ANSI art, binary text): a caption file is never a video.
+_TEXT_FORMATS = ("tty", "bin", "xbin", "adf", "idf")
 
 # Demuxers that treat a single picture as a one-frame "video".
 _IMAGE_FORMATS = ("image2", "_pipe")
@@ -274,6 +283,8 @@ def _short(exc: BaseException) -> str:
 
 
 def _video_stream(container: av.container.InputContainer, path: Path) -> av.video.stream.VideoStream:
+    if any(name in _TEXT_FORMATS for name in container.format.name.split(",")):
+        raise ProbeError(path, "not_media", f"FFmpeg reads it only as text art ({container.format.name})")
     # Cover art in audio files is a one-picture "video" stream flagged attached_pic: not a video.
     streams = [s for s in container.streams.video if not (s.disposition & av.stream.Disposition.attached_pic)]
     if not streams:

@@ -145,8 +145,9 @@ class ResumableBatchSampler(_StepState):
         refs: bool = False,
     ):
         if num_samples < batch_size * world_size:
-            raise ValueError(
-                f"{num_samples} samples cannot fill one global batch of {batch_size} x {world_size} processes"
+            raise FrameloomError(
+                f"{num_samples} samples cannot fill one global batch of {batch_size} x {world_size} processes: "
+                "lower train.batch_size or use more data"
             )
         self.num_samples = num_samples
         self.batch_size = batch_size
@@ -352,6 +353,14 @@ def build_sampler(
     bucket's entry), plain indices to one without.
     """
     batch = cfg.train.batch_size
+    if len(dataset) == 0:
+        raise FrameloomError(f"data.manifest {cfg.data.manifest} has no rows: prepare a data set first")
+    if cfg.data.frame_policy is not None and cfg.data.bucket == "none" and batch > 1:
+        raise FrameloomError(
+            f"data.frame_policy={cfg.data.frame_policy} gives clips of different lengths, which data.bucket=none "
+            f"cannot batch (train.batch_size={batch}): set a bucket policy (e.g. data.bucket=temporal or "
+            "opensora_plan), train.batch_size=1, or data.frame_policy=null"
+        )
     if cfg.data.bucket == "none":
         refs = hasattr(dataset, "use_buckets")
         if refs:
@@ -361,10 +370,10 @@ def build_sampler(
         return ResumableBatchSampler(
             len(dataset), batch, seed=cfg.seed, rank=rank, world_size=world_size, refs=refs
         )
-    from frameloom.pipeline import manifest_path
-
     if policy is None:
-        policy = build_policy(cfg, read_columns(manifest_path(cfg)))
+        if not cfg.data.manifest:
+            raise FrameloomError("data.manifest is not set (pass data.manifest=PATH)")
+        policy = build_policy(cfg, read_columns(cfg.data.manifest))
     planner = EpochPlanner(policy, cfg.seed, cfg.data.megabatch)
     refs = hasattr(dataset, "use_buckets")
     if refs:

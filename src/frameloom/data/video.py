@@ -57,7 +57,10 @@ class ClipSpec:
     resizing. ``height``/``width`` None keeps the source size. Resizing keeps the aspect ratio and
     center-crops.
 
-    ``speed_factor`` > 1 subsamples the strided frames further (Open-Sora-Plan). ``temporal_crop`` is
+    ``speed_factor`` > 1 subsamples the strided frames further (Open-Sora-Plan), capped by the positions per
+    ``speed_frames`` (the run's ``data.num_frames``; default ``num_frames``: a bucket's clip may be shorter
+    than the count the seed divides by). ``frame_spread`` (CogVideoX, with no stride rule) spreads the clip
+    over the whole video: stride ``N // num_frames`` for N source frames. ``temporal_crop`` is
     ``"start"`` (the clip begins at ``start_frame``) or ``"random"`` (a window drawn per (seed, sample,
     epoch)). ``frame_policy`` (one of ``FRAME_POLICIES``) makes ``num_frames`` a maximum: a shorter video
     gives a shorter clip, cut to the policy's largest valid count (``valid_length``); ``sp_size`` is the
@@ -77,6 +80,8 @@ class ClipSpec:
     temporal_crop: str = "start"
     frame_policy: str | None = None
     sp_size: int = 1
+    speed_frames: int | None = None
+    frame_spread: bool = False
     resize: str = "cover"
     """``cover`` (antialiased bilinear resize to cover, then center crop) or ``adm`` (DiT/ADM's
     ``center_crop_arr``: BOX halvings, BICUBIC to the short side, center crop; square sizes; data/image_ops.py)."""
@@ -99,6 +104,10 @@ class ClipSpec:
             text += f"-tc{self.temporal_crop}"
         if self.frame_policy is not None:
             text += f"-p{self.frame_policy}-sp{self.sp_size}"
+        if self.speed_frames is not None and self.speed_factor != 1.0:
+            text += f"-sfn{self.speed_frames}"
+        if self.frame_spread:
+            text += "-spread"
         if self.resize != "cover":
             text += f"-rs{self.resize}"
         if self.hflip:
@@ -270,15 +279,18 @@ def draw_int(low: int, high: int, seed: int, index: int, epoch: int, salt: str) 
 
 
 def temporal_crop_offset(num_positions: int, window: int, draw: tuple[int, int, int]) -> int:
-    """First position of a random temporal crop of ``window`` out of ``num_positions`` (0 when it fits).
+    """First position of a random temporal crop of ``window`` out of ``num_positions``.
 
-    Uniform over ``[0, num_positions - window]``, as the seeds' ``TemporalRandomCrop``, but drawn from
-    ``draw = (seed, sample index, epoch)`` by ``draw_int`` instead of a global RNG.
+    Uniform over ``[0, max(0, num_positions - window - 1)]``: the range of both seeds' ``TemporalRandomCrop``
+    (``random.randint(0, max(0, total - size - 1))``; the last possible window is never drawn, and a video
+    one position longer than the window always starts at 0), drawn from ``draw = (seed, sample index,
+    epoch)`` by ``draw_int`` instead of a global RNG.
     """
-    if num_positions <= window:
+    top = max(0, num_positions - window - 1)
+    if top == 0:
         return 0
     seed, index, epoch = draw
-    return draw_int(0, num_positions - window, seed, index, epoch, "temporal_crop")
+    return draw_int(0, top, seed, index, epoch, "temporal_crop")
 
 
 def frame_indices(
@@ -317,8 +329,10 @@ def frame_indices(
         )
     if spec.frame_policy is not None:
         _check_policy(spec.frame_policy, spec.sp_size)
-    stride = clip_stride(source_fps, spec)
     start = spec.start_frame
+    if spec.frame_spread:
+        return _spread(num_source_frames, spec)
+    stride = clip_stride(source_fps, spec)
 
     def index(p: int) -> int:
         return math.floor(start + p * stride + 1e-6)
@@ -336,8 +350,8 @@ def frame_indices(
     # 1. Positions p with index(p) < N: start + p * stride + 1e-6 < N.
     room = num_source_frames - start - 1e-6
     count = math.ceil(room / stride) if room > 0 else 0
-    # 2. Speed factor.
-    positions = speed_positions(count, spec.num_frames, spec.speed_factor)
+    # 2. Speed factor (capped by the positions per data.num_frames, as the seed divides by it).
+    positions = speed_positions(count, spec.speed_frames or spec.num_frames, spec.speed_factor)
     window = min(spec.num_frames, len(positions))
     # 4 (decided before the crop: the policy cuts the window's head).
     if spec.frame_policy is None:
@@ -361,6 +375,19 @@ def frame_indices(
             raise ClipError("temporal_crop 'random' needs draw=(seed, sample index, epoch)")
         offset = temporal_crop_offset(len(positions), window, draw)
     return [index(int(p)) for p in positions[offset : offset + length]]
+
+
+def _spread(num_source_frames: int, spec: ClipSpec) -> list[int]:
+    """CogVideoX's frame choice (``finetune/datasets/utils.py``): ``range(0, N, N // F)[:F]`` over the N
+    frames from ``start_frame``, i.e. the clip spread over the whole video at the integer stride ``N // F``.
+    Fewer than F frames is a ``ClipError`` (the seed repeats the last frame; see docs/datasets.md)."""
+    n = num_source_frames - spec.start_frame
+    if spec.frame_policy is not None or spec.temporal_crop != "start":
+        raise ClipError("frame_spread takes the whole video: no frame_policy or random temporal crop with it")
+    if n < spec.num_frames:
+        raise ClipError(f"the clip spreads {spec.num_frames} frames over the video, which has {max(n, 0)}")
+    step = n // spec.num_frames
+    return [spec.start_frame + i * step for i in range(spec.num_frames)]
 
 
 # --------------------------------------------------------------------------------------------- decoding

@@ -10,6 +10,9 @@ the worker's decode sandbox (data/sandbox.py).
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import multiprocessing.util  # noqa: F401  (registers its exit hook now, so that ours runs before it)
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +31,19 @@ def worker_init(worker_id: int) -> None:  # noqa: ARG001  (DataLoader's worker_i
     die_with_parent()
 
 
+def kill_loader_workers() -> None:
+    """Kill this process's daemonic children (loader workers) still alive; registered to run at exit.
+    multiprocessing's own exit hook SIGTERMs its daemonic children and then joins them; loader workers ignore
+    SIGTERM, so a loader iterator that outlives its run (kept alive by a traceback, say) would hang the
+    interpreter's exit forever. SIGKILL ends them as multiprocessing means to (torch's SIGCHLD handler, which
+    would raise "worker killed" into this hook, is reset first)."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
+
+
 def build_loader(
     dataset: Dataset,
     batch_sampler: Any,
@@ -40,6 +56,9 @@ def build_loader(
     workers = max(0, int(data.num_workers))
     extra: dict[str, Any] = {}
     if workers > 0:
+        # once, and after multiprocessing's exit hook (imported above), so that ours runs first
+        atexit.unregister(kill_loader_workers)
+        atexit.register(kill_loader_workers)
         extra = dict(
             worker_init_fn=worker_init,
             persistent_workers=bool(data.persistent_workers),

@@ -152,21 +152,37 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.spec = pipeline.clip_spec(cfg)
         self.codec = pipeline.load_codec(cfg, self.device)
+        # Pre-extracted latents (and text features) named by the manifest: no video is decoded, and with a
+        # text_fea file on every row no text encoder is loaded (data/precomputed.py).
+        self.precomputed = pipeline.use_precomputed(cfg)
+        text_from_files = self.precomputed and pipeline.precomputed_text_complete(cfg)
         # rank 0 first: a tiny-byt5 encoder is built on first use, and must not be built by every rank at once
-        self.text_encoder = dist_env.main_first(lambda: pipeline.load_text_encoder(cfg, self.device))
+        self.text_encoder = (
+            None
+            if text_from_files
+            else dist_env.main_first(lambda: pipeline.load_text_encoder(cfg, self.device))
+        )
         self.policy = pipeline.bucket_policy(cfg)  # data.bucket (None: none); the cache and sampler share it
         self.quarantine = Quarantine(self.run_dir / QUARANTINE_FILE)  # samples that failed to decode
         self.dataset, self.cached = self._build_dataset()
-        self.empty_emb, self.empty_mask, self.empty_extras = self._empty_prompt()
         # What the model needs of the encoders; with a complete cache, training reads latents and embeddings
         # only, so the VAE and text encoder leave memory until validation reloads them (`_encoders`).
-        self.latent_channels, self.text_dim = self.codec.latent_channels, self.text_encoder.dim
+        self.text_dim = self.text_encoder.dim if self.text_encoder is not None else self.dataset.text_dim
+        self.latent_channels = self.codec.latent_channels
         self.latent_grid = self.codec.latent_size(cfg.data.num_frames, cfg.data.height, cfg.data.width)
+        if self.precomputed:  # stored shapes that do not fit the model: one line now, not a crash mid-run
+            grid, where = self._first_row_grid()
+            self.dataset.check_first(self.latent_channels, grid, self.text_dim, where=where)
+        self.empty_emb, self.empty_mask, self.empty_extras = self._empty_prompt()
         self.latent_grids = self._latent_grids()  # every (t, h, w) a batch can have: checked before training
 
         # 2. The denoiser (with its text statistics, while the text encoder is loaded), EMA, optimizer, schedule.
         family = get_family(cfg.model.family)
         self.model = family.build_denoiser(cfg.model, self.latent_channels, self.text_dim)
+        if (
+            self.precomputed and self.text_encoder is None
+        ):  # stored extras the model cannot take: one line now
+            self.dataset.check_extras(_extra_sizes(self.model), self.empty_extras)
         self._fit_text_statistics(self.model)
         if self.cached:
             self._release_encoders()
@@ -232,8 +248,19 @@ class Trainer:
 
         d = self.cfg.data
         manifest = pipeline.manifest_path(self.cfg)
-        if d.use_cache not in ("auto", "never"):
-            raise FrameloomError(f"data.use_cache must be auto or never, not {d.use_cache!r}")
+        if d.use_cache not in ("auto", "never", "precomputed"):
+            raise FrameloomError(f"data.use_cache must be auto, never or precomputed, not {d.use_cache!r}")
+        if self.precomputed:  # batches of stored tensors; "cached" when every row has its text features too
+            dataset = pipeline.precomputed_dataset(self.cfg, self.codec)
+            if d.require_cache and self.text_encoder is not None:  # some captions would be encoded every step
+                col = dataset.table.column("text_fea") if "text_fea" in dataset.table.column_names else None
+                missing = len(dataset) if col is None else col.null_count
+                raise FrameloomError(
+                    f"data.require_cache=true: {missing} of {len(dataset)} rows of {manifest} name a latent but no "
+                    "text_fea file, so their captions would be encoded every step; extract their text features "
+                    "or set data.require_cache=false"
+                )
+            return dataset, self.text_encoder is None
         rules = pipeline.caption_rules(self.cfg)
 
         def on_the_fly():
@@ -242,6 +269,7 @@ class Trainer:
                 self.spec,
                 seed=self.cfg.seed,
                 caption_rules=rules,
+                rules=pipeline.path_rules(self.cfg),
                 decode_timeout=d.decode_timeout,  # crashes and hangs cost one sample (data/sandbox.py)
                 quarantine=self.quarantine.path,
             )
@@ -270,6 +298,7 @@ class Trainer:
             pipeline.open_store(self.cfg),
             buckets=self.policy,  # one entry per (row, bucket) the policy can assign
             caption_rules=rules,
+            rules=pipeline.path_rules(self.cfg),
         )
         missing = cached.missing()
         if not missing:
@@ -289,6 +318,20 @@ class Trainer:
                 what,
             )
         return on_the_fly()
+
+    def _first_row_grid(self) -> tuple[tuple[int, int, int] | None, str]:
+        """(the latent grid row 0 trains at, what sets it): its bucket's under a bucket policy (None when no
+        epoch can place it), else the configured clip's."""
+        if self.policy is None:
+            return self.latent_grid, "data.height x data.width"
+        rows, buckets = self.policy.reachable()
+        mine = np.asarray(buckets)[np.asarray(rows) == 0]
+        if not len(mine):
+            return None, ""
+        frames, height, width = self.policy.table.shape(int(mine[0]))
+        return self.codec.latent_size(
+            frames, height, width
+        ), f"its bucket ({frames} frames of {height}x{width})"
 
     def _latent_grids(self) -> list[tuple[int, int, int]]:
         """Every latent (t, h, w) a batch of this run can have: each bucket a policy can assign, else each
@@ -312,10 +355,26 @@ class Trainer:
     @torch.no_grad()
     def _empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """The empty prompt's tokens (L, D), mask (L,) and extra tensors {name: (...)} (caption dropout)."""
+        if self.text_encoder is None:  # pre-extracted text features: the empty prompt's stored features
+            return self._stored_empty_prompt()
         emb, mask = self.text_encoder.encode([""])
         extras = {k: v[0].float().cpu() for k, v in self.text_encoder.encode_extras([""]).items()}
         length = int(mask[0].sum())
         return emb[0, :length].float().cpu(), mask[0, :length].cpu(), extras
+
+    def _stored_empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        stored = self.dataset.empty_text()
+        if stored is not None:
+            emb, mask, extras = stored
+            return emb.float(), mask.bool(), {k: v.float() for k, v in extras.items()}
+        o = self.cfg.objective
+        if o.caption_dropout > 0 or (o.extras_dropout or 0) > 0:
+            raise FrameloomError(
+                "caption dropout needs the empty prompt's text features, and no text encoder is loaded: set "
+                'data.empty_text_fea (the features of "" from the same extraction), add a row with empty text '
+                "and a text_fea file, or set objective.caption_dropout=0"
+            )
+        return torch.zeros(1, self.text_dim), torch.ones(1, dtype=torch.bool), {}  # never used: no dropout
 
     @torch.no_grad()
     def _fit_text_statistics(self, model: torch.nn.Module, max_captions: int = 2048) -> None:
@@ -328,6 +387,12 @@ class Trainer:
             return
         policy = self.cfg.model.text_statistics
         if policy == "keep" or (policy == "auto" and self.cfg.model.pretrained):
+            return
+        if self.text_encoder is None:  # pre-extracted text features: pool the stored ones
+            from frameloom.models.text import pool_text
+
+            stored = self.dataset.text_sample(max_captions)
+            model.set_text_statistics(torch.cat([pool_text(e[None].float(), m[None]) for e, m in stored]))
             return
         from frameloom.data.captions import row_caption
         from frameloom.data.manifest import read_manifest
@@ -382,6 +447,8 @@ class Trainer:
     # ------------------------------------------------------------------ data
 
     def _collate(self, items: list[dict]) -> dict:
+        if self.precomputed:
+            return self.dataset.collate(items)
         if self.cached:
             from frameloom.cache.dataset import collate_text
 
@@ -417,13 +484,13 @@ class Trainer:
             else contextlib.nullcontext()
         )
         with precision:  # on-the-fly encoding in the training precision (bf16 on CUDA by default)
-            latent = self.codec.encode(batch["video"].to(self.device, non_blocking=True))
-            emb, mask = self.text_encoder.encode(batch["text"])
-            extras = {
-                k: v.to(self.device).float()
-                for k, v in self.text_encoder.encode_extras(batch["text"]).items()
-            }
-        return latent.float(), Conditioning(emb.float(), mask.to(self.device), extras)
+            if "latent" in batch:  # precomputed latents whose captions (some or all) are encoded here
+                latent = batch["latent"].to(self.device, non_blocking=True)
+            else:
+                latent = self.codec.encode(batch["video"].to(self.device, non_blocking=True))
+            emb, mask, extras = pipeline.batch_text(batch, self.text_encoder)
+        extras = {k: v.to(self.device).float() for k, v in extras.items()}
+        return latent.float(), Conditioning(emb.to(self.device).float(), mask.to(self.device), extras)
 
     def _drop_extras(self, extras: dict[str, torch.Tensor], drop: torch.Tensor) -> dict[str, torch.Tensor]:
         """Replace the extra text tensors of the rows where `drop` is True by the empty prompt's (a select on
@@ -779,3 +846,11 @@ class Trainer:
 def train(cfg: Config) -> TrainResult:
     """`frameloom train`: build the run from `cfg` and train it."""
     return Trainer(cfg).fit()
+
+
+def _extra_sizes(model: torch.nn.Module) -> dict[str, int]:
+    """The text extras a denoiser takes, by name, with their size, as its config states them (Pyramid Flow's
+    ``pooled_projection_dim``: the pooled CLIP vector ``pooled``); empty when it states none."""
+    config = getattr(model, "config", None)
+    pooled = config.get("pooled_projection_dim") if isinstance(config, dict) else None
+    return {"pooled": int(pooled)} if pooled else {}

@@ -9,6 +9,7 @@ for ``--format auto``. Formats: ``folder``, ``opensora``, ``opensora-plan``, ``c
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pyarrow as pa
 
 from frameloom.data.dialects import cogvideox, fastdit, folder, imagenet, opensora, opensora_plan, pyramid
 from frameloom.data.dialects.base import Entry, Listing, WriteResult
+from frameloom.data.paths import PathRules
 from frameloom.errors import FrameloomError
 
 DIALECTS: tuple[str, ...] = ("folder", "opensora", "opensora-plan", "cogvideox", "pyramid")
@@ -54,8 +56,11 @@ def detect_format(source: str | os.PathLike) -> str:
     )
 
 
-def read_dialect(fmt: str, source: str | os.PathLike, *, allow_pickle: bool = False) -> Listing:
-    """The entries of ``source`` read as ``fmt`` (``auto`` detects it)."""
+def read_dialect(
+    fmt: str, source: str | os.PathLike, *, allow_pickle: bool = False, rules: PathRules | None = None
+) -> Listing:
+    """The entries of ``source`` read as ``fmt`` (``auto`` detects it). ``rules`` are the path rules caption
+    and listing files are checked with (media paths are ``prepare``'s to check)."""
     source = Path(source)
     if fmt == "auto":
         fmt = detect_format(source)
@@ -64,13 +69,13 @@ def read_dialect(fmt: str, source: str | os.PathLike, *, allow_pickle: bool = Fa
     if fmt == "folder":
         if not source.is_dir():
             raise FrameloomError(f"--format folder needs a folder, but {source} is a file")
-        return folder.list_folder(source)
+        return folder.list_folder(source, rules)
     if fmt == "opensora":
         return opensora.read_opensora(source)
     if fmt == "opensora-plan":
         return opensora_plan.read_opensora_plan(source, allow_pickle=allow_pickle)
     if fmt == "cogvideox":
-        return cogvideox.read_cogvideox(source)
+        return cogvideox.read_cogvideox(source, rules)
     if fmt == "pyramid":
         return pyramid.read_pyramid(source)
     if fmt == "imagenet":  # class folders or a path/label table (never auto-detected)
@@ -81,12 +86,15 @@ def read_dialect(fmt: str, source: str | os.PathLike, *, allow_pickle: bool = Fa
 
 
 def write_dialect(
-    fmt: str, table: pa.Table, out: str | os.PathLike, *, base: str | os.PathLike, **options: Any
+    fmt: str,
+    data: pa.Table | Iterable[pa.Table],
+    out: str | os.PathLike,
+    *,
+    base: str | os.PathLike,
+    **options: Any,
 ) -> WriteResult:
-    """Write a manifest table (relative paths from ``base``) as ``fmt`` at ``out``.
-
-    ``options``: ``rows_per_shard`` for opensora (a folder of Parquet shards).
-    """
+    """Write a manifest (a table, or validated slices of one; relative paths from ``base``) as ``fmt`` at
+    ``out``. ``options``: ``memory_efficient`` and ``total_rows`` for opensora."""
     if options and fmt != "opensora":
         raise FrameloomError(f"{', '.join(options)}: only for --to opensora")
     writers = {
@@ -99,19 +107,40 @@ def write_dialect(
     }
     if fmt not in writers:
         raise FrameloomError(f"unknown format {fmt!r}; expected one of {', '.join(writers)}")
-    return writers[fmt](table, out, base=base, **options)
+    return writers[fmt](data, out, base=base, **options)
 
 
 def convert_manifest(
-    manifest: str | os.PathLike, to: str, out: str | os.PathLike, *, rows_per_shard: int | None = None
+    manifest: str | os.PathLike,
+    to: str,
+    out: str | os.PathLike,
+    *,
+    memory_efficient: bool = False,
+    rules: PathRules | None = None,
 ) -> WriteResult:
-    """``frameloom convert``: write the manifest ``manifest`` in the dialect ``to`` at ``out``."""
-    from frameloom.data.manifest import read_manifest
+    """``frameloom convert``: write the manifest ``manifest`` in the dialect ``to`` at ``out``, slice by slice
+    (a Parquet manifest is never all in memory). The manifest is validated and its paths checked
+    (``manifest.check_paths``) as it is read."""
+    from frameloom.data.manifest import check_paths, iter_manifest, manifest_rows
 
     manifest = Path(manifest)
-    table = read_manifest(manifest)
-    options = {"rows_per_shard": rows_per_shard} if rows_per_shard is not None else {}
-    return write_dialect(to, table, out, base=manifest.resolve().parent, **options)
+    targets = (*DIALECTS, "imagenet")  # fastdit is read only: its features come from fast-DiT's extraction
+    if to not in targets:
+        raise FrameloomError(f"unknown format {to!r}; expected one of {', '.join(targets)}")
+    if memory_efficient and to != "opensora":
+        raise FrameloomError("--memory-efficient: only for --to opensora")
+
+    def slices() -> Iterator[pa.Table]:
+        row = 1
+        for table in iter_manifest(manifest):
+            check_paths(table, manifest, rules, first_row=row)
+            row += table.num_rows
+            yield table
+
+    options: dict[str, Any] = {}
+    if memory_efficient:
+        options = {"memory_efficient": True, "total_rows": manifest_rows(manifest)}
+    return write_dialect(to, slices(), out, base=manifest.resolve().parent, **options)
 
 
 __all__ = [

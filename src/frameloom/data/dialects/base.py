@@ -1,24 +1,31 @@
-"""What every dialect shares: the entries a reader lists, and the path handling of readers and writers.
+"""What every dialect shares: the columnar listing a reader returns, and path handling of readers and writers.
 
-A reader maps a seed system's dataset files into ``Entry`` objects: the path as the file writes it, the
-root it is relative to, and the canonical manifest columns the file gives (DESIGN.md, "Canonical
-manifest"). ``prepare`` resolves each path safely against its root (``data/paths.py``), probes what is
-missing and writes the manifest. A writer takes a manifest table (paths relative to ``base``, the manifest's
-folder, or absolute) and writes the dialect's files with paths relative to the dialect's own root.
+A reader maps a seed system's dataset files into ``Part``s: Arrow tables of entries that share one root, with
+``path`` as the file writes it and the canonical manifest columns the file gives (DESIGN.md, "Canonical
+manifest"), already cast to their types (``data/coerce.py``: a bad cell is one line naming file, row and
+column). Large sources are read part by part (a CSV in blocks, Parquet in row groups, shards one by one), so
+``prepare`` never holds more than one part as Python objects. A writer takes a manifest table (paths relative
+to ``base``, the manifest's folder, or absolute) and writes the dialect's files with paths relative to the
+dialect's own root, column by column.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from frameloom.data.manifest import from_rows
+from frameloom.data.coerce import CellError, coerce_column
+from frameloom.data.manifest import SCHEMA_TYPES
+from frameloom.errors import FrameloomError
 
 PATH_FIELDS: tuple[str, ...] = ("latent", "text_fea", "condition_image")
 """Columns besides ``path`` that hold file paths (relative to the same root as ``path``)."""
@@ -51,14 +58,53 @@ class Entry:
 
 
 @dataclass
-class Listing:
-    """A reader's result: the entries in file order and the records it could not use.
+class Part:
+    """Entries of one root, as columns: ``path`` (as written) and the field columns.
 
-    ``rejects`` are ``(path, reason, detail)``; ``path`` is absolute where the record had one.
+    ``candidate`` marks entries found by looking at a folder whose suffix is not a known media suffix: they
+    are probed, and one that is not media is ignored (counted) rather than rejected.
+
+    ``latent_geometry``: for formats whose entries may name a pre-extracted ``latent`` file encoded by a
+    known VAE (Pyramid Flow), ``(C, T, h, w) -> (frames, height, width)`` of the clip it was encoded from;
+    ``prepare`` then keeps an entry whose media file is gone but whose latent file exists (training reads
+    only the latent), with its size taken from the latent.
     """
 
-    entries: list[Entry]
+    root: Path
+    table: pa.Table
+    source: str = ""
+    candidate: np.ndarray | None = None
+    latent_geometry: Callable[[tuple[int, ...]], tuple[int, int, int]] | None = None
+
+    def entries(self) -> list[Entry]:
+        out = []
+        for row in self.table.to_pylist():
+            path = row.pop("path")
+            out.append(Entry(self.root, path, {k: v for k, v in row.items() if v is not None}))
+        return out
+
+
+@dataclass
+class Listing:
+    """A reader's result: parts in file order, and what it could not use.
+
+    ``bound``: whether the format defines a root for its entries (a folder, Open-Sora-Plan's DATA_ROOT,
+    CogVideoX's data root), so that an absolute path must lie under it too (``data/paths.py``).
+    ``rejects`` are ``(path, reason, detail)``; ``ignored`` counts files a folder scan skipped, by reason.
+    Both are complete once ``parts`` has been consumed (streaming readers fill them as they go).
+    """
+
+    parts: Iterable[Part]
+    bound: bool = True
     rejects: list[tuple[str, str, str]] = field(default_factory=list)
+    ignored: Counter = field(default_factory=Counter)
+
+    @property
+    def entries(self) -> list[Entry]:
+        """Every entry as an ``Entry`` (for small listings and tests; consumes streaming parts)."""
+        if not isinstance(self.parts, list):
+            self.parts = list(self.parts)
+        return [e for part in self.parts for e in part.entries()]
 
 
 @dataclass
@@ -71,8 +117,43 @@ class WriteResult:
 
     def line(self) -> str:
         """One line for the terminal."""
-        text = f"wrote {self.rows} rows to {', '.join(str(f) for f in self.files)}"
+        shown = [str(f) for f in self.files[:3]] + (
+            [f"... ({len(self.files)} files)"] if len(self.files) > 3 else []
+        )
+        text = f"wrote {self.rows} rows to {', '.join(shown)}"
         return text + "".join(f"; {n}" for n in self.notes)
+
+
+def typed_table(columns: dict[str, Any], *, source: str, first_row: int = 1) -> pa.Table:
+    """A reader's columns (Arrow arrays or Python lists) as a table, canonical columns cast to their types.
+
+    Columns the schema does not know keep the type Arrow infers; one that mixes types (a number here, text
+    there) is kept as text. Raises ``CellError`` naming ``source``, row and column for a cell that cannot be
+    read as its canonical type.
+    """
+    out = {}
+    for name, values in columns.items():
+        want = SCHEMA_TYPES.get(name)
+        if want is None and name == "path":
+            want = pa.string()
+        if isinstance(values, (pa.Array, pa.ChunkedArray)):
+            arr = values
+        else:
+            try:
+                arr = pa.array(values)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+                if want is None:
+                    arr = pa.array([None if v is None else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+                                    for v in values], pa.string())  # fmt: skip
+                else:
+                    arr = pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values],
+                                   pa.string())  # fmt: skip
+        if want is not None:
+            arr = coerce_column(arr, want, source=source, name=name, first_row=first_row)
+        elif pa.types.is_struct(arr.type) or pa.types.is_map(arr.type):
+            arr = pa.array([None if v is None else json.dumps(v) for v in arr.to_pylist()], pa.string())
+        out[name] = arr
+    return pa.table(out) if out else pa.table({"path": pa.array([], pa.string())})
 
 
 def absolute(root: Path, path: str) -> Path:
@@ -91,56 +172,143 @@ def relative_or_absolute(file: Path, root: Path) -> str:
         return str(file)
 
 
-def table_rows(table: pa.Table, base: Path, batch_rows: int = 65536) -> Iterator[dict[str, Any]]:
-    """A manifest's rows with ``path`` and the path columns made absolute (relative ones are from
-    ``base``), ``None`` cells dropped. Batch by batch, so a large manifest is never all Python objects."""
-    for batch in table.to_batches(max_chunksize=batch_rows):
-        for row in batch.to_pylist():
-            row = {k: v for k, v in row.items() if v is not None}
-            for name in ("path", *PATH_FIELDS):
-                if name in row:
-                    row[name] = str(absolute(base, row[name]))
-            yield row
+def _norm_where_needed(col: pa.Array) -> pa.Array:
+    """``os.path.normpath`` for the paths that need it (``.``/``..`` parts, doubled slashes), others as is."""
+    needs = pc.fill_null(pc.match_substring_regex(col, r"(^|/)\.{1,2}(/|$)|//"), False)
+    if not pc.any(needs).as_py():
+        return col
+    values = col.to_pylist()
+    for i in np.flatnonzero(np.asarray(needs.to_numpy(zero_copy_only=False), bool)).tolist():
+        values[i] = os.path.normpath(values[i])
+    return pa.array(values, pa.string())
 
 
-def rebase(row: dict[str, Any], root: Path) -> dict[str, Any]:
-    """``table_rows`` output with its paths written for a dialect rooted at ``root``."""
-    out = dict(row)
-    for name in ("path", *PATH_FIELDS):
-        if name in out:
-            out[name] = relative_or_absolute(Path(out[name]), root)
-    return out
+def absolute_paths(col: pa.Array | pa.ChunkedArray, base: Path) -> pa.Array:
+    """A path column made absolute (relative ones from ``base``) and normalised, as columns."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    col = col.cast(pa.string())
+    base_text = os.path.normpath(os.path.abspath(base))
+    tilde = pc.fill_null(pc.starts_with(col, "~"), False)
+    if pc.any(tilde).as_py():
+        col = pa.array(
+            [os.path.expanduser(v) if v and v.startswith("~") else v for v in col.to_pylist()], pa.string()
+        )
+    is_abs = pc.fill_null(pc.starts_with(col, "/"), False)
+    joined = pc.if_else(is_abs, col, pc.binary_join_element_wise(base_text, col, "/"))
+    return _norm_where_needed(joined)
 
 
-def entries_to_table(listing: Listing, manifest_dir: Path) -> pa.Table:
-    """Entries as a manifest table without probing (every entry must give num_frames, height, width):
-    paths relative to ``manifest_dir`` when inside it, else absolute."""
-    rows = []
-    for entry in listing.entries:
-        row = dict(entry.fields)
-        row["path"] = relative_or_absolute(absolute(entry.root, entry.path), manifest_dir)
-        for name in PATH_FIELDS:
-            if row.get(name) is not None:
-                row[name] = relative_or_absolute(absolute(entry.root, row[name]), manifest_dir)
-        row.setdefault("text", "")
-        rows.append(row)
-    return from_rows(rows)
+def rebased_paths(col: pa.Array | pa.ChunkedArray, base: Path, root: Path) -> pa.Array:
+    """A manifest path column (relative to ``base``, or absolute) written for a dialect rooted at ``root``:
+    relative to ``root`` where the file lies under it, else absolute. Columnar: millions of rows in a second."""
+    full = absolute_paths(col, base)
+    root_text = os.path.normpath(os.path.abspath(root))
+    prefix = root_text.rstrip("/") + "/"
+    inside = pc.fill_null(pc.starts_with(full, prefix), False)
+    stripped = pc.utf8_slice_codeunits(full, len(prefix))
+    return pc.if_else(inside, stripped, full)
+
+
+# ------------------------------------------------------------------------------- JSON, column by column
+
+try:  # the C encoder of the json module: one string to its JSON form (non-ASCII kept), at C speed
+    from json.encoder import c_encode_basestring as _encode_string  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - pure-Python fallback
+    from json.encoder import py_encode_basestring as _encode_string
+
+
+def json_values(col: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Each cell of a column as JSON text (null where the cell is null, or a float is not finite).
+
+    Columnar for numbers and booleans; one C-level call per string; ``json.dumps`` per cell only for lists
+    and structs. Writers assemble records from these (``json_objects``) instead of building a dict per row.
+    """
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    t = col.type
+    if pa.types.is_null(t):
+        return pa.nulls(len(col), pa.string())
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return pa.array([None if v is None else _encode_string(v) for v in col.to_pylist()], pa.string())
+    if pa.types.is_boolean(t):
+        return pc.if_else(col, "true", "false")
+    if pa.types.is_integer(t):
+        return pc.cast(col, pa.string())
+    if pa.types.is_floating(t):
+        finite = pc.is_finite(col)
+        return pc.if_else(finite, pc.cast(col, pa.string()), pa.scalar(None, pa.string()))
+    return pa.array(
+        [None if v is None else json.dumps(v, ensure_ascii=False) for v in col.to_pylist()], pa.string()
+    )
+
+
+def json_objects(fields: list[tuple[str, pa.Array]], lead: pa.Array | None = None) -> pa.Array:
+    """JSON object text per row from ``(key, JSON text column)`` pairs, in order; a null cell leaves its key
+    out. ``lead``: the object's first member(s) as text (``'"video": "a.mp4"'``), never null; without it the
+    first field must never be null (it opens the object)."""
+    parts: list[pa.Array] = [] if lead is None else [pc.binary_join_element_wise("{", lead, "")]
+    for key, values in fields:
+        first = not parts
+        head = ("{" if first else ", ") + json.dumps(key) + ": "
+        joined = pc.binary_join_element_wise(head, values, "")
+        parts.append(joined if first else pc.fill_null(joined, ""))
+    return pc.binary_join_element_wise(*parts, "}", "")
+
+
+def read_text(path: Path) -> str:
+    """A dataset text file's content; not UTF-8 is one ``FrameloomError`` line naming the file and line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise FrameloomError(
+            f"{path}, line {line}: not UTF-8 text (byte {data[exc.start]:#04x}); save the file as UTF-8"
+        ) from None
 
 
 def read_json_lines(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) of each non-empty line of a JSON-lines file."""
-    from frameloom.errors import FrameloomError
-
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
+    """(line number, parsed value) of each non-empty line of a JSON-lines file (UTF-8)."""
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise FrameloomError(
+                    f"{path}, line {number}: not UTF-8 text; save the file as UTF-8"
+                ) from None
+            if number == 1:
+                line = line.lstrip("\ufeff")
             if not line.strip():
                 continue
             try:
                 yield number, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FrameloomError(f"{path}, line {number}: not JSON ({exc.msg})") from None
+            except (json.JSONDecodeError, RecursionError) as exc:
+                msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+                raise FrameloomError(f"{path}, line {number}: not JSON ({msg})") from None
 
 
 def one_line(text: Any) -> str:
-    """A caption on one line (line-based formats cannot hold a newline)."""
-    return " ".join(str(text or "").split("\n")).replace("\r", " ")
+    """A caption on one line (line-based formats split on line breaks)."""
+    return " ".join(str(text or "").replace("\r\n", "\n").replace("\r", "\n").split("\n"))
+
+
+__all__ = [
+    "BAD_ENTRY",
+    "CellError",
+    "Entry",
+    "Listing",
+    "MEASURED",
+    "PATH_FIELDS",
+    "Part",
+    "WriteResult",
+    "absolute",
+    "absolute_paths",
+    "json_objects",
+    "json_values",
+    "one_line",
+    "read_json_lines",
+    "read_text",
+    "rebased_paths",
+    "relative_or_absolute",
+    "typed_table",
+]

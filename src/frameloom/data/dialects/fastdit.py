@@ -19,8 +19,9 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
-from frameloom.data.dialects.base import BAD_ENTRY, Entry, Listing
+from frameloom.data.dialects.base import BAD_ENTRY, Listing, Part
 from frameloom.errors import FrameloomError
 
 __all__ = ["VAE_FACTOR", "feature_folders", "read_fastdit"]
@@ -61,7 +62,7 @@ def read_fastdit(source: str | os.PathLike) -> Listing:
         raise FrameloomError(f"--format fastdit needs a folder, but {source} is not one")
     features_dir, labels_dir = feature_folders(source)
     features, labels = _npy_files(features_dir), _npy_files(labels_dir)
-    entries: list[Entry] = []
+    columns: dict[str, list] = {name: [] for name in _COLUMNS}
     rejects: list[tuple[str, str, str]] = []
     for name in sorted(set(labels) - set(features)):
         rejects.append((str(labels[name]), BAD_ENTRY, f"label without a feature file {name}"))
@@ -73,25 +74,37 @@ def read_fastdit(source: str | os.PathLike) -> Listing:
         try:
             shape = np.load(feature, mmap_mode="r", allow_pickle=False).shape
             label_value = np.load(labels[name], allow_pickle=False).reshape(-1)
-        except (OSError, ValueError) as exc:
-            rejects.append((str(feature), BAD_ENTRY, f"unreadable .npy: {str(exc).splitlines()[0]}"))
+        except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty or cut-short file
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            rejects.append((str(feature), BAD_ENTRY, f"unreadable .npy: {text}"))
             continue
         if len(shape) not in (3, 4) or (len(shape) == 4 and shape[0] != 1) or label_value.size != 1:
             detail = f"feature shape {shape} (expected (1, C, h, w)), {label_value.size} label value(s)"
             rejects.append((str(feature), BAD_ENTRY, detail))
             continue
+        if label_value.dtype.kind not in "iu" or int(label_value[0]) < 0:
+            rejects.append((str(feature), BAD_ENTRY, f"label {label_value[0]!r} is not a class index"))
+            continue
         label = int(label_value[0])
         h, w = shape[-2:]
         rel = feature.relative_to(source).as_posix()
-        fields = {
-            "latent": rel,
-            "label": label,
-            "text": str(label),
-            "num_frames": 1,
-            "height": int(h) * VAE_FACTOR,
-            "width": int(w) * VAE_FACTOR,
-            "fps": 1.0,
-            "is_image": True,
-        }
-        entries.append(Entry(root=source, path=rel, fields=fields))
-    return Listing(entries, rejects)
+        for key, value in zip(_COLUMNS, (rel, rel, label, str(label), 1, int(h) * VAE_FACTOR,
+                                         int(w) * VAE_FACTOR, 1.0, True)):  # fmt: skip
+            columns[key].append(value)
+    table = pa.table({key: pa.array(values, _COLUMNS[key]) for key, values in columns.items()})
+    # Files found by scanning the root: they (and symlinks among them) must stay under it.
+    return Listing([Part(source, table, str(source))], bound=True, rejects=rejects)
+
+
+_COLUMNS: dict[str, pa.DataType] = {
+    "path": pa.string(),
+    "latent": pa.string(),
+    "label": pa.int64(),
+    "text": pa.string(),
+    "num_frames": pa.int64(),
+    "height": pa.int64(),
+    "width": pa.int64(),
+    "fps": pa.float64(),
+    "is_image": pa.bool_(),
+}
+"""A fast-DiT row: ``path`` and ``latent`` are the feature file; the label is also the caption."""
