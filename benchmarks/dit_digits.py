@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -82,10 +83,17 @@ def main(argv: list[str] | None = None) -> dict:
     run_cache(cfg, progress=False)
     result["prepare_cache_s"] = round(time.perf_counter() - t0, 1)
 
-    # 1. Train.
-    t1 = time.perf_counter()
+    # 1. Train. The machine may be shared: the load average and this process's CPU time come with the wall
+    # time (CPU seconds / threads estimates a quiet machine's time; the loader worker's CPU is not counted).
+    import torch
+
+    result["torch_threads"] = torch.get_num_threads()
+    result["load_average_before"] = round(os.getloadavg()[0], 2)
+    t1, c1 = time.perf_counter(), time.process_time()
     trained = train(cfg)
     result["train_s"] = round(time.perf_counter() - t1, 1)
+    result["train_cpu_s"] = round(time.process_time() - c1, 1)
+    result["load_average_after"] = round(os.getloadavg()[0], 2)
     result["train_steps"] = trained.step
     result["last_loss"] = round(trained.last_loss, 4)
 

@@ -34,6 +34,7 @@ def test_digits_pipeline_runs_and_scores(tmp_path):
         ]
     )
     assert result["train_steps"] == 20 and result["samples"] == 20
+    assert result["train_cpu_s"] > 0 and result["torch_threads"] >= 1  # CPU time reported beside wall time
     assert result["classifier_real_test_accuracy"] >= 0.9  # the judge reads real digits
     assert 0.0 <= result["sample_class_accuracy"] <= 1.0 and len(result["per_class_accuracy"]) == 10
     assert len(list((tmp_path / "images").iterdir())) == 10  # ImageNet layout: one folder per class

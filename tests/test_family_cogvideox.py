@@ -145,6 +145,43 @@ def test_training_loss_equals_upstream_formula(cog10, manifest, tmp_path):
     assert math.isfinite(loss.item()) and loss.item() > 0
 
 
+def test_rotary_tables_are_computed_once_per_grid(cog10, manifest, tmp_path, monkeypatch):
+    """The denoiser builds a grid's RoPE tables on first use and reuses them (a per-step constant): the
+    transformer sees tables equal to diffusers' and the output is bit-identical to a call with fresh ones."""
+    from frameloom.models.cogvideox import model as cog_model
+
+    cfg = _cfg(cog10, manifest, tmp_path / "run", "model.lora.rank=0")
+    model = cog.build_denoiser(cfg.model, 4, 32).eval()
+    calls = []
+    real = cog_model.rotary_embeddings
+    monkeypatch.setattr(cog_model, "rotary_embeddings", lambda *a, **k: calls.append(a[1:4]) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 3, 8, 8, generator=g)  # (B, C, T, H, W)
+    emb = torch.randn(2, 16, 32, generator=g)
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        first = model(x, t, emb, None)
+        second = model(x, t, emb, None)
+        fresh = model.transformer(
+            hidden_states=x.permute(0, 2, 1, 3, 4),
+            encoder_hidden_states=emb,
+            timestep=t,
+            image_rotary_emb=real(model.config, 3, 8, 8, "cpu"),
+            return_dict=False,
+        )[0].permute(0, 2, 1, 3, 4)
+    assert calls == [(3, 8, 8)]  # one computation for two steps on the same grid
+    assert torch.equal(first, second) and torch.equal(first, fresh)
+    cos, sin = model.rotary_for(3, 8, 8, torch.device("cpu"))
+    want_cos, want_sin = real(model.config, 3, 8, 8, "cpu")
+    assert cos.shape == (3 * 4 * 4, 16) and torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
+    # another grid gets its own tables; beyond ROTARY_CACHE_SIZE grids the oldest is dropped
+    model.ROTARY_CACHE_SIZE = 2
+    model.rotary_for(2, 8, 8, "cpu")
+    model.rotary_for(1, 8, 8, "cpu")
+    assert calls == [(3, 8, 8), (2, 8, 8), (1, 8, 8)]
+    assert [k[:3] for k in model._rotary] == [(2, 8, 8), (1, 8, 8)]
+
+
 def test_cogvideox_15_pads_with_the_first_frame(cog15, manifest, tmp_path):
     x = torch.arange(3.0).view(1, 1, 3, 1, 1).expand(2, 4, 3, 2, 2)  # frames 0, 1, 2
     padded = pad_first_frame(x, 2)

@@ -52,7 +52,27 @@ class CogVideoXDenoiser(DiffusersDenoiser):
 
     For I2V models ``C_in = 2 C_out`` (noisy latent and image-conditioning latent, concatenated on channels by
     the objective / sampler). CogVideoX 1.5 needs ``T`` divisible by ``patch_size_t`` (the objective pads).
+
+    The rotary tables depend on the latent grid alone: they are computed once per (grid, device) and kept
+    (``rotary_for``), not rebuilt at every training or sampling step.
     """
+
+    #: How many grids' rotary tables are kept (one per bucket shape; the oldest is dropped beyond this).
+    ROTARY_CACHE_SIZE = 16
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._rotary: dict[tuple, tuple | None] = {}
+
+    def rotary_for(self, frames: int, h: int, w: int, device: torch.device | str) -> tuple | None:
+        """``rotary_embeddings`` of this grid on ``device``, computed on first use and then reused (the
+        tables are constants of the grid: the same tensors at every step)."""
+        key = (frames, h, w, torch.device(device))
+        if key not in self._rotary:
+            if len(self._rotary) >= self.ROTARY_CACHE_SIZE:
+                self._rotary.pop(next(iter(self._rotary)))  # the oldest grid
+            self._rotary[key] = rotary_embeddings(self.config, frames, h, w, device)
+        return self._rotary[key]
 
     @property
     def config(self):
@@ -70,7 +90,7 @@ class CogVideoXDenoiser(DiffusersDenoiser):
         # 1. Layout: (B, C, T, H, W) -> (B, T, C, H, W), the transformer's.
         hidden = x_t.permute(0, 2, 1, 3, 4).to(dtype)
         # 2. Conditioning: rotary embeddings of this grid; CogVideoX 1.5 I2V's "ofs" embedding input is 2.0.
-        rotary = rotary_embeddings(self.config, frames, h, w, x_t.device)
+        rotary = self.rotary_for(frames, h, w, x_t.device)
         ofs = hidden.new_full((1,), 2.0) if self.config.ofs_embed_dim else None
         # 3. The transformer, on integer timesteps (B,).
         out = self.transformer(
