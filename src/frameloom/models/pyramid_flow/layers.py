@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from frameloom.errors import FrameloomError
 from frameloom.parallel.sequence import all_to_all, gather_sequence
 
 __all__ = [
@@ -219,6 +220,17 @@ class TimeTextEmbedding(nn.Module):
 
 # --------------------------------------------------------------------------------------------------------
 # sequence parallelism
+
+
+def enable_ulysses(model: nn.Module, group: dist.ProcessGroup, blocks: Sequence[nn.Module]) -> None:
+    """Ulysses over ``group`` for either Pyramid Flow transformer: every block's attention scatters heads and
+    gathers the sequence across the group, so its size must divide the heads."""
+    sp = dist.get_world_size(group)
+    if model.num_heads % sp:
+        raise FrameloomError(f"parallel.sp_size={sp} does not divide the model's {model.num_heads} heads")
+    model.sp_group = group
+    for block in blocks:
+        block.attn.sp_group = group
 
 
 @dataclass

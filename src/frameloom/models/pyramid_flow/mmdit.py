@@ -28,6 +28,7 @@ from .layers import (
     TimeTextEmbedding,
     attend,
     attention_mask,
+    enable_ulysses,
     rope_table,
 )
 
@@ -230,12 +231,7 @@ class PyramidMMDiT(nn.Module):
 
     def enable_sequence_parallel(self, group: dist.ProcessGroup) -> None:
         """Ulysses over ``group`` (frameloom.parallel.parallelize calls this when parallel.sp_size > 1)."""
-        sp = dist.get_world_size(group)
-        if self.num_heads % sp:
-            raise FrameloomError(f"parallel.sp_size={sp} does not divide the model's {self.num_heads} heads")
-        self.sp_group = group
-        for block in self.transformer_blocks:
-            block.attn.sp_group = group
+        enable_ulysses(self, group, self.transformer_blocks)
 
     def forward(
         self,
