@@ -21,6 +21,7 @@ import sys
 import traceback
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -488,10 +489,24 @@ def test_lora_under_ddp_and_fsdp(two_procs, kind):
 
 def test_cache_two_processes_equal_one(two_procs):
     root, _ = two_procs
+    from frameloom.cache.index import CacheIndex
+
     one, two = root / "data" / ".frameloom_cache", root / "cache2"
-    files_one = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
-    files_two = sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file())
+
+    def entries(store: Path) -> list[Path]:  # the key index is one part per build process: compared below
+        return sorted(
+            p.relative_to(store) for p in store.rglob("*") if p.is_file() and p.parts[-3] != "index"
+        )
+
+    files_one, files_two = entries(one), entries(two)
     assert files_one and files_one == files_two
+    runs = sorted(p.name for p in (one / "index").iterdir())
+    assert runs and runs == sorted(p.name for p in (two / "index").iterdir())
+    for run in runs:  # 1 part vs 2 parts, the same (row, bucket) -> key table once loaded
+        a, b = CacheIndex.load(one, run), CacheIndex.load(two, run)
+        assert len(list((two / "index" / run).glob("rank*-of-00002.parquet"))) == 2
+        for name in ("composite", "video", "has_video", "complete"):
+            assert np.array_equal(getattr(a, name), getattr(b, name)), (run, name)
     for rel in files_one:  # same tensors and metadata (not bytes: safetensors orders metadata keys freely)
         with safe_open(str(one / rel), "pt") as f1, safe_open(str(two / rel), "pt") as f2:
             assert f1.metadata() == f2.metadata() and sorted(f1.keys()) == sorted(f2.keys()), rel
