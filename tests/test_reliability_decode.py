@@ -131,7 +131,8 @@ def test_batches_stay_full_and_identical_with_0_and_2_workers_and_after_resume(d
     again = batches(dataset, 0, steps, quarantine)
     seconds = time.monotonic() - start
     assert [b["index"] for b in again] == [b["index"] for b in runs[0]]
-    assert dataset.sandbox.started == 1 and seconds < TIMEOUT  # no crash, no hang waited for
+    # one child for the whole run: a crash or a hang (the child is killed at the timeout) would fork another
+    assert dataset.sandbox.started == 1, seconds
     assert read_quarantine(quarantine.path) == lists[0]
 
 
