@@ -326,13 +326,16 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "pyramid_vs_flow",
         "device": "cpu",
         "threads": torch.get_num_threads(),
-        "tokens_per_micro_batch_of_4": token_table(),
-        "step_time": step_times(args.timing_steps),
-        "adherence_equal_compute": adherence(
-            args.clips, args.flow_steps, args.batch, args.seed, args.sample_steps
-        ),
         "args": vars(args),
+        "tokens_per_micro_batch_of_4": token_table(),
     }
+    # Each part also goes to stderr as soon as it is measured: a run stopped before the end keeps its figures.
+    print(json.dumps({"partial": result}), file=sys.stderr, flush=True)
+    result["step_time"] = step_times(args.timing_steps)
+    print(json.dumps({"partial": {"step_time": result["step_time"]}}), file=sys.stderr, flush=True)
+    result["adherence_equal_compute"] = adherence(
+        args.clips, args.flow_steps, args.batch, args.seed, args.sample_steps
+    )
     print(json.dumps(result, indent=1))
     return 0
 
