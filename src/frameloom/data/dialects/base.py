@@ -312,3 +312,17 @@ __all__ = [
     "relative_or_absolute",
     "typed_table",
 ]
+
+
+WRITE_SLICE_ROWS = 262_144
+"""Rows a dialect writer handles at once when given one whole table (bounded memory per slice)."""
+
+
+def table_slices(data: pa.Table | Iterable[pa.Table], rows: int = WRITE_SLICE_ROWS) -> Iterator[pa.Table]:
+    """A writer's input as slices: a table cut into ``rows``-row slices (one empty slice for an empty table),
+    or the given iterable of tables as it is."""
+    if isinstance(data, pa.Table):
+        for start in range(0, max(data.num_rows, 1), rows):
+            yield data.slice(start, rows)
+    else:
+        yield from data

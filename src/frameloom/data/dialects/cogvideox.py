@@ -21,7 +21,7 @@ how many. A listing file (``prompts.txt``, ...) that is a symlink out of the roo
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow as pa
@@ -35,6 +35,7 @@ from frameloom.data.dialects.base import (
     one_line,
     read_text,
     rebased_paths,
+    table_slices,
     typed_table,
 )
 from frameloom.data.paths import OutsideRoot, PathRules, resolve_entry
@@ -87,14 +88,6 @@ def read_cogvideox(root: str | os.PathLike, rules: PathRules | None = None) -> L
     return Listing([Part(root, table, str(root / VIDEOS))], bound=True)
 
 
-def _batches(data: pa.Table | Iterable[pa.Table]) -> Iterator[pa.Table]:
-    if isinstance(data, pa.Table):
-        for start in range(0, max(data.num_rows, 1), 262_144):
-            yield data.slice(start, 262_144)
-    else:
-        yield from data
-
-
 def write_cogvideox(
     data: pa.Table | Iterable[pa.Table], out: str | os.PathLike, *, base: str | os.PathLike
 ) -> WriteResult:
@@ -109,7 +102,7 @@ def write_cogvideox(
     }
     rows, skipped, with_image = 0, 0, 0
     try:
-        for table in _batches(data):
+        for table in table_slices(data):
             if table.num_rows == 0:
                 continue
             if "is_image" in table.column_names:

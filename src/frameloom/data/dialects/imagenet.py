@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from frameloom.data.dialects.base import (
     absolute,
     read_json_lines,
     rebased_paths,
+    table_slices,
     typed_table,
 )
 from frameloom.data.probe import IMAGE_SUFFIXES
@@ -192,14 +193,6 @@ def read_imagenet(source: str | os.PathLike) -> Listing:
     )
 
 
-def _batches(data: pa.Table | Iterable[pa.Table]) -> Iterator[pa.Table]:
-    if isinstance(data, pa.Table):
-        for start in range(0, max(data.num_rows, 1), 262_144):
-            yield data.slice(start, 262_144)
-    else:
-        yield from data
-
-
 _SCHEMA = pa.schema([("path", pa.string()), ("label", pa.int64()), ("class_name", pa.string())])
 
 
@@ -241,7 +234,7 @@ def write_imagenet(
     tmp = out.with_name(out.name + ".tmp")
     rows = skipped = 0
     with pacsv.CSVWriter(str(tmp), _SCHEMA) as writer:
-        for table in _batches(data):
+        for table in table_slices(data):
             if table.num_rows == 0:
                 continue
             labelled, left_out = _labelled(table, base, out.parent)

@@ -39,7 +39,15 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from frameloom.data.coerce import CSV_NULLS, CellError
-from frameloom.data.dialects.base import BAD_ENTRY, Listing, Part, WriteResult, rebased_paths, typed_table
+from frameloom.data.dialects.base import (
+    BAD_ENTRY,
+    Listing,
+    Part,
+    WriteResult,
+    rebased_paths,
+    table_slices,
+    typed_table,
+)
 from frameloom.data.manifest import SCHEMA_TYPES
 from frameloom.errors import FrameloomError
 
@@ -264,14 +272,6 @@ def _out_table(table: pa.Table, base: Path, root: Path, csv: bool) -> pa.Table:
     return out.select(_column_order(out.column_names))
 
 
-def _batches(data: pa.Table | Iterable[pa.Table]) -> Iterator[pa.Table]:
-    if isinstance(data, pa.Table):
-        for start in range(0, max(data.num_rows, 1), BLOCK_ROWS):
-            yield data.slice(start, BLOCK_ROWS)
-    else:
-        yield from data
-
-
 class _Writer:
     """One output file written slice by slice (Parquet or CSV), atomically (temp file, then rename)."""
 
@@ -340,7 +340,7 @@ def write_opensora(
 
     if memory_efficient:
         folder.mkdir(parents=True, exist_ok=True)
-    for table in _batches(data):
+    for table in table_slices(data, BLOCK_ROWS):
         if table.num_rows == 0 and main.rows:
             continue
         written = _out_table(table, base, out.parent, main.csv)

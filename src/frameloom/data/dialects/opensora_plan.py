@@ -56,6 +56,7 @@ from frameloom.data.dialects.base import (
     json_values,
     read_text,
     rebased_paths,
+    table_slices,
     typed_table,
 )
 from frameloom.data.paths import OutsideRoot, resolve_entry
@@ -277,14 +278,6 @@ def _valid(table: pa.Table, name: str) -> np.ndarray:
     return np.asarray(pc.is_valid(table.column(name)).to_numpy(zero_copy_only=False), bool)
 
 
-def _batches(data: pa.Table | Iterable[pa.Table]) -> Iterator[pa.Table]:
-    if isinstance(data, pa.Table):
-        for start in range(0, max(data.num_rows, 1), 262_144):
-            yield data.slice(start, 262_144)
-    else:
-        yield from data
-
-
 def write_opensora_plan(
     data: pa.Table | Iterable[pa.Table], out: str | os.PathLike, *, base: str | os.PathLike
 ) -> WriteResult:
@@ -307,7 +300,7 @@ def write_opensora_plan(
     count, unreadable, no_fps = 0, 0, 0
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write("[")
-        for table in _batches(data):
+        for table in table_slices(data):
             if table.num_rows == 0:
                 continue
             suffix = pc.utf8_lower(

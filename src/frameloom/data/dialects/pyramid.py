@@ -34,6 +34,7 @@ from frameloom.data.dialects.base import (
     json_values,
     read_json_lines,
     rebased_paths,
+    table_slices,
     typed_table,
 )
 from frameloom.errors import FrameloomError
@@ -98,14 +99,6 @@ def read_pyramid(source: str | os.PathLike) -> Listing:
     return Listing(_parts(source, rejects), bound=False, rejects=rejects)
 
 
-def _batches(data: pa.Table | Iterable[pa.Table]) -> Iterator[pa.Table]:
-    if isinstance(data, pa.Table):
-        for start in range(0, max(data.num_rows, 1), 262_144):
-            yield data.slice(start, 262_144)
-    else:
-        yield from data
-
-
 def write_pyramid(
     data: pa.Table | Iterable[pa.Table], out: str | os.PathLike, *, base: str | os.PathLike
 ) -> WriteResult:
@@ -117,7 +110,7 @@ def write_pyramid(
     tmp = out.with_name(out.name + ".tmp")
     rows = 0
     with open(tmp, "w", encoding="utf-8") as fh:
-        for table in _batches(data):
+        for table in table_slices(data):
             if table.num_rows == 0:
                 continue
             names = table.column_names
