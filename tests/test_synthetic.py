@@ -200,17 +200,19 @@ def test_render_moves_inside_the_frame(shape, direction):
     # Fully inside: the area never shrinks at the border (rasterisation makes it vary by a row at most).
     assert area.min() >= 0.7 * area.max()
     extent = max(np.ptp(np.nonzero(mask[0])[0]), np.ptp(np.nonzero(mask[0])[1])) + 1  # bounding box side
-    assert 0.25 * H <= extent <= 0.5 * H
-    # The whole free path: the first frame touches the border it comes from, the last the one it goes to.
-    edges = {"left": (mask[0, :, -1], mask[-1, :, 0]), "right": (mask[0, :, 0], mask[-1, :, -1])}
-    edges |= {"up": (mask[0, -1], mask[-1, 0]), "down": (mask[0, 0], mask[-1, -1])}
+    assert 0.45 * H <= extent <= 0.7 * H  # SIZE_RANGE: 50-65% of the side (16-21 px at 32x32)
+    # The whole free path: the first frame reaches the border it comes from, the last the one it goes to,
+    # within a pixel (a triangle's apex is a point: the border row's pixel centres may all miss it).
+    edges = {"left": (mask[0, :, -2:], mask[-1, :, :2]), "right": (mask[0, :, :2], mask[-1, :, -2:])}
+    edges |= {"up": (mask[0, -2:], mask[-1, :2]), "down": (mask[0, :2], mask[-1, -2:])}
     assert all(edge.any() for edge in edges[direction])
     ys, xs = np.arange(H) + 0.5, np.arange(W) + 0.5
     cx = (mask.sum(axis=1) * xs).sum(axis=1) / area
     cy = (mask.sum(axis=2) * ys).sum(axis=1) / area
     dx, dy = cx[-1] - cx[0], cy[-1] - cy[0]
-    expected = {"left": (dx < -4, abs(dy) < 1), "right": (dx > 4, abs(dy) < 1)}
-    expected |= {"up": (dy < -4, abs(dx) < 1), "down": (dy > 4, abs(dx) < 1)}
+    # The centroid travels the free path, H - side >= 32 - 20.8 = 11.2 px (rasterisation: +-1 px).
+    expected = {"left": (dx < -10, abs(dy) < 1), "right": (dx > 10, abs(dy) < 1)}
+    expected |= {"up": (dy < -10, abs(dx) < 1), "down": (dy > 10, abs(dx) < 1)}
     assert all(expected[direction])
     # Only background and the object's colour appear.
     colours = {tuple(c) for c in frames.reshape(-1, 3)}
