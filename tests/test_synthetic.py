@@ -226,9 +226,12 @@ def test_shapes_differ_by_enough_pixels_at_the_quickstart_size():
     fewest = []
     for key in range(50):
         masks = {
-            s: _render(("red", s, "left"), key, height=16, width=16, num_frames=8).any(axis=-1) for s in S.SHAPES
+            s: _render(("red", s, "left"), key, height=16, width=16, num_frames=8).any(axis=-1)
+            for s in S.SHAPES
         }  # same key: same size, lateral position and path for every shape
-        per_pair = [(masks[a] != masks[b]).sum(axis=(1, 2)).min() for a, b in itertools.combinations(S.SHAPES, 2)]
+        per_pair = [
+            (masks[a] != masks[b]).sum(axis=(1, 2)).min() for a, b in itertools.combinations(S.SHAPES, 2)
+        ]
         fewest.append(min(per_pair))
     assert min(fewest) >= 8 and np.median(fewest) >= 12, (min(fewest), np.median(fewest))
 
