@@ -364,8 +364,9 @@ class SampleConfig:
     flow_shift; ltx_video: e^mu from the latent size); 1.0 is an unshifted grid."""
     seed: int = 0
     """Noise seed."""
-    fps: float = 8.0
-    """Frame rate of written mp4s."""
+    fps: float | None = None
+    """Frame rate of written mp4s and, for ltx_video, of the sampled frames (its RoPE time scale); null: the
+    family's (ltx_video: 25, its pipeline's frame_rate; others: 8)."""
     use_ema: bool = True
     """Sample from the EMA weights when the checkpoint has them."""
     image: str | None = None
