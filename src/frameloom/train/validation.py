@@ -82,8 +82,8 @@ def validate_shared(
 ) -> list[Path]:
     """Sample this rank's share of `cfg.validation.prompts` with `model` into `out_dir` (module docstring);
     returns every prompt's file path (the other ranks write theirs)."""
-    from frameloom.sampling.generate import sample_videos, sampler_description
     from frameloom.models.registry import sample_fps
+    from frameloom.sampling.generate import sample_videos, sampler_description
     from frameloom.sampling.video_io import write_mp4
 
     prompts, seed = list(cfg.validation.prompts), int(cfg.sample.seed)

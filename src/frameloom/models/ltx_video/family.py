@@ -29,9 +29,9 @@ from frameloom.config.schema import Config, ModelConfig
 from frameloom.errors import FrameloomError
 from frameloom.models import diffusers_family as df
 from frameloom.models.lora import module_path_map
-from frameloom.models.registry import sample_fps
 from frameloom.models.ltx_video.adapter import LTXDenoiser, LTXVideoCodec, ResolutionShiftedFlow
 from frameloom.models.ltx_video.i2v import FirstFrameConditionedFlow, first_frame_euler
+from frameloom.models.registry import sample_fps
 from frameloom.models.text import PaddedT5TextEncoder
 from frameloom.sampling.family_sampling import (
     conditioning_image_paths,
