@@ -745,4 +745,25 @@ def test_compile_falls_back_to_eager_with_a_warning_without_a_toolchain(monkeypa
     assert compile_unavailable("cpu") is None
     par = parallelize(build(), ParallelConfig(compile=True), DistEnv())
     assert all(b._compiled_call_impl is not None for b in transformer_blocks(par.module))
+    assert par.module._compiled_call_impl is None
+    # `model`: the whole denoiser is one compiled module, its blocks are not compiled again inside it
+    par = parallelize(build(), ParallelConfig(compile="model"), DistEnv())
+    assert par.module._compiled_call_impl is not None
+    assert [b._compiled_call_impl for b in transformer_blocks(par.module)] == [None, None]
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"compile": "graph"}, "must be false, true, blocks or model"),
+        ({"compile": "model", "data_parallel": "fsdp"}, "use parallel.compile=blocks"),
+        ({"compile": "model", "blocks_to_swap": 2}, "use parallel.compile=blocks"),
+    ],
+)
+def test_compile_scope_is_checked(overrides, message):
+    from frameloom.parallel.plan import validate_parallel_config
+
+    with pytest.raises(FrameloomError, match=message):
+        validate_parallel_config(ParallelConfig(**overrides))
+    validate_parallel_config(ParallelConfig(compile="model"))

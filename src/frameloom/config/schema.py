@@ -328,8 +328,11 @@ class ParallelConfig:
     """selective: Open-Sora's `(double, single)`: the first `double` joint blocks and first `single` single ones."""
     offload_activations: bool = False
     """Keep the tensors autograd saves for backward in CPU memory (torch.autograd.graph.save_on_cpu)."""
-    compile: bool = False
-    """torch.compile each transformer block (after checkpointing, before DDP/FSDP)."""
+    compile: bool | str = False
+    """torch.compile: `false`, `blocks` (each transformer block, after checkpointing, before DDP/FSDP; `true`
+    means `blocks`) or `model` (the whole denoiser as one graph: fewer guard checks and fused kernels across
+    blocks, faster steps for small or overhead-bound models, a longer first compile; not with FSDP or block
+    swapping, which act per block)."""
     async_checkpoint: bool = False
     """Sharded checkpoints are written in the background (dcp.async_save); training continues meanwhile."""
     timeout_s: float = 600.0

@@ -2,7 +2,7 @@
 
 1. sequence parallelism (the attention kernel and the sequence split; changes what a block computes on),
 2. activation checkpointing per block (inside each block, so it recomputes the sharded sequence),
-3. torch.compile per block (compiles the checkpointed forward),
+3. torch.compile per block (compiles the checkpointed forward), or of the whole denoiser,
 4. DDP or FSDP2 (outermost: its hooks gather/reduce around everything above).
 
 The order is torchtitan's (TP/CP -> AC -> compile -> FSDP). Activation offload is a context the trainer
@@ -110,7 +110,9 @@ def parallelize(
     # at the first step)
     if p.compile:
         reason = compile_unavailable(env.device.type, compile_backend)
-        if reason is None:
+        if reason is None and p.compile == "model":
+            model.compile(backend=compile_backend)  # one graph; parameter names unchanged
+        elif reason is None:
             compile_blocks(model, backend=compile_backend)
         else:
             log.warning("parallel.compile: %s; training without torch.compile", reason)
