@@ -519,3 +519,29 @@ def test_sample_image_flag_conditions_an_i2v_run(tmp_path, manifest):
     assert main(args) == 2  # an I2V model needs a first frame
     assert main([*args, "--image", str(image)]) == 0
     assert [p.name for p in out.glob("*.mp4")] == ["000-a_cat-seed0.mp4"]
+
+
+@pytest.mark.slow
+def test_compiled_lora_run_equals_the_eager_one(cog10, manifest, tmp_path):
+    """The preset's `parallel.compile: model` (inductor, C++ kernels on the CPU) trains the LoRA to the eager
+    run's losses and weights within float32 reassociation error."""
+    from frameloom.parallel.memory import compile_unavailable
+
+    if compile_unavailable("cpu"):
+        pytest.skip(compile_unavailable("cpu"))
+    runs = {}
+    for flag in ("false", "model"):
+        cfg = _cfg(
+            cog10, manifest, tmp_path / flag, "model.lora.rank=4", "train.steps=3", f"parallel.compile={flag}"
+        )
+        trainer = Trainer(cfg)
+        result = trainer.fit()
+        assert (trainer.model._compiled_call_impl is not None) == (flag == "model")
+        lora = {k: v for k, v in _params(trainer.model).items() if "lora_" in k}
+        runs[flag] = (result.losses, lora)
+    torch._dynamo.reset()
+    (eager_losses, eager), (comp_losses, comp) = runs["false"], runs["model"]
+    assert len(comp_losses) == 3 and eager.keys() == comp.keys()
+    torch.testing.assert_close(torch.tensor(comp_losses), torch.tensor(eager_losses), rtol=1e-4, atol=1e-6)
+    for k in eager:
+        torch.testing.assert_close(comp[k], eager[k], rtol=1e-4, atol=1e-6, msg=k)

@@ -326,8 +326,9 @@ def test_image_to_video_sampling_equals_the_i2v_pipeline(manifest, tmp_path):
 
 
 def test_frame_rates_per_clip_and_from_the_data(ltx_dir, manifest, tmp_path):
-    """RoPE's time scale is the clips' frame rate: data.target_fps when set (model.config.frame_rate wins),
-    and a batch may carry one rate per clip (B,): each sample as if alone at its own rate."""
+    """The fallback rate of clips with no rate of their own: data.target_fps when set (model.config.frame_rate
+    wins); and a batch may carry one rate per clip (B,): each sample as if alone at its own rate
+    (test_ltx_frame_rates.py: the per-clip rates from the data)."""
     from frameloom.models.ltx_video.family import clip_frame_rate
 
     assert clip_frame_rate(ltx_cfg(ltx_dir, manifest, tmp_path)) == 25.0

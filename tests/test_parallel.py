@@ -718,3 +718,52 @@ def test_sigterm_to_torchrun_with_loader_workers_saves_and_resumes(data_root, tm
     torch.testing.assert_close(
         torch.tensor(resumed.losses), torch.tensor(reference.losses[-2:]), rtol=1e-5, atol=0
     )
+
+
+def test_compile_falls_back_to_eager_with_a_warning_without_a_toolchain(monkeypatch, caplog):
+    """A preset's `parallel.compile: true` on a machine without inductor's C++ compiler trains eagerly (one
+    warning) instead of failing inside the first step; with a compiler on PATH every block is compiled."""
+    from frameloom.models.dit.model import VideoDiT
+    from frameloom.parallel.env import DistEnv
+    from frameloom.parallel.memory import compile_unavailable, transformer_blocks
+    from frameloom.parallel.parallelize import parallelize
+
+    def build():
+        return VideoDiT(in_channels=3, patch_size=(1, 2, 2), hidden_size=16, depth=2, num_heads=2, text_dim=8)
+
+    monkeypatch.setenv("CXX", "frameloom-no-such-compiler")
+    assert "frameloom-no-such-compiler" in compile_unavailable("cpu")
+    assert compile_unavailable("cpu", backend="eager") is None  # only inductor builds kernels
+    with caplog.at_level("WARNING", logger="frameloom.parallel"):
+        par = parallelize(build(), ParallelConfig(compile=True), DistEnv())
+    assert [b._compiled_call_impl for b in transformer_blocks(par.module)] == [None, None]
+    assert "training without torch.compile" in caplog.text
+
+    monkeypatch.setenv(
+        "CXX", "sh"
+    )  # any executable on PATH stands in for the compiler (nothing is built here)
+    assert compile_unavailable("cpu") is None
+    par = parallelize(build(), ParallelConfig(compile=True), DistEnv())
+    assert all(b._compiled_call_impl is not None for b in transformer_blocks(par.module))
+    assert par.module._compiled_call_impl is None
+    # `model`: the whole denoiser is one compiled module, its blocks are not compiled again inside it
+    par = parallelize(build(), ParallelConfig(compile="model"), DistEnv())
+    assert par.module._compiled_call_impl is not None
+    assert [b._compiled_call_impl for b in transformer_blocks(par.module)] == [None, None]
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"compile": "graph"}, "must be false, true, blocks or model"),
+        ({"compile": "model", "data_parallel": "fsdp"}, "use parallel.compile=blocks"),
+        ({"compile": "model", "blocks_to_swap": 2}, "use parallel.compile=blocks"),
+    ],
+)
+def test_compile_scope_is_checked(overrides, message):
+    from frameloom.parallel.plan import validate_parallel_config
+
+    with pytest.raises(FrameloomError, match=message):
+        validate_parallel_config(ParallelConfig(**overrides))
+    validate_parallel_config(ParallelConfig(compile="model"))

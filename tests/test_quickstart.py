@@ -69,3 +69,17 @@ def test_cli_rejects_bad_seeds(capsys, monkeypatch):
 def test_unknown_evaluation_is_one_line(tmp_path):
     with pytest.raises(Q.FrameloomError, match="unknown quickstart evaluation 'train'"):
         Q.run_quickstart(tmp_path, evaluate="train")
+
+
+def test_recipe_draws_at_two_pixels_with_64_tokens():
+    """The shipped recipe: 2x2-pixel tokens spanning all 8 frames of a 16x16 clip, 64 tokens in all, as many as
+    the former [2, 4, 4] patches (the 10-minute budget), and objects half the frame or more (shapes of 8-10 px)."""
+    from frameloom.config import load_config
+    from frameloom.data import synthetic
+
+    cfg = load_config(Q.QUICKSTART_CONFIG)
+    pt, ph, pw = cfg.model.config["patch_size"]
+    assert (pt, ph, pw) == (cfg.data.num_frames, 2, 2)
+    tokens = (cfg.data.num_frames // pt) * (cfg.data.height // ph) * (cfg.data.width // pw)
+    assert tokens == 64 == (8 // 2) * (16 // 4) * (16 // 4)
+    assert synthetic.SIZE_RANGE[0] * min(cfg.data.height, cfg.data.width) >= 8

@@ -16,7 +16,7 @@ from frameloom.config.schema import Config
 from frameloom.data.captions import CaptionRules, row_caption
 from frameloom.data.manifest import load_manifest
 from frameloom.data.paths import OUTSIDE_ROOT, OutsideRoot, PathRules, resolve_entry
-from frameloom.data.video import ClipSpec, DecodeError, decode_clip
+from frameloom.data.video import ClipSpec, DecodeError, decode_clip, row_fps
 from frameloom.errors import FrameloomError
 
 TINY_BYT5 = "tiny-byt5"
@@ -314,7 +314,8 @@ def run_cache(cfg: Config, *, progress: bool = True, shard: tuple[int, int] = (0
 
 
 class ClipDataset(Dataset):
-    """On-the-fly clips (used when the cache is incomplete): item -> video float (C, T, H, W) and caption.
+    """On-the-fly clips (used when the cache is incomplete): item -> video float (C, T, H, W), caption and
+    ``fps``, the rate of the frames as sampled (``data.video.row_fps``; NaN for images and unknown rates).
 
     An item is a row index, or a ``SampleRef`` (row, bucket, epoch) from a bucketed sampler: the clip is then
     decoded at the bucket's shape (``use_buckets``), with the epoch's temporal crop. A row that fails to
@@ -437,9 +438,11 @@ class ClipDataset(Dataset):
                 current = replacement
                 continue
             text = row_caption(row, self.caption_rules, spec, draw)
+            rate = row_fps(row, spec)  # the frames' rate as sampled (LTX-Video's RoPE time scale)
             return {
                 "video": video,
                 "text": text,
+                "fps": float("nan") if rate is None else rate,
                 "index": current,
                 "substituted": int(current != index),
                 "failures": failures,

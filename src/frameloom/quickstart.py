@@ -96,6 +96,7 @@ def _run_seed(out: Path, overrides: Sequence[str], num_clips: int, evaluate: str
     from frameloom.data import synthetic
     from frameloom.data.prepare import prepare
     from frameloom.data.video import ClipSpec, decode_clip
+    from frameloom.models.registry import sample_fps
     from frameloom.pipeline import load_codec, load_text_encoder, resolve_device, run_cache
     from frameloom.sampling.generate import generate_to_files, load_for_sampling
     from frameloom.train.trainer import train
@@ -114,7 +115,7 @@ def _run_seed(out: Path, overrides: Sequence[str], num_clips: int, evaluate: str
         height=cfg.data.height,
         width=cfg.data.width,
         num_frames=cfg.data.num_frames,
-        fps=cfg.sample.fps,
+        fps=sample_fps(cfg),
         combos=split.train,
         workers=2,
     )
@@ -155,7 +156,7 @@ def _run_seed(out: Path, overrides: Sequence[str], num_clips: int, evaluate: str
             seeds=sample_seeds,
         )
         # Score what a user would watch: the mp4s read back.
-        row = {"num_frames": cfg.data.num_frames, "fps": cfg.sample.fps}
+        row = {"num_frames": cfg.data.num_frames, "fps": sample_fps(cfg)}
         videos = [decode_clip({**row, "path": str(p)}, spec) for p in paths]
         scores[name] = synthetic.score_prompts(videos, [c for c in combos for _ in sample_seeds])
         print("      " + _accuracy_line(scores[name]))

@@ -9,7 +9,9 @@ Stored tensors:
 
 - video: ``"latent"`` ``(C, t, h, w)`` (batch dim removed) in the dtype the codec produced (fp32 for fp32
   codecs, bf16 for a bf16 VAE): the cache then holds exactly what on-the-fly encoding would give, and a bf16
-  codec halves the disk footprint. The trainer casts as it needs.
+  codec halves the disk footprint. The trainer casts as it needs. ``"fps"`` ``(1,)`` float64: the rate of the
+  clip's frames as sampled (``data.video.row_fps``, NaN when unknown; LTX-Video's RoPE time scale). Entries
+  written before it existed lack it: the cached dataset then recomputes it from the manifest row and spec.
 - text: ``"emb"`` ``(L, D)`` and ``"mask"`` ``(L,)`` (all True) trimmed to the caption's real token count, in
   the encoder's dtype; ``collate_text`` pads them back per batch.
 """
@@ -86,6 +88,7 @@ class _Pending:
     keys: list[str] = field(default_factory=list)
     clips: list[torch.Tensor] = field(default_factory=list)
     meta: list[dict[str, str]] = field(default_factory=list)
+    fps: list[float] = field(default_factory=list)
 
 
 def _flush(pending: _Pending, codec: LatentCodec, store: CacheStore) -> int:
@@ -96,12 +99,13 @@ def _flush(pending: _Pending, codec: LatentCodec, store: CacheStore) -> int:
         latents = codec.encode(video)  # (B, C, t, h, w)
     if latents.ndim != 5 or latents.shape[0] != len(pending.clips):
         raise RuntimeError(f"codec returned shape {tuple(latents.shape)} for a batch of {tuple(video.shape)}")
-    for key, latent, meta in zip(pending.keys, latents.detach().cpu(), pending.meta):
-        store.put("video", key, {"latent": latent}, meta)
+    for key, latent, meta, fps in zip(pending.keys, latents.detach().cpu(), pending.meta, pending.fps):
+        store.put("video", key, {"latent": latent, "fps": torch.tensor([fps], dtype=torch.float64)}, meta)
     n = len(pending.clips)
     pending.keys.clear()
     pending.clips.clear()
     pending.meta.clear()
+    pending.fps.clear()
     return n
 
 
@@ -273,6 +277,8 @@ def build_cache(
         pending_shape = shape
         pending.keys.append(key)
         pending.clips.append(clip)
+        rate = video_io.row_fps(row, row_spec)
+        pending.fps.append(float("nan") if rate is None else rate)
         pending.meta.append(
             {"kind": "video", "version": KEY_VERSION, "path": str(row["path"]), "spec": row_spec.key(),
              "codec": codec.identity}

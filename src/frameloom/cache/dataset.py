@@ -27,7 +27,7 @@ from frameloom.data.buckets import BucketPolicy
 from frameloom.data.captions import CaptionRules, caption_variants, row_caption
 from frameloom.data.manifest import load_manifest
 from frameloom.data.paths import PathRules
-from frameloom.data.video import ClipSpec
+from frameloom.data.video import ClipSpec, row_fps
 from frameloom.errors import FrameloomError
 
 __all__ = ["CachedClipDataset", "CacheMissError", "collate_text"]
@@ -40,8 +40,9 @@ class CacheMissError(FrameloomError):
 def collate_text(batch: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack a batch of items; pad the text to the batch's longest caption with zeros and mask ``False``.
 
-    Returns ``latent (B, C, t, h, w)``, ``text_emb (B, L, D)``, ``text_mask (B, L)``, ``index (B,)`` and
-    ``text_extras`` ``{name: (B, ...)}`` (the text encoder's extra per-caption tensors; empty for most).
+    Returns ``latent (B, C, t, h, w)``, ``text_emb (B, L, D)``, ``text_mask (B, L)``, ``index (B,)``,
+    ``text_extras`` ``{name: (B, ...)}`` (the text encoder's extra per-caption tensors; empty for most) and,
+    when the items carry it, ``fps (B,)`` float32 (the clips' sampled frame rates, NaN where unknown).
     Latents must share a shape (the sampler batches within one bucket).
     """
     if not batch:
@@ -61,17 +62,22 @@ def collate_text(batch: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         n = item["text_emb"].shape[0]
         emb[i, :n] = item["text_emb"]
         mask[i, :n] = item["text_mask"]
-    return {
+    out = {
         "latent": torch.stack([item["latent"] for item in batch]),
         "text_emb": emb,
         "text_mask": mask,
         "index": torch.tensor([item["index"] for item in batch], dtype=torch.long),
         "text_extras": extras,
     }
+    if all("fps" in item for item in batch):
+        out["fps"] = torch.tensor([float(item["fps"]) for item in batch], dtype=torch.float32)  # (B,)
+    return out
 
 
 class CachedClipDataset(Dataset):
-    """Item ``i``: ``dict(latent (C, t, h, w), text_emb (L, D), text_mask (L,) bool, index i, text_extras)``.
+    """Item ``i``: ``dict(latent (C, t, h, w), text_emb (L, D), text_mask (L,) bool, index i, text_extras,
+    fps)``; ``fps`` is the clip's sampled frame rate (float, NaN when unknown): the entry's, or for entries
+    cached before they carried it, recomputed from the manifest row and its spec (``data.video.row_fps``).
 
     ``codec_identity``/``text_identity`` must be the identities of the codec and text encoder the cache was
     built with (they are part of the keys); ``spec``/``spec_for_row``/``buckets``/``caption_rules`` must
@@ -294,14 +300,21 @@ class CachedClipDataset(Dataset):
         entry = self.store.get("video", vkey) if vkey is not None else None
         if entry is None:
             raise CacheMissError(f"row {index} ({path}): latent not cached (run `frameloom cache` first)")
-        text = row_caption(row, self.caption_rules, self._spec_of(row, bucket), (self.seed, index, epoch))
+        spec = self._spec_of(row, bucket)
+        text = row_caption(row, self.caption_rules, spec, (self.seed, index, epoch))
         emb, mask, extras = self._text(text_key(text, self.text_identity), f"row {index} ({path})")
+        if "fps" in entry:
+            fps = float(entry["fps"].reshape(-1)[0])
+        else:  # an entry cached before entries carried the rate: the same pure function of row and spec
+            rate = row_fps(row, spec)
+            fps = float("nan") if rate is None else rate
         return {
             "latent": entry["latent"],
             "text_emb": emb,
             "text_mask": mask,
             "index": index,
             "text_extras": extras,
+            "fps": fps,
         }
 
     def empty_text(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -328,8 +328,11 @@ class ParallelConfig:
     """selective: Open-Sora's `(double, single)`: the first `double` joint blocks and first `single` single ones."""
     offload_activations: bool = False
     """Keep the tensors autograd saves for backward in CPU memory (torch.autograd.graph.save_on_cpu)."""
-    compile: bool = False
-    """torch.compile each transformer block (after checkpointing, before DDP/FSDP)."""
+    compile: bool | str = False
+    """torch.compile: `false`, `blocks` (each transformer block, after checkpointing, before DDP/FSDP; `true`
+    means `blocks`) or `model` (the whole denoiser as one graph: fewer guard checks and fused kernels across
+    blocks, faster steps for small or overhead-bound models, a longer first compile; not with FSDP or block
+    swapping, which act per block)."""
     async_checkpoint: bool = False
     """Sharded checkpoints are written in the background (dcp.async_save); training continues meanwhile."""
     timeout_s: float = 600.0
@@ -364,8 +367,9 @@ class SampleConfig:
     flow_shift; ltx_video: e^mu from the latent size); 1.0 is an unshifted grid."""
     seed: int = 0
     """Noise seed."""
-    fps: float = 8.0
-    """Frame rate of written mp4s."""
+    fps: float | None = None
+    """Frame rate of written mp4s and, for ltx_video, of the sampled frames (its RoPE time scale); null: the
+    family's (ltx_video: 25, its pipeline's frame_rate; others: 8)."""
     use_ema: bool = True
     """Sample from the EMA weights when the checkpoint has them."""
     image: str | None = None

@@ -264,6 +264,50 @@ def speed_positions(num_positions: int, num_frames: int, speed_factor: float) ->
     return np.arange(num_positions, dtype=np.int64)
 
 
+def sampled_fps(source_fps: float, num_source_frames: int, spec: ClipSpec) -> float | None:
+    """The frame rate of the frames a clip feeds the model (pure function; the RoPE time scale of LTX-Video).
+
+    ``source_fps / clip_stride(source_fps, spec)`` (``target_fps`` gives exactly ``target_fps``; a stride of
+    2 on a 30 fps file 15). Further subsampling divides by its mean step: ``frame_spread`` takes every
+    ``N // num_frames``-th frame, and a ``speed_factor`` that keeps ``k`` of ``P`` strided positions
+    (``speed_positions``: ``floor(linspace(0, P - 1, k))``) steps ``(P - 1) / (k - 1)`` positions on average.
+    None when the rate is unknown (fps 0 or missing). ``num_source_frames`` counts from the cut's start, as
+    ``frame_indices`` does; a temporal crop moves the window, not its rate.
+
+    Example: 30 fps, ``frame_stride`` 2 -> 15.0; 30 fps, ``target_fps`` 12 -> 12.0.
+    """
+    if not source_fps or not math.isfinite(source_fps) or source_fps <= 0:
+        return None
+    if spec.frame_spread:
+        step = (num_source_frames - spec.start_frame) // spec.num_frames
+        return float(source_fps) / step if step >= 1 else None
+    stride = clip_stride(source_fps, spec)
+    rate = float(source_fps) / stride
+    if spec.speed_factor > 1:
+        room = num_source_frames - spec.start_frame - 1e-6
+        count = math.ceil(room / stride) if room > 0 else 0
+        kept = len(speed_positions(count, spec.speed_frames or spec.num_frames, spec.speed_factor))
+        if 1 < kept < count:
+            rate /= (count - 1) / (kept - 1)
+    return rate
+
+
+def row_fps(row: Mapping[str, Any], spec: ClipSpec) -> float | None:
+    """``sampled_fps`` of a manifest row decoded at ``spec`` (as ``decode_clip`` reads the row: ``fps``,
+    ``num_frames``, ``cut_start``/``cut_end``); None for images and rows without a frame rate."""
+    is_image = bool(row.get("is_image")) or Path(str(row.get("path", ""))).suffix.lower() in IMAGE_SUFFIXES
+    fps = row.get("fps")
+    if is_image or fps is None:
+        return None
+    cut_start = int(row.get("cut_start") or 0)
+    cut_end = row.get("cut_end")
+    available = (int(cut_end) if cut_end is not None else int(row.get("num_frames") or 0)) - cut_start
+    try:
+        return sampled_fps(float(fps), available, spec)
+    except ClipError:  # an impossible spec fails where the clip is decoded, with its own message
+        return None
+
+
 def draw_int(low: int, high: int, seed: int, index: int, epoch: int, salt: str) -> int:
     """A uniform integer in [low, high], a pure function of (seed, sample index, epoch, salt).
 

@@ -49,6 +49,9 @@ class Family:
     describe_sampler: Callable[..., str] | None = None
     """(model, cfg) -> what `sample` integrates with (solver, steps, shift), for the log and the mp4
     metadata; None: frameloom's flow Euler."""
+    default_fps: float = 8.0
+    """The frame rate sampling uses when `sample.fps` is null (`sample_fps`): the mp4s' rate, and for a
+    family whose denoiser takes a frame rate (LTX-Video) the rate it samples at."""
 
 
 def _dit() -> Family:
@@ -77,6 +80,7 @@ def _diffusers_family(name: str) -> Family:
         comfyui_module=m.comfyui_module,
         describe_sampler=m.describe_sampler,
         input_shapes=m.input_shapes,
+        default_fps=float(getattr(m, "DEFAULT_FPS", 8.0)),
     )
 
 
@@ -123,6 +127,13 @@ FAMILIES: dict[str, Callable[[], Family]] = {
     "opensora_plan": partial(_native_family, "opensora_plan"),
     "dit_class": partial(_native_family, "dit_class"),
 }
+
+
+def sample_fps(cfg: Config) -> float:
+    """`sample.fps`, or the family's `default_fps` when it is null."""
+    if cfg.sample.fps is not None:
+        return float(cfg.sample.fps)
+    return get_family(cfg.model.family).default_fps
 
 
 def get_family(name: str) -> Family:

@@ -2,7 +2,15 @@
 
 from frameloom.config.schema import Config, ObjectiveConfig
 
-from .base import Conditioning, Objective, StepContext, TrainingInputs, call_denoiser, predict
+from .base import (
+    Conditioning,
+    Objective,
+    StepContext,
+    TrainingInputs,
+    call_denoiser,
+    predict,
+    with_clip_frame_rates,
+)
 from .ddpm import (
     DDPMObjective,
     DDPMSchedule,
@@ -35,6 +43,7 @@ __all__ = [
     "StepContext",
     "TrainingInputs",
     "call_denoiser",
+    "with_clip_frame_rates",
     "predict",
     "build_objective",
     "flow_settings",

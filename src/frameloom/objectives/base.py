@@ -11,6 +11,9 @@ Two optional extensions serve objectives whose training example is more than one
 - `predict(model, inputs, cond)`, when an objective defines it, replaces the trainer's single call
   `model(x_t, t, emb, mask, **extras, **model_kwargs)`, for examples that need several calls or a call of
   another shape (Pyramid Flow: one sequence per pyramid stage); `loss` then receives what it returned.
+A denoiser that takes the clips' frame rates (LTX-Video's RoPE time scale) gets them through the first
+extension: an objective that sets `model_kwargs["frame_rate"]` (the run's fallback rate) has it replaced by the
+batch's per-clip rates `(B,)` (`with_clip_frame_rates`; the trainer does this when the batch has `fps`).
 `StepContext` tells `draw` where the micro-batch sits in the run (step, data-parallel position, position in a
 `video_sync_group`), for objectives whose choices depend on it (stratified timesteps across ranks, the AR
 unit a rank of a video_sync_group trains).
@@ -80,6 +83,18 @@ class Objective(Protocol):
 
     def loss(self, pred: Any, inputs: TrainingInputs) -> torch.Tensor:
         """The scalar training loss of the denoiser's prediction `pred` (shaped like `inputs.x_t`)."""
+
+
+def with_clip_frame_rates(inputs: TrainingInputs, fps: torch.Tensor | None) -> TrainingInputs:
+    """Give the denoiser the batch's per-clip frame rates `fps` (B,) as `frame_rate` when the objective asked
+    for a frame rate (`model_kwargs["frame_rate"]`, a number: the run's fallback, which fills the clips whose
+    rate is unknown, NaN or <= 0: images, precomputed latents). Other objectives are left as they are."""
+    fallback = inputs.model_kwargs.get("frame_rate")
+    if fps is None or fallback is None or isinstance(fallback, torch.Tensor):
+        return inputs
+    known = torch.isfinite(fps) & (fps > 0)
+    inputs.model_kwargs["frame_rate"] = torch.where(known, fps, torch.full_like(fps, float(fallback)))  # (B,)
+    return inputs
 
 
 def call_denoiser(model: torch.nn.Module, inputs: TrainingInputs, cond: Conditioning) -> Any:

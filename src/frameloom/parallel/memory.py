@@ -7,6 +7,9 @@ unlike `checkpoint_wrapper`), so checkpoints, EMA and LoRA keys are the same wit
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
+import shutil
 import types
 from collections.abc import Iterator
 
@@ -97,6 +100,19 @@ def apply_activation_checkpointing(model: nn.Module, p: ParallelConfig) -> int:
                 checkpoint_block(block)
                 n += 1
     return n
+
+
+def compile_unavailable(device_type: str, backend: str = "inductor") -> str | None:
+    """Why torch.compile's `backend` cannot build kernels for `device_type` here, or None when it can.
+
+    Inductor writes C++ for the CPU (a compiler named by $CXX, else g++) and Triton kernels for CUDA; without
+    them compilation fails at the first forward, deep inside a training step, so this is checked up front."""
+    if backend != "inductor":
+        return None
+    if device_type == "cuda":
+        return None if importlib.util.find_spec("triton") else "Triton is not installed (pip install triton)"
+    cxx = os.environ.get("CXX", "g++")
+    return None if shutil.which(cxx) else f"no C++ compiler ({cxx}) on PATH for inductor's CPU kernels"
 
 
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:

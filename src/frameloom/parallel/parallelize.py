@@ -2,7 +2,7 @@
 
 1. sequence parallelism (the attention kernel and the sequence split; changes what a block computes on),
 2. activation checkpointing per block (inside each block, so it recomputes the sharded sequence),
-3. torch.compile per block (compiles the checkpointed forward),
+3. torch.compile per block (compiles the checkpointed forward), or of the whole denoiser,
 4. DDP or FSDP2 (outermost: its hooks gather/reduce around everything above).
 
 The order is torchtitan's (TP/CP -> AC -> compile -> FSDP). Activation offload is a context the trainer
@@ -12,6 +12,7 @@ opens around the forward (`Parallelized.activation_context`).
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,10 +23,17 @@ from frameloom.config.schema import ParallelConfig
 from frameloom.errors import FrameloomError
 from frameloom.parallel.data_parallel import apply_ddp, apply_fsdp
 from frameloom.parallel.env import DistEnv
-from frameloom.parallel.memory import apply_activation_checkpointing, compile_blocks, offload_activations
+from frameloom.parallel.memory import (
+    apply_activation_checkpointing,
+    compile_blocks,
+    compile_unavailable,
+    offload_activations,
+)
 from frameloom.parallel.mesh import build_mesh, data_parallel_mesh, sp_group
 from frameloom.parallel.plan import ParallelPlan, plan_parallel
 from frameloom.parallel.sequence import apply_sequence_parallel, diffusers_context_parallel
+
+log = logging.getLogger("frameloom.parallel")
 
 
 @dataclass
@@ -98,9 +106,16 @@ def parallelize(
             apply_sequence_parallel(model, group)
     # 2. activation checkpointing
     n_ckpt = apply_activation_checkpointing(model, p)
-    # 3. compile
+    # 3. compile (a preset may ask for it: without a toolchain, say so and train eagerly rather than fail
+    # at the first step)
     if p.compile:
-        compile_blocks(model, backend=compile_backend)
+        reason = compile_unavailable(env.device.type, compile_backend)
+        if reason is None and p.compile == "model":
+            model.compile(backend=compile_backend)  # one graph; parameter names unchanged
+        elif reason is None:
+            compile_blocks(model, backend=compile_backend)
+        else:
+            log.warning("parallel.compile: %s; training without torch.compile", reason)
     # 4. data parallel
     forward: nn.Module = model
     if env.distributed:

@@ -15,6 +15,7 @@ from frameloom.errors import FrameloomError
 
 DATA_PARALLEL = ("ddp", "fsdp")
 CHECKPOINTING = ("none", "full", "selective")
+COMPILE = (False, True, "blocks", "model")
 MIXED_PRECISION = ("auto", "bf16", "fp32")
 MESH_AXES = ("dp_replicate", "dp_shard", "sp")
 
@@ -71,6 +72,13 @@ def validate_parallel_config(p: ParallelConfig) -> None:
     if p.activation_checkpointing not in CHECKPOINTING:
         raise FrameloomError(
             f"parallel.activation_checkpointing must be none, full or selective, not {p.activation_checkpointing!r}"
+        )
+    if p.compile not in COMPILE:
+        raise FrameloomError(f"parallel.compile must be false, true, blocks or model, not {p.compile!r}")
+    if p.compile == "model" and (p.data_parallel == "fsdp" or p.blocks_to_swap > 0):
+        raise FrameloomError(
+            "parallel.compile=model compiles the whole denoiser, but FSDP and block swapping act per block: "
+            "use parallel.compile=blocks"
         )
     for name in ("sp_size", "dp_replicate", "video_sync_group"):
         if getattr(p, name) < 1:

@@ -302,6 +302,7 @@ def write_videos(
 ):
     """One mp4 per prompt (``NNN-<slug>-seedS.mp4``) from videos ``(N, 3, T, H, W)`` in [-1, 1]; ``sampler``
     (what made them) goes into each file's ``comment`` tag."""
+    from frameloom.models.registry import sample_fps
     from frameloom.sampling.generate import slug
     from frameloom.sampling.video_io import write_mp4
 
@@ -309,7 +310,7 @@ def write_videos(
     out_dir.mkdir(parents=True, exist_ok=True)
     tags = {"comment": f"frameloom sampler: {sampler}"} if sampler else None
     return [
-        write_mp4(video, out_dir / f"{i:03d}-{slug(p)}-seed{seed}.mp4", fps=cfg.sample.fps, metadata=tags)
+        write_mp4(video, out_dir / f"{i:03d}-{slug(p)}-seed{seed}.mp4", fps=sample_fps(cfg), metadata=tags)
         for i, (p, video) in enumerate(zip(prompts, videos))
     ]
 

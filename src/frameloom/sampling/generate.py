@@ -148,14 +148,14 @@ def generate_to_files(
         model, text_encoder, codec, cfg, [p for _, p, _ in pairs], [s for _, _, s in pairs]
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    from frameloom.models.registry import get_family
+    from frameloom.models.registry import get_family, sample_fps
 
     solver = sampler_description(get_family(cfg.model.family), model, cfg)
     for path, video in zip(names[rank::world], videos):
         if suffix == ".png":
             write_png(video, path)
         else:
-            write_mp4(video, path, fps=cfg.sample.fps, metadata={"comment": f"frameloom sampler: {solver}"})
+            write_mp4(video, path, fps=sample_fps(cfg), metadata={"comment": f"frameloom sampler: {solver}"})
     return names
 
 

@@ -47,8 +47,15 @@ from frameloom.data.quarantine import Quarantine
 from frameloom.data.sampler import build_sampler
 from frameloom.errors import FrameloomError
 from frameloom.memory.block_swap import place_on_device
-from frameloom.models.registry import get_family
-from frameloom.objectives import Conditioning, StepContext, build_objective, caption_dropout_mask, predict
+from frameloom.models.registry import get_family, sample_fps
+from frameloom.objectives import (
+    Conditioning,
+    StepContext,
+    build_objective,
+    caption_dropout_mask,
+    predict,
+    with_clip_frame_rates,
+)
 from frameloom.parallel import env as dist_env
 from frameloom.parallel.parallelize import Parallelized
 from frameloom.parallel.parallelize import parallelize as apply_parallelism
@@ -456,6 +463,7 @@ class Trainer:
         return {
             "video": torch.stack([it["video"] for it in items]),  # one bucket per batch: one shape
             "text": [it["text"] for it in items],
+            "fps": torch.tensor([it["fps"] for it in items], dtype=torch.float32),  # (B,), NaN: unknown
             "index": torch.tensor([it["index"] for it in items]),
             "substituted": sum(it.get("substituted", 0) for it in items),
             "failures": [f for it in items for f in it.get("failures", ())],
@@ -551,6 +559,8 @@ class Trainer:
         )
         g = step_generator(self.cfg.seed, self.step, ctx.slot, generator=self.generator)
         inputs = self.objective.draw(latent, g, ctx)  # times, noise -> x_t (B, C, t, h, w), target
+        if "fps" in batch:  # the clips' sampled rates (B,), for a denoiser that takes them (LTX-Video's RoPE)
+            inputs = with_clip_frame_rates(inputs, batch["fps"].to(self.device, non_blocking=True))
         drop = caption_dropout_mask(latent.shape[0], self.cfg.objective.caption_dropout, g)
         emb, mask = self._drop_captions(cond.emb, cond.mask, drop)
         p_extras = self.cfg.objective.extras_dropout
@@ -839,7 +849,7 @@ class Trainer:
         if self.rank == 0 and self.cfg.logging.tensorboard:  # the mp4s also as animated images (video_log.py)
             from frameloom.train.video_log import log_videos
 
-            log_videos(self.run_dir, [p for p in paths if p.exists()], self.step, self.cfg.sample.fps)
+            log_videos(self.run_dir, [p for p in paths if p.exists()], self.step, sample_fps(self.cfg))
         return paths
 
 

@@ -82,6 +82,7 @@ def validate_shared(
 ) -> list[Path]:
     """Sample this rank's share of `cfg.validation.prompts` with `model` into `out_dir` (module docstring);
     returns every prompt's file path (the other ranks write theirs)."""
+    from frameloom.models.registry import sample_fps
     from frameloom.sampling.generate import sample_videos, sampler_description
     from frameloom.sampling.video_io import write_mp4
 
@@ -110,5 +111,5 @@ def validate_shared(
             tag = {"comment": f"frameloom sampler: {sampler_description(family, model, cfg)}"}
             for i, video in zip(picks, videos):
                 if i is not None and writer:
-                    write_mp4(video, names[i], fps=cfg.sample.fps, metadata=tag)
+                    write_mp4(video, names[i], fps=sample_fps(cfg), metadata=tag)
     return names

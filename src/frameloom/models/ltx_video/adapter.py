@@ -7,8 +7,9 @@ Conventions bridged (read from diffusers' ``LTXPipeline``):
   patch, tokens in (t, h, w) order) plus the grid size; ``pack_latents``/``unpack_latents`` do that and back;
 - RoPE positions: ``rope_interpolation_scale = (vae_t / frame_rate, vae_s, vae_s)`` (latent positions in
   seconds and pixels); ``frame_rate`` is the clips' frame rate: a ``frame_rate`` argument of ``forward``
-  (one per sample, ``(B,)``: clips of several frame rates in one batch), else the adapter's own
-  (``model.config.frame_rate``, else ``data.target_fps``, else 25, the pipeline's default; family.py);
+  (training: one per sample, ``(B,)``, each clip's rate as sampled, so a batch may mix rates; the ``(B, 1,
+  1, 1, 1)`` time scale broadcasts over diffusers' ``(B, 1, T, H, W)`` time grid; sampling: ``sample.fps``),
+  else the adapter's own (``model.config.frame_rate``, else 25, the pipeline's default; family.py);
 - time: ``timestep = 1000 * sigma``, one per sample ``(B,)`` or one per latent frame ``(B, T)`` (image-to-video:
   the clean first frame is at time 0, as ``LTXImageToVideoPipeline`` gives each token
   ``t * (1 - conditioning_mask)``); prediction: the velocity ``noise - x0``;

@@ -7,8 +7,12 @@ Objective: flow matching (``noise - x0``, transformer timestep ``1000 t``), time
 clip's latent token count with the scheduler's ``base/max_shift`` and ``base/max_image_seq_len``, the same
 ``mu`` the pipeline samples with; a set ``objective.shift`` (1.0: none) fixes the shift instead. The text is T5
 over ``model.text_max_length`` (128 in the pipeline) padded ids without a mask (``PaddedT5TextEncoder``).
-The RoPE time scale is the clips' frame rate (``clip_frame_rate``: ``model.config.frame_rate``, else
-``data.target_fps``, else 25; ltx_video/adapter.py). First-frame conditioning
+The RoPE time scale is each clip's frame rate as sampled (the manifest's ``fps`` after the frame stride,
+``target_fps``, ``fps_max``, speed factor or spread: ``data.video.row_fps``), one per sample ``(B,)`` from the
+dataset (cached entries carry it) through the collate into the adapter; clips without a known rate (images,
+precomputed latents) take ``clip_frame_rate`` (``model.config.frame_rate``, else ``data.target_fps``, else 25).
+Sampling and validation run at ``sample.fps`` (null: 25, ``DEFAULT_FPS``, the pipeline's ``frame_rate``;
+ltx_video/adapter.py). First-frame conditioning
 (``model.config.first_frame_conditioning_p``, default 0.1) trains the LoRA for image-to-video too, as
 ``LTXImageToVideoPipeline`` samples it (ltx_video/i2v.py); ``frameloom sample --image`` and
 ``model.config.validation_images`` sample that way.
@@ -27,6 +31,7 @@ from frameloom.models import diffusers_family as df
 from frameloom.models.lora import module_path_map
 from frameloom.models.ltx_video.adapter import LTXDenoiser, LTXVideoCodec, ResolutionShiftedFlow
 from frameloom.models.ltx_video.i2v import FirstFrameConditionedFlow, first_frame_euler
+from frameloom.models.registry import sample_fps
 from frameloom.models.text import PaddedT5TextEncoder
 from frameloom.sampling.family_sampling import (
     conditioning_image_paths,
@@ -84,6 +89,9 @@ def load_codec(cfg: Config, device: torch.device) -> LTXVideoCodec:
 
 #: LTXPipeline's ``max_sequence_length``.
 TEXT_LENGTH = 128
+
+#: LTXPipeline's ``frame_rate``: the rate sampling runs (and writes mp4s) at when ``sample.fps`` is null.
+DEFAULT_FPS = 25.0
 
 
 def load_text_encoder(cfg: Config, device: torch.device):
@@ -150,15 +158,18 @@ def _shift_settings(config: dict) -> dict:
 
 
 def clip_frame_rate(cfg: Config) -> float:
-    """The clips' frame rate for the RoPE time scale: ``model.config.frame_rate``, else ``data.target_fps``
-    (every clip is resampled to it), else 25 (the pipeline's default)."""
+    """The training rate of clips whose own rate is unknown (images, precomputed latents; the others carry
+    theirs, module docstring): ``model.config.frame_rate``, else ``data.target_fps`` (every clip is
+    resampled to it), else 25 (the pipeline's default)."""
     rate = cfg.model.config.get("frame_rate", cfg.data.target_fps)
     return float(rate) if rate is not None else 25.0
 
 
 def build_objective(cfg: Config) -> FirstFrameConditionedFlow:
     """Flow matching shifted by ``e^mu(tokens)`` (module docstring) with first-frame conditioning
-    (``model.config.first_frame_conditioning_p``, default 0.1; ltx_video/i2v.py) at the clips' frame rate."""
+    (``model.config.first_frame_conditioning_p``, default 0.1; ltx_video/i2v.py). Its ``frame_rate`` is the
+    fallback ``clip_frame_rate``; the trainer replaces it by the batch's per-clip rates
+    (``objectives.with_clip_frame_rates``)."""
     root = df.check_pretrained(cfg.model, df.PARTS)
     tcfg = df.part_config(root, "transformer")
     p, p_t = int(tcfg.get("patch_size", 1)), int(tcfg.get("patch_size_t", 1))
@@ -196,13 +207,13 @@ def sampling_sigmas(
 def sample_latents(
     model: LTXDenoiser, text_encoder, codec, cfg: Config, prompts, seeds, images: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Normalized latents ``(N, C, t, h, w)`` on the pipeline's grid at the clips' frame rate: text-to-video
+    """Normalized latents ``(N, C, t, h, w)`` on the pipeline's grid at ``sample.fps`` (null: 25): text-to-video
     as ``LTXPipeline`` (sampling/family_sampling.py), or with first frames ``images`` ``(N, 3, H, W)`` in
     [-1, 1] as ``LTXImageToVideoPipeline`` (ltx_video/i2v.py); ``images`` default to the config's
     (``frameloom sample --image``, ``model.config.validation_images``) when it names any."""
     grid = codec.latent_size(cfg.data.num_frames, cfg.data.height, cfg.data.width)
     sigmas = sampling_sigmas(model.pretrained, cfg.sample.steps, grid, cfg.sample.shift)
-    rate = {"frame_rate": clip_frame_rate(cfg)}
+    rate = {"frame_rate": sample_fps(cfg)}
     if images is None and conditioning_image_paths(cfg):
         images = validation_images(cfg, len(prompts))
     if images is None:
@@ -254,9 +265,9 @@ def sample_videos(model, text_encoder, codec, cfg: Config, prompts, seeds, image
 @torch.no_grad()
 def validate(model: LTXDenoiser, text_encoder, codec, cfg: Config, out_dir) -> list[Path]:
     """``validation.prompts`` through ``LTXPipeline`` around the in-training transformer (LoRA active), at
-    the clips' frame rate (RoPE time scale); with first frames in the config (``sample.image``,
+    ``sample.fps`` (null: 25; the RoPE time scale); with first frames in the config (``sample.image``,
     ``model.config.validation_images``) through ``LTXImageToVideoPipeline`` instead."""
-    rate = clip_frame_rate(cfg)
+    rate = sample_fps(cfg)
     if not conditioning_image_paths(cfg):
         return validate_with_pipeline(
             model, text_encoder, codec, cfg, out_dir, extra=lambda i: {"frame_rate": rate}
