@@ -147,4 +147,9 @@ def test_training_under_sp_and_fsdp_equals_one_process(two_procs):
     )
     ref_w = _weights(root / "runs" / "ref-accum")
     for k, v in _weights(root / "runs" / "fsdp").items():
+        if k.endswith("to_k.bias"):
+            # its true gradient is 0 (softmax is shift invariant): Adam normalises the rounding noise of the
+            # sharded sums into lr-sized steps of either sign, so only the bound of the steps holds
+            assert float((v - ref_w[k]).abs().max()) <= 4 * 1e-3 * len(accum.losses), k
+            continue
         torch.testing.assert_close(v, ref_w[k], rtol=1e-5, atol=1e-6, msg=k)
