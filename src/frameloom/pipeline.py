@@ -16,7 +16,7 @@ from frameloom.config.schema import Config
 from frameloom.data.captions import CaptionRules, row_caption
 from frameloom.data.manifest import load_manifest
 from frameloom.data.paths import OUTSIDE_ROOT, OutsideRoot, PathRules, resolve_entry
-from frameloom.data.video import ClipSpec, DecodeError, decode_clip, row_fps
+from frameloom.data.video import ClipSpec, DecodeError, decode_clip, row_fps_or_nan
 from frameloom.errors import FrameloomError
 
 TINY_BYT5 = "tiny-byt5"
@@ -438,11 +438,10 @@ class ClipDataset(Dataset):
                 current = replacement
                 continue
             text = row_caption(row, self.caption_rules, spec, draw)
-            rate = row_fps(row, spec)  # the frames' rate as sampled (LTX-Video's RoPE time scale)
             return {
                 "video": video,
                 "text": text,
-                "fps": float("nan") if rate is None else rate,
+                "fps": row_fps_or_nan(row, spec),  # the frames' rate as sampled (LTX-Video's RoPE time scale)
                 "index": current,
                 "substituted": int(current != index),
                 "failures": failures,

@@ -277,8 +277,7 @@ def build_cache(
         pending_shape = shape
         pending.keys.append(key)
         pending.clips.append(clip)
-        rate = video_io.row_fps(row, row_spec)
-        pending.fps.append(float("nan") if rate is None else rate)
+        pending.fps.append(video_io.row_fps_or_nan(row, row_spec))
         pending.meta.append(
             {"kind": "video", "version": KEY_VERSION, "path": str(row["path"]), "spec": row_spec.key(),
              "codec": codec.identity}

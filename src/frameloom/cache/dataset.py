@@ -27,7 +27,7 @@ from frameloom.data.buckets import BucketPolicy
 from frameloom.data.captions import CaptionRules, caption_variants, row_caption
 from frameloom.data.manifest import load_manifest
 from frameloom.data.paths import PathRules
-from frameloom.data.video import ClipSpec, row_fps
+from frameloom.data.video import ClipSpec, row_fps_or_nan
 from frameloom.errors import FrameloomError
 
 __all__ = ["CachedClipDataset", "CacheMissError", "collate_text"]
@@ -303,11 +303,8 @@ class CachedClipDataset(Dataset):
         spec = self._spec_of(row, bucket)
         text = row_caption(row, self.caption_rules, spec, (self.seed, index, epoch))
         emb, mask, extras = self._text(text_key(text, self.text_identity), f"row {index} ({path})")
-        if "fps" in entry:
-            fps = float(entry["fps"].reshape(-1)[0])
-        else:  # an entry cached before entries carried the rate: the same pure function of row and spec
-            rate = row_fps(row, spec)
-            fps = float("nan") if rate is None else rate
+        # an entry cached before entries carried the rate: the same pure function of row and spec
+        fps = float(entry["fps"].reshape(-1)[0]) if "fps" in entry else row_fps_or_nan(row, spec)
         return {
             "latent": entry["latent"],
             "text_emb": emb,

@@ -308,6 +308,13 @@ def row_fps(row: Mapping[str, Any], spec: ClipSpec) -> float | None:
         return None
 
 
+def row_fps_or_nan(row: Mapping[str, Any], spec: ClipSpec) -> float:
+    """``row_fps`` as the float a batch carries: NaN where the rate is unknown (the trainer then uses the
+    family's fallback rate, ``objectives.with_clip_frame_rates``)."""
+    rate = row_fps(row, spec)
+    return float("nan") if rate is None else rate
+
+
 def draw_int(low: int, high: int, seed: int, index: int, epoch: int, salt: str) -> int:
     """A uniform integer in [low, high], a pure function of (seed, sample index, epoch, salt).
 
