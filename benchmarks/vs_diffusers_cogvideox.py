@@ -27,8 +27,8 @@ largest over its runs. Beside the wall-clock figures, the same differences of th
 alternating) and each figure is the median over ``--repeats``. ``ratio`` is the example's per-step time
 over frameloom's (> 1: frameloom is faster). The load average is recorded before, after and at the end
 of every child run (``loadavg_runs``: min / median / max of the 1-minute figure): the machine may be
-shared. The frameloom side runs the ``cogvideox_lora.yaml`` preset, which compiles each transformer block
-(``parallel.compile: true``); one untimed warm-up run per side and batch fills torch.compile's on-disk cache
+shared. The frameloom side runs the ``cogvideox_lora.yaml`` preset, which compiles the whole denoiser
+(``parallel.compile: model``); one untimed warm-up run per side and batch fills torch.compile's on-disk cache
 first. ``--frameloom-set`` adds config overrides to the frameloom side only (e.g. ``parallel.compile=false``
 for the eager figure); they are printed in the JSON.
 """

@@ -182,6 +182,23 @@ def test_rotary_tables_are_computed_once_per_grid(cog10, manifest, tmp_path, mon
     assert [k[:3] for k in model._rotary] == [(2, 8, 8), (1, 8, 8)]
 
 
+def test_compiled_denoiser_does_not_recompile_when_the_rotary_cache_fills(cog10, manifest, tmp_path):
+    """`parallel.compile: model` compiles the whole denoiser: the rotary cache filling on the first call must
+    not fail a guard on the second (a second compile: ~3 s of start-up on the benchmark's tiny model)."""
+    cfg = _cfg(cog10, manifest, tmp_path / "run", "model.lora.rank=0")
+    model = cog.build_denoiser(cfg.model, 4, 32).eval()
+    model.compile(backend="eager")  # dynamo's guards without inductor's kernels
+    g = torch.Generator().manual_seed(0)
+    x, emb, t = torch.randn(2, 4, 3, 8, 8, generator=g), torch.randn(2, 16, 32, generator=g), torch.tensor([1, 9])
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+            outs = [model(x, t, emb, None) for _ in range(3)]
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(outs[0], outs[2])
+
+
 def test_cogvideox_15_pads_with_the_first_frame(cog15, manifest, tmp_path):
     x = torch.arange(3.0).view(1, 1, 3, 1, 1).expand(2, 4, 3, 2, 2)  # frames 0, 1, 2
     padded = pad_first_frame(x, 2)

@@ -64,9 +64,11 @@ class CogVideoXDenoiser(DiffusersDenoiser):
         super().__init__(*args, **kwargs)
         self._rotary: dict[tuple, tuple | None] = {}
 
+    @torch.compiler.disable  # a dict lookup torch.compile would guard on: filling it would recompile the model
     def rotary_for(self, frames: int, h: int, w: int, device: torch.device | str) -> tuple | None:
         """``rotary_embeddings`` of this grid on ``device``, computed on first use and then reused (the
-        tables are constants of the grid: the same tensors at every step)."""
+        tables are constants of the grid: the same tensors at every step). Run eagerly under torch.compile:
+        the cache filling on the first step would otherwise fail a guard and recompile on the second."""
         key = (frames, h, w, torch.device(device))
         if key not in self._rotary:
             if len(self._rotary) >= self.ROTARY_CACHE_SIZE:
