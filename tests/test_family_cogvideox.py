@@ -189,7 +189,8 @@ def test_compiled_denoiser_does_not_recompile_when_the_rotary_cache_fills(cog10,
     model = cog.build_denoiser(cfg.model, 4, 32).eval()
     model.compile(backend="eager")  # dynamo's guards without inductor's kernels
     g = torch.Generator().manual_seed(0)
-    x, emb, t = torch.randn(2, 4, 3, 8, 8, generator=g), torch.randn(2, 16, 32, generator=g), torch.tensor([1, 9])
+    x = torch.randn(2, 4, 3, 8, 8, generator=g)  # (B, C, T, H, W)
+    emb, t = torch.randn(2, 16, 32, generator=g), torch.tensor([1, 9])
     torch._dynamo.reset()
     try:
         with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
