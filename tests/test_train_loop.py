@@ -182,6 +182,56 @@ def test_loader_workers_survive_sigterm():
     assert [b.tolist() for b in batches][-1] == [62, 63]  # the remaining 30 batches arrive
 
 
+def _mixed_batch(items: list[int]) -> dict:
+    """A batch of every kind a collate returns: small tensors of several dtypes (0-dim, empty, bf16, bool),
+    nested containers, a large tensor and a non-tensor."""
+    i = items[0]
+    return {
+        "latent": torch.arange(12, dtype=torch.float32).reshape(3, 4) + i,
+        "mask": torch.tensor([True, False, True]),
+        "bf16": torch.tensor([1.5, -2.25], dtype=torch.bfloat16) * i,
+        "step": torch.tensor(i),
+        "empty": torch.empty(0, 5),
+        "extras": {"ids": [torch.tensor([i, i + 1]), (torch.tensor(7.0),)]},
+        "large": torch.full((300, 1000), float(i)),  # 1.2 MB: above BY_VALUE_MAX_BYTES
+        "text": [f"clip {i}"],
+    }
+
+
+def test_small_tensors_leave_loader_workers_by_value():
+    """A worker's small tensors arrive inside the pickle as ordinary, writable tensors equal to the collated
+    ones; large ones still come through shared memory; without workers the batch is untouched."""
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers its tensor reductions with ForkingPickler)
+
+    from frameloom.config.schema import DataConfig
+    from frameloom.train.loader import BY_VALUE_MAX_BYTES, _small_by_value, build_loader
+
+    want = [_mixed_batch([i]) for i in (0, 1, 2)]
+    assert want[0]["large"].nbytes > BY_VALUE_MAX_BYTES >= want[0]["latent"].nbytes
+    marked = _small_by_value(want[1])
+    assert type(marked["latent"]).__name__ == "_ByValue" and isinstance(marked["large"], torch.Tensor)
+    received = ForkingPickler.loads(ForkingPickler.dumps(marked))  # what a worker's queue does
+    for got in (
+        received,
+        *iter(
+            build_loader(
+                range(3), [[0], [1], [2]], _mixed_batch, DataConfig(num_workers=2), torch.device("cpu")
+            )
+        ),
+    ):
+        i = int(got["step"])
+        assert got.pop("text") == want[i]["text"]
+        torch.testing.assert_close(got, {k: v for k, v in want[i].items() if k != "text"}, rtol=0, atol=0)
+        assert got["bf16"].dtype == torch.bfloat16 and got["mask"].dtype == torch.bool
+        assert got["empty"].shape == (0, 5) and got["step"].shape == ()
+        assert not got["latent"].is_shared() and got["large"].is_shared()
+        got["latent"].add_(1)  # writable (a copy of the pickled bytes)
+    plain = iter(build_loader(range(3), [[0]], _mixed_batch, DataConfig(num_workers=0), torch.device("cpu")))
+    assert type(next(plain)["latent"]) is torch.Tensor
+
+
 def test_interpreter_exits_with_loader_workers_alive(tmp_path):
     """A loader iterator that outlives its run (pytest keeps a failed test's locals) must not hang the exit:
     multiprocessing would SIGTERM and join its workers, which ignore SIGTERM."""
