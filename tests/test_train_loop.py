@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -182,6 +183,11 @@ def test_loader_workers_survive_sigterm():
     assert [b.tolist() for b in batches][-1] == [62, 63]  # the remaining 30 batches arrive
 
 
+class _Pair(NamedTuple):
+    weight: torch.Tensor
+    index: int
+
+
 def _mixed_batch(items: list[int]) -> dict:
     """A batch of every kind a collate returns: small tensors of several dtypes (0-dim, empty, bf16, bool),
     nested containers, a large tensor and a non-tensor."""
@@ -192,7 +198,7 @@ def _mixed_batch(items: list[int]) -> dict:
         "bf16": torch.tensor([1.5, -2.25], dtype=torch.bfloat16) * i,
         "step": torch.tensor(i),
         "empty": torch.empty(0, 5),
-        "extras": {"ids": [torch.tensor([i, i + 1]), (torch.tensor(7.0),)]},
+        "extras": {"ids": [torch.tensor([i, i + 1]), (torch.tensor(7.0),)], "pair": _Pair(torch.ones(2), i)},
         "large": torch.full((300, 1000), float(i)),  # 1.2 MB: above BY_VALUE_MAX_BYTES
         "text": [f"clip {i}"],
     }
@@ -225,6 +231,7 @@ def test_small_tensors_leave_loader_workers_by_value():
         assert got.pop("text") == want[i]["text"]
         torch.testing.assert_close(got, {k: v for k, v in want[i].items() if k != "text"}, rtol=0, atol=0)
         assert got["bf16"].dtype == torch.bfloat16 and got["mask"].dtype == torch.bool
+        assert type(got["extras"]["pair"]) is _Pair and got["extras"]["pair"].index == i
         assert got["empty"].shape == (0, 5) and got["step"].shape == ()
         assert not got["latent"].is_shared() and got["large"].is_shared()
         got["latent"].add_(1)  # writable (a copy of the pickled bytes)

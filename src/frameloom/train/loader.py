@@ -53,10 +53,12 @@ class _ByValue:
 
 def _small_by_value(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
-        small = obj.device.type == "cpu" and obj.nbytes <= BY_VALUE_MAX_BYTES and not obj.requires_grad
-        return _ByValue(obj) if small else obj
+        plain = obj.device.type == "cpu" and obj.layout == torch.strided and not obj.requires_grad
+        return _ByValue(obj) if plain and obj.nbytes <= BY_VALUE_MAX_BYTES else obj
     if isinstance(obj, dict):
         return {k: _small_by_value(v) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple takes its fields positionally
+        return type(obj)(*(_small_by_value(v) for v in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)(_small_by_value(v) for v in obj)
     return obj
