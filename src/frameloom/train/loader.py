@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, Dataset
 
 from frameloom.config.schema import DataConfig
@@ -51,17 +52,16 @@ class _ByValue:
         return _tensor_from_bytes, (flat.numpy().tobytes(), self.tensor.dtype, tuple(self.tensor.shape))
 
 
-def _small_by_value(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        plain = obj.device.type == "cpu" and obj.layout == torch.strided and not obj.requires_grad
-        return _ByValue(obj) if plain and obj.nbytes <= BY_VALUE_MAX_BYTES else obj
-    if isinstance(obj, dict):
-        return {k: _small_by_value(v) for k, v in obj.items()}
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple takes its fields positionally
-        return type(obj)(*(_small_by_value(v) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_small_by_value(v) for v in obj)
-    return obj
+def _by_value_if_small(leaf: Any) -> Any:
+    if not isinstance(leaf, torch.Tensor):
+        return leaf
+    plain = leaf.device.type == "cpu" and leaf.layout == torch.strided and not leaf.requires_grad
+    return _ByValue(leaf) if plain and leaf.nbytes <= BY_VALUE_MAX_BYTES else leaf
+
+
+def _small_by_value(batch: Any) -> Any:
+    """`batch` with its small tensors marked, in any nesting of dicts, lists and (named) tuples."""
+    return tree_map(_by_value_if_small, batch)
 
 
 class SmallTensorsByValue:
@@ -120,7 +120,7 @@ def build_loader(
     return DataLoader(
         dataset,
         batch_sampler=batch_sampler,
-        collate_fn=SmallTensorsByValue(collate_fn) if workers > 0 else collate_fn,
+        collate_fn=SmallTensorsByValue(collate_fn),  # a no-op without workers
         num_workers=workers,
         pin_memory=bool(data.pin_memory) and device.type == "cuda",
         **extra,
