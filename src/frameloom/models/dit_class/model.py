@@ -271,16 +271,21 @@ class ClassDiT(nn.Module):
             raise ValueError("ClassDiT needs class_labels (the label encoder's extra 'class_labels')")
         video = x.dim() == 5
         b = x.shape[0]
-        if video:
-            frames = x.shape[2]
-            x = x.permute(0, 2, 1, 3, 4).flatten(0, 1)  # (B*T, C, H, W)
-            t = t.repeat_interleave(frames)
-            class_labels = class_labels.repeat_interleave(frames)
-        _, _, h, w = x.shape
+        frames = x.shape[2] if video else 1
+        h, w = x.shape[-2:]
         p = self.patch_size
         gh, gw = h // p, w // p
-        # 1. Patchify + fixed positions.
-        tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2)  # (B', N, D), N = gh * gw
+        # 1. Patchify + fixed positions. Frames go through the same weights as a (1, p, p) 3-D kernel, not a
+        # (B*T, C, H, W) view for the 2-D conv: inductor cannot order such a view's strides once shapes are
+        # dynamic (torch 2.13, `parallel.compile: model`). Both convolutions give identical values here.
+        proj = self.x_embedder.proj
+        if video:
+            tokens = F.conv3d(x, proj.weight.unsqueeze(2), proj.bias, stride=(1, p, p))  # (B, D, T, gh, gw)
+            tokens = tokens.permute(0, 2, 3, 4, 1).reshape(b * frames, gh * gw, -1)  # (B*T, N, D)
+            t = t.repeat_interleave(frames)
+            class_labels = class_labels.repeat_interleave(frames)
+        else:
+            tokens = proj(x).flatten(2).transpose(1, 2)  # (B, N, D), N = gh * gw
         tokens = tokens + self._positions(gh, gw, tokens)
         # 2. The condition: timestep + class embedding.
         labels = class_labels.round().long() if class_labels.is_floating_point() else class_labels.long()
