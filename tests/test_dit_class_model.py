@@ -125,8 +125,44 @@ def test_video_shaped_input_and_float_labels():
         video = model(x[:, :, None], t, None, None, class_labels=y.float())  # the trainer's float extras
     assert image.shape == (3, 8, 8, 8) and video.shape == (3, 8, 1, 8, 8)
     assert torch.equal(video[:, :, 0], image)
+    with torch.no_grad():  # two frames: each frame as its own image (frames patchified by the 3-D kernel)
+        two = model(torch.stack([x, x.flip(-1)], 2), t, class_labels=y)
+        flipped = model(x.flip(-1), t, class_labels=y)
+    assert two.shape == (3, 8, 2, 8, 8)
+    torch.testing.assert_close(two[:, :, 0], image, rtol=0, atol=1e-5)
+    torch.testing.assert_close(two[:, :, 1], flipped, rtol=0, atol=1e-5)
     # a grid other than the position table's gets its own sin-cos table
     assert model(torch.randn(1, 4, 8, 16), t[:1], class_labels=y[:1]).shape == (1, 8, 8, 16)
+
+
+@pytest.mark.slow  # two inductor compiles (~1 min)
+def test_compiled_model_follows_changing_shapes():
+    """`parallel.compile: model` (the digits preset): the trainer's (B, C, 1, H, W) batches, then another batch
+    size and grid which makes dynamo recompile with dynamic shapes (inductor failed on the old patchify there);
+    outputs and input gradients equal eager's to float32 reassociation."""
+    from frameloom.parallel.memory import compile_unavailable
+
+    if compile_unavailable("cpu"):
+        pytest.skip(compile_unavailable("cpu"))
+    eager = redraw(ClassDiT(**TINY))
+    compiled = redraw(ClassDiT(**TINY))
+    compiled.compile()
+    g = torch.Generator().manual_seed(3)
+    try:
+        for batch, size in [(4, 8), (2, 12)]:
+            x = torch.randn(batch, 4, 1, size, size, generator=g)
+            t = torch.randint(0, 1000, (batch,), generator=g).float()
+            y = torch.randint(0, 11, (batch,), generator=g).float()
+            outs = []
+            for model in (eager, compiled):
+                xi = x.clone().requires_grad_()
+                out = model(xi, t, class_labels=y)
+                out.square().sum().backward()
+                outs.append((out.detach(), xi.grad))
+            for ours, reference in zip(outs[1], outs[0]):  # float32 reassociation: 1e-4 of the range
+                assert (ours - reference).abs().max() <= 1e-4 * reference.abs().max(), (batch, size)
+    finally:
+        torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("preset", ["DiT-XL/2", "DiT-B/4", "S-8"])
