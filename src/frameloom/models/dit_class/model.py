@@ -277,7 +277,7 @@ class ClassDiT(nn.Module):
         gh, gw = h // p, w // p
         # 1. Patchify + fixed positions. Frames go through the same weights as a (1, p, p) 3-D kernel, not a
         # (B*T, C, H, W) view for the 2-D conv: inductor cannot order such a view's strides once shapes are
-        # dynamic (torch 2.13, `parallel.compile: model`). Both convolutions give identical values here.
+        # dynamic (torch 2.13, `parallel.compile: model`). Both give identical values on the CPU (tested).
         proj = self.x_embedder.proj
         if video:
             tokens = F.conv3d(x, proj.weight.unsqueeze(2), proj.bias, stride=(1, p, p))  # (B, D, T, gh, gw)
